@@ -1,0 +1,1 @@
+"""The Hydra config tree, installed as package data (loaded with pkg://llmarch_compose.conf)."""

@@ -1,0 +1,54 @@
+"""Checkpoints: a folder with `model.safetensors` and the resolved `config.yaml`.
+
+Writes are atomic: everything goes to a temporary sibling folder that replaces
+the target only once complete, so a failed or interrupted save never leaves a
+half-written or corrupted checkpoint behind, and an earlier one survives.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .builder import build
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+
+
+def save_checkpoint(model: nn.Module, cfg: DictConfig, path: Union[str, Path]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        # save_model stores tied tensors once (safetensors refuses shared storage otherwise).
+        save_model(model, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Union[str, Path], device: str = "cpu") -> tuple[DictConfig, nn.Module]:
+    """The config and the model of a checkpoint folder; every tensor must match."""
+    path = Path(path)
+    cfg = OmegaConf.load(path / CONFIG)
+    model = build(cfg, device=device)
+    load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
+    return cfg, model

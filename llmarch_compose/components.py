@@ -1,0 +1,104 @@
+"""The interfaces that plugins of each group implement.
+
+Each base class names the hooks the builder and the topologies call; a plugin
+overrides the ones it needs. Every plugin class is constructed as
+`cls(params, ctx, **kwargs)` with its params dataclass and the build context.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+
+class PositionInputs(NamedTuple):
+    """What a position encoding hands every attention layer, computed once per forward."""
+
+    rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # cos, sin: [seq, rotary_dim]
+    bias: Optional[torch.Tensor] = None  # additive score bias: [heads, q_len, k_len]
+
+
+class PositionEncoding(nn.Module):
+    """Position information, through any of three hooks (one plugin may use several).
+
+    - `embed`: add to the token embeddings (learned, sinusoidal);
+    - `attention_inputs` + `rotate`: transform queries and keys (RoPE and its scalings);
+    - `attention_inputs(...).bias`: an additive score bias (T5 buckets, ALiBi).
+
+    The topology owns the one instance and calls `attention_inputs` once per
+    forward, so tables are built once, not once per layer.
+    """
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def attention_inputs(self, positions: torch.Tensor) -> PositionInputs:
+        return PositionInputs()
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, inputs: PositionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [batch, heads, seq, head_dim], k: [batch, kv_heads, seq, head_dim]."""
+        return q, k
+
+
+class Activation(nn.Module):
+    """An elementwise function. `gated` ones (the GLU family) make the FFN compute
+    `act(x W_gate) * (x W_up)`, doubling its up-projection."""
+
+    gated: bool = False
+
+
+class Attention(nn.Module):
+    """Self-attention over [batch, seq, d_model] inputs.
+
+    Cost hooks let the architecture card count what parameters alone do not show.
+    """
+
+    def forward(self, x: torch.Tensor, pos: PositionInputs) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int) -> int:
+        raise NotImplementedError
+
+    def kv_cache_tokens(self, context: int) -> int:
+        """How many tokens the cache holds at `context` (a window caps it)."""
+        return context
+
+    def score_flops_per_token(self, context: int) -> int:
+        """Forward FLOPs per token spent on scores and the weighted sum, averaged
+        over the positions of a sequence of length `context`."""
+        raise NotImplementedError
+
+
+class FeedForwardOutput(NamedTuple):
+    output: torch.Tensor
+    aux_loss: Optional[torch.Tensor]  # already weighted; None for dense layers
+
+
+class FeedForward(nn.Module):
+    """The position-wise network: dense or a mixture of experts."""
+
+    def forward(self, x: torch.Tensor) -> FeedForwardOutput:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    aux_loss: Optional[torch.Tensor]  # the sum of the layers' auxiliary losses, or None
+
+
+class Topology(nn.Module):
+    """The whole model: embeddings, the stack of blocks, and the head.
+
+    `blocks` is the repeated part that the compile stage compiles once.
+    """
+
+    blocks: nn.ModuleList
+
+    def forward(self, input_ids: torch.Tensor) -> ModelOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def embedding_modules(self) -> list[nn.Module]:
+        """The lookup tables (token and position embeddings) for the card's split."""
+        return [m for m in self.modules() if isinstance(m, nn.Embedding)]

@@ -1,0 +1,81 @@
+"""Composing the Hydra config tree, with errors that suggest the nearest names.
+
+The tree lives in `llmarch_compose.conf` (the repository's `conf/`), loaded
+with `pkg://` so an installed wheel finds it; plugins add their params to
+Hydra's ConfigStore when they are discovered.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Sequence
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig
+
+from . import plugins
+from .errors import ConfigError, UnknownChoiceError
+
+CONFIG_MODULE = "llmarch_compose.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+CONFIG_NAME = "config"
+VERSION_BASE = "1.3"
+
+
+def check_overrides(overrides: Sequence[str], group_options: Callable[[str], Iterable[str]],
+                    groups: Iterable[str]) -> None:
+    """Reject an unknown group choice (also inside a sweep) with the closest names.
+
+    Hydra's own error lists the options but suggests none; this runs first.
+    """
+    groups = set(groups)
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as exc:
+        raise ConfigError("overrides", " ".join(overrides), str(exc).strip().splitlines()[0]) from None
+    for override in parsed:
+        group = override.key_or_group
+        if group not in groups or override.is_delete() or override.package:
+            continue
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        else:
+            values = [override.get_value_element_as_str()]
+        options = set(group_options(group))
+        for value in values:
+            if value not in options:
+                raise UnknownChoiceError(group, value, options)
+
+
+def _translate_missing(exc: MissingConfigException) -> ConfigError:
+    """A missing choice named in a defaults list (a preset's `override`, say)."""
+    match = re.search(r"Could not find '([^']+)/([^'/]+)'", str(exc))
+    if match and exc.options:
+        return UnknownChoiceError(match.group(1), match.group(2), exc.options)
+    return ConfigError("defaults", getattr(exc, "missing_cfg_file", None), str(exc).strip())
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME) -> DictConfig:
+    """The composed config for `overrides`, as `llmarch` would see it (without `hydra.`)."""
+    plugins.discover()
+    overrides = list(overrides)
+    owned = not GlobalHydra.instance().is_initialized()
+    if owned:
+        context = initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE)
+        context.__enter__()
+    try:
+        loader = GlobalHydra.instance().config_loader()
+        check_overrides(overrides, loader.get_group_options, loader.list_groups(""))
+        try:
+            return hydra_compose(config_name=config_name, overrides=overrides)
+        except MissingConfigException as exc:
+            raise _translate_missing(exc) from None
+        except HydraException as exc:
+            raise ConfigError("overrides", " ".join(overrides), str(exc).strip()) from None
+    finally:
+        if owned:
+            GlobalHydra.instance().clear()

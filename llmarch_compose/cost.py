@@ -1,0 +1,96 @@
+"""The cost model behind the architecture card: exact parameter counts, FLOPs,
+KV-cache and training-memory figures, all from a model built on `meta`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from . import plugins
+from .builder import build
+from .components import Attention
+from .spec import ModelSpec
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1, "fp8": 1}
+
+
+def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter once, tied tensors included once (buffers excluded)."""
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    params = unique_parameters(model)
+    total = sum(p.numel() for p in params)
+    embedding_ids = {id(p) for m in model.embedding_modules() for p in m.parameters()}
+    embedding = sum(p.numel() for p in params if id(p) in embedding_ids)
+    # Mixture-of-experts layers say how many of their parameters one token uses.
+    inactive = sum(sum(p.numel() for p in m.parameters()) - m.active_params()
+                   for m in model.modules() if hasattr(m, "active_params"))
+    return {
+        "params_total": total,
+        "params_embedding": embedding,
+        "params_non_embedding": total - embedding,
+        "params_active": total - inactive,
+    }
+
+
+def forward_flops_per_token(model: nn.Module, counts: dict[str, int], context: int) -> dict[str, float]:
+    """2 FLOPs per weight-matrix element a token passes through (its active experts
+    only), the LM head included, plus attention scores at `context` tokens.
+    Norms, biases, activations and softmax are not counted."""
+    params = unique_parameters(model)
+    vectors = sum(p.numel() for p in params if p.dim() < 2)
+    head = model.embed.weight.numel() if getattr(model, "tied", False) else 0
+    matmul = counts["params_active"] - counts["params_embedding"] - vectors + head
+    attention = sum(m.score_flops_per_token(context) for m in model.modules() if isinstance(m, Attention))
+    return {"flops_matmul": 2.0 * matmul, "flops_attention": float(attention),
+            "flops_per_token": 2.0 * matmul + attention}
+
+
+def kv_cache(model: nn.Module, dtype_bytes: int, context: int) -> dict[str, int]:
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    per_token = sum(m.kv_cache_bytes_per_token(dtype_bytes) for m in layers)
+    full = sum(m.kv_cache_bytes_per_token(dtype_bytes) * m.kv_cache_tokens(context) for m in layers)
+    return {"kv_cache_bytes_per_token": per_token, "kv_cache_bytes_full_context": full}
+
+
+def training_memory(total_params: int, weight_bytes: int = 4) -> dict[str, int]:
+    """Weights and gradients in the weight dtype, AdamW's two moments in fp32;
+    activations depend on batch and sequence and are not included."""
+    weights = total_params * weight_bytes
+    grads = total_params * weight_bytes
+    optimizer = total_params * 8
+    return {"weights": weights, "gradients": grads, "adamw_states": optimizer, "total": weights + grads + optimizer}
+
+
+def architecture_card(spec: ModelSpec, dtype: str = "bfloat16", context: int | None = None) -> dict[str, Any]:
+    """Everything the summary task reports, as plain data (JSON-serializable)."""
+    model = build(spec, device="meta")
+    m = spec.model
+    context = context or m.max_seq_len
+    dtype_bytes = DTYPE_BYTES[dtype]
+    counts = count_params(model)
+    card: dict[str, Any] = {
+        "model": m.name,
+        "components": spec.components,
+        "plugins": {g: spec.params[g].plugin for g in plugins.GROUPS},
+        "dimensions": {
+            "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
+            "n_kv_heads": getattr(spec.params["attention"], "num_kv_heads", None),
+            "head_dim": m.head_dim, "ffn_dim": m.ffn_dim, "vocab_size": m.vocab_size,
+            "max_seq_len": m.max_seq_len, "tie_embeddings": m.tie_embeddings,
+        },
+        **counts,
+        "context": context,
+        **forward_flops_per_token(model, counts, context),
+        "kv_cache_dtype": dtype,
+        **kv_cache(model, dtype_bytes, context),
+        "inference_weight_bytes": counts["params_total"] * dtype_bytes,
+        "training_memory_fp32_adamw_bytes": training_memory(counts["params_total"]),
+    }
+    return card
+
+
+__all__ = ["architecture_card", "count_params", "unique_parameters", "DTYPE_BYTES"]

@@ -1,0 +1,57 @@
+"""The project's error types and the "did you mean" helper they share."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable, Sequence
+
+
+def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """The registered names nearest to `name`, best first (may be empty)."""
+    choices = sorted(set(choices))
+    found = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    if not found:
+        # Prefix matches catch truncations such as "layer" -> "layernorm".
+        found = [c for c in choices if c.startswith(name) or name.startswith(c)][:n]
+    return found
+
+
+class LlmarchError(Exception):
+    """Base class for errors a user can fix; the CLI prints them without a traceback."""
+
+
+class ConfigError(LlmarchError, ValueError):
+    """A config value that cannot be built, reported with its key path and what would be valid."""
+
+    def __init__(self, key: str, value: object, problem: str, valid: Sequence[object] | str | None = None):
+        self.key = key
+        self.value = value
+        self.problem = problem
+        self.valid = valid
+        message = f"{key}={value!r}: {problem}"
+        if not problem.endswith((".", "?", "!")):
+            message += "."
+        if valid is not None:
+            if isinstance(valid, str):
+                message += f" Valid: {valid}."
+            else:
+                message += " Valid: " + ", ".join(str(v) for v in valid) + "."
+        super().__init__(message)
+
+
+class UnknownChoiceError(ConfigError, LookupError):
+    """A group choice or plugin name that is not registered."""
+
+    def __init__(self, group: str, name: str, available: Iterable[str], what: str = "choice"):
+        available = sorted(set(available))
+        suggestions = closest(name, available)
+        problem = f"no {group} {what} named {name!r}"
+        if suggestions:
+            problem += "; did you mean " + " or ".join(repr(s) for s in suggestions) + "?"
+        super().__init__(group, name, problem, available)
+        self.group = group
+        self.suggestions = suggestions
+
+
+class PluginConflictError(LlmarchError):
+    """Two packages registered the same name in the same group."""

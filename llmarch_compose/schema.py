@@ -1,0 +1,86 @@
+"""Typed schema of the composed config's top level and of the `model.` numbers.
+
+A preset (`conf/model/*.yaml`) picks group choices and sets numbers under
+`model.`; group nodes read those numbers by interpolation
+(`num_kv_heads: ${model.n_kv_heads}`), so a group chosen on the command line
+still takes the preset's numbers and nothing a preset wrote can contradict it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import SI
+
+
+@dataclass
+class ModelConfig:
+    """Model-level numbers shared by the component groups."""
+
+    name: str = "custom"  # the preset's name, shown on the architecture card
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 2  # read by attention=gqa
+    head_dim: Optional[int] = None  # None: d_model // n_heads
+    ffn_dim: int = 704  # hidden width of a dense FFN, or of each expert
+    vocab_size: int = 256
+    max_seq_len: int = 256
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    attention_bias: bool = False  # bias on the q, k, v and output projections
+    qkv_bias: bool = SI("${.attention_bias}")  # Qwen-2 biases q, k, v but not the output
+    mlp_bias: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None  # e.g. {type: llama3, factor: 8, ...}
+    rotary_fraction: float = 1.0  # share of each head's dimensions that rotate
+    window: Optional[int] = None  # read by attention=swa
+    n_experts: int = 8  # read by ffn=moe
+    experts_per_token: int = 2
+    router_aux_loss_coef: float = 0.01
+    init_std: float = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+
+@dataclass
+class CompileConfig:
+    """How the built model is compiled: `mode` is eager, default or max-autotune."""
+
+    mode: str = "default"
+    fullgraph: bool = True
+    regional: bool = True  # compile the repeated block once and reuse it
+    dynamic: Optional[bool] = False
+
+
+COMPILE_MODES = ("eager", "default", "max-autotune")
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    position: Any = None
+    norm: Any = None
+    activation: Any = None
+    attention: Any = None
+    ffn: Any = None
+    topology: Any = None
+    task: Any = None
+    data: Any = None
+    compile: Any = None
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+def store_schema() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="llmarch_schema", node=RootConfig, provider="llmarch_compose")
+    for choice, mode in (("eager", "eager"), ("default", "default"), ("max_autotune", "max-autotune")):
+        cs.store(group="compile", name=choice, node=CompileConfig(mode=mode), provider="llmarch_compose")
+
+
+store_schema()

@@ -1,0 +1,109 @@
+"""From a composed config to a validated model spec, before any tensor exists.
+
+`resolve_spec` checks the `model.` numbers, turns each group node into its
+plugin's params dataclass, and runs each params' `validate(model, key)` hook.
+Every failure is a `ConfigError` naming the key path, the value and what
+would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from omegaconf import DictConfig
+
+from . import plugins
+from .errors import ConfigError
+from .schema import ModelConfig
+from .typed import to_dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: ModelConfig  # with head_dim filled in
+    params: Mapping[str, Any]  # group -> the plugin's params (with .plugin and .name)
+
+    def plugin(self, group: str) -> plugins.PluginInfo:
+        return plugins.get(group, self.params[group].plugin)
+
+    @property
+    def components(self) -> dict[str, str]:
+        """group -> the choice's name (`mqa`), as typed by the user."""
+        return {g: self.params[g].name for g in plugins.GROUPS}
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _require_positive(model: ModelConfig, *keys: str) -> None:
+    for key in keys:
+        value = getattr(model, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"model.{key}", value, "must be positive", "a number > 0")
+
+
+def validate_model(model: ModelConfig) -> ModelConfig:
+    _require_positive(model, "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
+                      "max_seq_len", "norm_eps", "rope_theta", "n_experts", "experts_per_token")
+    if model.head_dim is None:
+        if model.d_model % model.n_heads:
+            raise ConfigError("model.n_heads", model.n_heads, f"must divide model.d_model={model.d_model} "
+                              "(or set model.head_dim)", divisors(model.d_model))
+        model = dataclasses.replace(model, head_dim=model.d_model // model.n_heads)
+    else:
+        _require_positive(model, "head_dim")
+    if not 0.0 < model.rotary_fraction <= 1.0:
+        raise ConfigError("model.rotary_fraction", model.rotary_fraction, "must lie in (0, 1]", "0 < x <= 1")
+    if model.window is not None and model.window < 1:
+        raise ConfigError("model.window", model.window, "a window must hold at least one token",
+                          "an integer >= 1, or null for no window")
+    return model
+
+
+def resolve_spec(cfg: DictConfig) -> ModelSpec:
+    """Validate `cfg` and return the typed spec the builder consumes."""
+    model = to_dataclass(ModelConfig, cfg.model, "model")
+    model = validate_model(model)
+    params = {}
+    for group in plugins.GROUPS:
+        node = cfg.get(group)
+        if node is None:
+            raise ConfigError(group, None, "no choice made for this group", plugins.names(group))
+        p = plugins.make_params(group, node)
+        hook = getattr(p, "validate", None)
+        if hook is not None:
+            hook(model, group)
+        params[group] = p
+    return ModelSpec(model=model, params=params)
+
+
+class BuildContext:
+    """What a plugin may know of the model it is built into: the numbers, the
+    other groups' params, and the shared position and activation modules."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.model = spec.model
+        self._shared: dict[str, Any] = {}
+
+    def build(self, group: str, **kwargs: Any) -> Any:
+        """A new instance of the chosen plugin of `group`."""
+        return self.spec.plugin(group).cls(self.spec.params[group], self, **kwargs)
+
+    def shared(self, group: str) -> Any:
+        """One instance of `group` shared by every layer (position encodings,
+        activations): built on first use, then reused."""
+        if group not in self._shared:
+            self._shared[group] = self.build(group)
+        return self._shared[group]
+
+    @property
+    def position(self):
+        return self.shared("position")
+
+    @property
+    def activation(self):
+        return self.shared("activation")

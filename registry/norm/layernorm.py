@@ -1,0 +1,29 @@
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmarch_compose import register
+
+from .rmsnorm import RMSNormParams
+
+
+@dataclass
+class LayerNormParams(RMSNormParams):
+    bias: bool = True
+
+
+@register("norm", "layernorm", params=LayerNormParams)
+class LayerNorm(nn.Module):
+    """LayerNorm: (x - mean) / sqrt(var + eps) * weight (+ bias)."""
+
+    def __init__(self, params: LayerNormParams, ctx, dim: int | None = None):
+        super().__init__()
+        dim = dim or ctx.model.d_model
+        self.eps = params.eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if params.bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)

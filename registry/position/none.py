@@ -1,0 +1,9 @@
+from llmarch_compose import PositionEncoding, register
+
+
+@register("position", "none")
+class NoPosition(PositionEncoding):
+    """No position information (order only through a causal mask)."""
+
+    def __init__(self, params, ctx):
+        super().__init__()

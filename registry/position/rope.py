@@ -1,0 +1,159 @@
+"""Rotary position embedding (RoFormer) with the context-extension scalings in use:
+linear interpolation, dynamic NTK, LLaMA-3.1's frequency-dependent scaling and YaRN."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from omegaconf import SI
+
+from llmarch_compose import ConfigError, PositionEncoding, PositionInputs, register
+
+SCALINGS = ("linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass
+class RopeScaling:
+    type: str = "linear"
+    factor: float = 1.0
+    original_max_seq_len: Optional[int] = None  # dynamic, llama3, yarn: the pre-training context
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: Optional[float] = None  # yarn: None means 0.1 ln(factor) + 1
+
+
+@dataclass
+class RopeParams:
+    theta: float = SI("${model.rope_theta}")
+    scaling: Optional[RopeScaling] = SI("${model.rope_scaling}")
+    fraction: float = SI("${model.rotary_fraction}")  # share of each head that rotates
+    interleaved: bool = False  # rotate pairs (0,1),(2,3)... instead of the two halves
+
+    def rotary_dim(self, head_dim: int) -> float:
+        return head_dim * self.fraction
+
+    def validate(self, model, key):
+        rot = self.rotary_dim(model.head_dim)
+        if rot != int(rot) or int(rot) % 2 or rot < 2:
+            raise ConfigError(f"{key}.fraction", self.fraction,
+                              f"the rotary dimension head_dim * fraction = {model.head_dim} * {self.fraction} = "
+                              f"{rot:g} must be an even integer",
+                              [f"{d}/{model.head_dim}" for d in range(2, model.head_dim + 1, 2)][-4:])
+        if self.theta <= 0:
+            raise ConfigError(f"{key}.theta", self.theta, "the RoPE base must be positive", "a number > 0")
+        s = self.scaling
+        if s is None:
+            return
+        if s.type not in SCALINGS:
+            raise ConfigError(f"{key}.scaling.type", s.type, "unknown RoPE scaling", SCALINGS)
+        if s.factor <= 0:
+            raise ConfigError(f"{key}.scaling.factor", s.factor, "must be positive", "a number > 0")
+        if s.type != "linear" and not s.original_max_seq_len:
+            raise ConfigError(f"{key}.scaling.original_max_seq_len", s.original_max_seq_len,
+                              f"{s.type} scaling needs the pre-training context length", "an integer >= 1")
+        if s.type == "llama3" and s.high_freq_factor <= s.low_freq_factor:
+            raise ConfigError(f"{key}.scaling.high_freq_factor", s.high_freq_factor,
+                              f"must exceed low_freq_factor={s.low_freq_factor}", f"> {s.low_freq_factor}")
+
+
+def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Long wavelengths are interpolated by `factor`, short ones kept, the band between blended."""
+    low_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_wavelen = s.original_max_seq_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(middle, blended, out)
+
+
+def yarn_inv_freq(theta: float, dim: int, s: RopeScaling) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, extrapolate high ones, with a linear ramp
+    between the dimensions that turn `beta_slow` and `beta_fast` times in the
+    original context; cos and sin are scaled by the attention factor."""
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(s.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1 where the original frequency is kept
+    inv_freq = base_inv_freq(theta, dim)
+    inv_freq = inv_freq / s.factor * (1 - extrapolate) + inv_freq * extrapolate
+    factor = s.attention_factor
+    if factor is None:
+        factor = 0.1 * math.log(s.factor) + 1.0 if s.factor > 1 else 1.0
+    return inv_freq, factor
+
+
+@register("position", "rope", params=RopeParams)
+class RotaryPosition(PositionEncoding):
+    """Rotary position embedding: queries and keys rotated by position-dependent angles,
+    so their dot product depends only on the relative position."""
+
+    def __init__(self, params: RopeParams, ctx):
+        super().__init__()
+        self.params = params
+        self.rotary_dim = int(params.rotary_dim(ctx.model.head_dim))
+        self.interleaved = params.interleaved
+        self.attention_factor = 1.0
+        s = params.scaling
+        inv_freq = base_inv_freq(params.theta, self.rotary_dim)
+        if s is not None and s.type == "linear":
+            inv_freq = inv_freq / s.factor
+        elif s is not None and s.type == "llama3":
+            inv_freq = llama3_inv_freq(inv_freq, s)
+        elif s is not None and s.type == "yarn":
+            inv_freq, self.attention_factor = yarn_inv_freq(params.theta, self.rotary_dim, s)
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+
+    def _inv_freq_for(self, seq_len: int) -> torch.Tensor:
+        s = self.params.scaling
+        if s is not None and s.type == "dynamic" and seq_len > s.original_max_seq_len:
+            # Dynamic NTK: raise the base once the sequence outgrows the pre-training context.
+            # `seq_len` is a static shape, so this branch specializes under torch.compile.
+            dim = self.rotary_dim
+            base = self.params.theta * ((s.factor * seq_len / s.original_max_seq_len) - (s.factor - 1)) ** (
+                dim / (dim - 2))
+            return base_inv_freq(base, dim).to(device=self.inv_freq.device, dtype=torch.float32)
+        return self.inv_freq
+
+    def attention_inputs(self, positions: torch.Tensor) -> PositionInputs:
+        inv_freq = self._inv_freq_for(positions.shape[-1])
+        angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., seq, rotary_dim / 2]
+        if self.interleaved:
+            angles = angles.repeat_interleave(2, dim=-1)
+        else:
+            angles = torch.cat((angles, angles), dim=-1)
+        return PositionInputs(rotary=(angles.cos() * self.attention_factor, angles.sin() * self.attention_factor))
+
+    def _rotate_pairs(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            pairs = x.unflatten(-1, (-1, 2))
+            return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((-second, first), dim=-1)
+
+    def _rotate_tensor(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
+        rotated = (rot * cos + self._rotate_pairs(rot) * sin).to(x.dtype)
+        return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+    def rotate(self, q, k, inputs: PositionInputs):
+        cos, sin = inputs.rotary
+        if cos.dim() == 3:  # per-batch positions [batch, seq, dim] -> broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return self._rotate_tensor(q, cos, sin), self._rotate_tensor(k, cos, sin)

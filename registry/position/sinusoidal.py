@@ -1,0 +1,32 @@
+from dataclasses import dataclass
+
+import torch
+
+from llmarch_compose import ConfigError, PositionEncoding, register
+
+
+@dataclass
+class SinusoidalParams:
+    base: float = 10000.0
+
+    def validate(self, model, key):
+        if model.d_model % 2:
+            raise ConfigError("model.d_model", model.d_model, "sinusoidal positions need an even width",
+                              "an even integer")
+
+
+@register("position", "sinusoidal", params=SinusoidalParams)
+class SinusoidalPosition(PositionEncoding):
+    """Fixed sine/cosine positions of "Attention Is All You Need", added to the
+    embeddings: PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(same)."""
+
+    def __init__(self, params: SinusoidalParams, ctx):
+        super().__init__()
+        d = ctx.model.d_model
+        inv_freq = params.base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., seq, d/2]
+        table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleave sin, cos
+        return x + table.to(x.dtype)
