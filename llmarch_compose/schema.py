@@ -34,7 +34,7 @@ class ModelConfig:
     qkv_bias: bool = SI("${.attention_bias}")  # Qwen-2 biases q, k, v but not the output
     mlp_bias: bool = False
     rope_theta: float = 10000.0
-    rope_scaling: Optional[Dict[str, Any]] = None  # e.g. {type: llama3, factor: 8, ...}
+    rope_scaling: Any = None  # None, or e.g. {type: llama3, factor: 8, original_max_seq_len: 8192}
     rotary_fraction: float = 1.0  # share of each head's dimensions that rotate
     window: Optional[int] = None  # read by attention=swa
     n_experts: int = 8  # read by ffn=moe

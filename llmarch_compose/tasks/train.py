@@ -121,6 +121,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(cfg.device)
+    # Each run is independent: in a sweep the jobs share this process, and the
+    # graphs and guards of earlier jobs' models would count against Dynamo's
+    # recompile limit (a hard error under fullgraph).
+    torch._dynamo.reset()
     torch.manual_seed(cfg.seed)
     model = build(spec, device=device)
     counts = count_params(model)

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny configs and a clean compiler state per test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmarch_compose as lc
+
+#: Overrides that shrink any preset to a size that runs in milliseconds.
+TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.ffn_dim=96", "model.vocab_size=128", "model.max_seq_len=64"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Compiled tests must not see graphs or recompile counts of earlier tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def tiny_cfg():
+    """compose(extra overrides) at test size."""
+
+    def make(*overrides: str):
+        return lc.compose([*TINY, *overrides])
+
+    return make
