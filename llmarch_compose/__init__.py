@@ -20,7 +20,7 @@ from .components import (
 )
 from .config import compose
 from . import tasks as _tasks  # noqa: F401  (stores the task nodes)
-from .errors import ConfigError, LlmarchError, PluginConflictError, UnknownChoiceError
+from .errors import ConfigError, LlmarchError, PluginConflictError, UnknownChoiceError, UnknownKeyError
 from .plugins import register
 from .spec import BuildContext, ModelSpec, resolve_spec
 
@@ -31,5 +31,5 @@ __all__ = [
     "BuildContext", "ModelSpec",
     "PositionEncoding", "PositionInputs", "Activation", "Attention", "FeedForward", "FeedForwardOutput",
     "ModelOutput", "Topology",
-    "ConfigError", "LlmarchError", "PluginConflictError", "UnknownChoiceError",
+    "ConfigError", "LlmarchError", "PluginConflictError", "UnknownChoiceError", "UnknownKeyError",
 ]

@@ -10,14 +10,12 @@ import sys
 from typing import Optional, Sequence
 
 import hydra
-from hydra import initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from . import plugins
-from .config import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check_overrides
+from .config import CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check
 from .errors import LlmarchError
 
 EXIT_USAGE = 2
@@ -40,13 +38,6 @@ def _app(cfg: DictConfig):
         sys.exit(EXIT_USAGE)
 
 
-def _precheck(overrides: Sequence[str]) -> None:
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
-        loader = GlobalHydra.instance().config_loader()
-        check_overrides(overrides, loader.get_group_options, loader.list_groups(""))
-    GlobalHydra.instance().clear()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from hydra._internal.utils import get_args_parser
 
@@ -55,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         plugins.discover()
         args, _ = get_args_parser().parse_known_args(sys.argv[1:])
-        _precheck(args.overrides)
+        check(args.overrides)
     except LlmarchError as exc:
         _report(exc)
         sys.exit(EXIT_USAGE)

@@ -15,10 +15,11 @@ from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
 from . import plugins
-from .errors import ConfigError, UnknownChoiceError
+from .errors import ConfigError, UnknownChoiceError, UnknownKeyError
 
 CONFIG_MODULE = "llmarch_compose.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -59,23 +60,73 @@ def _translate_missing(exc: MissingConfigException) -> ConfigError:
     return ConfigError("defaults", getattr(exc, "missing_cfg_file", None), str(exc).strip())
 
 
+def _translate_composition(exc: HydraException, overrides: Sequence[str]) -> ConfigError:
+    """A bad override key or value, named by its key path, with the keys that exist there."""
+    cause = exc.__cause__
+    full_key = getattr(cause, "full_key", None)
+    if not full_key:
+        return ConfigError("overrides", " ".join(overrides), str(exc).strip().splitlines()[0])
+    value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == full_key), None)
+    if isinstance(cause, ConfigAttributeError):  # an unknown key: list the ones that exist
+        parent = full_key.rpartition(".")[0]
+        keys = _keys_at(parent, [o for o in overrides if not o.lstrip("+~").startswith(full_key)])
+        return UnknownKeyError(full_key, value, keys)
+    return ConfigError(full_key, value, str(getattr(cause, "msg", cause)).strip().splitlines()[0])
+
+
+def _keys_at(path: str, overrides: Sequence[str]) -> list[str]:
+    try:
+        node = OmegaConf.select(hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides)), path)
+        return list(node.keys()) if isinstance(node, DictConfig) else []
+    except HydraException:
+        return []
+
+
+def _first_of_each_sweep(overrides: Sequence[str]) -> list[str]:
+    """One job's overrides from a sweep, to check keys and values before the sweep starts."""
+    out = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        text = override.input_line
+        if override.is_sweep_override():
+            first = next(iter(override.sweep_string_iterator()))
+            text = f"{override.get_key_element()}={first}"
+        out.append(text)
+    return out
+
+
+def _compose_checked(overrides: Sequence[str]) -> DictConfig:
+    loader = GlobalHydra.instance().config_loader()
+    check_overrides(overrides, loader.get_group_options, loader.list_groups(""))
+    single = _first_of_each_sweep(overrides)
+    try:
+        return hydra_compose(config_name=CONFIG_NAME, overrides=single)
+    except MissingConfigException as exc:
+        raise _translate_missing(exc) from None
+    except HydraException as exc:
+        raise _translate_composition(exc, single) from None
+
+
+def check(overrides: Sequence[str]) -> None:
+    """Everything Hydra would reject in `overrides` (the first job of a sweep), as a
+    ConfigError with suggestions; the CLI runs this before handing over to Hydra."""
+    plugins.discover()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
+        _compose_checked(overrides)
+    GlobalHydra.instance().clear()
+
+
 def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME) -> DictConfig:
     """The composed config for `overrides`, as `llmarch` would see it (without `hydra.`)."""
     plugins.discover()
     overrides = list(overrides)
+    if config_name != CONFIG_NAME:
+        raise ConfigError("config_name", config_name, "unknown root config", [CONFIG_NAME])
     owned = not GlobalHydra.instance().is_initialized()
     if owned:
         context = initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE)
         context.__enter__()
     try:
-        loader = GlobalHydra.instance().config_loader()
-        check_overrides(overrides, loader.get_group_options, loader.list_groups(""))
-        try:
-            return hydra_compose(config_name=config_name, overrides=overrides)
-        except MissingConfigException as exc:
-            raise _translate_missing(exc) from None
-        except HydraException as exc:
-            raise ConfigError("overrides", " ".join(overrides), str(exc).strip()) from None
+        return _compose_checked(overrides)
     finally:
         if owned:
             GlobalHydra.instance().clear()

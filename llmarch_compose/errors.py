@@ -53,5 +53,21 @@ class UnknownChoiceError(ConfigError, LookupError):
         self.suggestions = suggestions
 
 
+class UnknownKeyError(ConfigError, KeyError):
+    """A config key that does not exist where it was set."""
+
+    def __init__(self, path: str, value: object, available: Iterable[str]):
+        parent, _, leaf = path.rpartition(".")
+        suggestions = [f"{parent}.{s}" if parent else s for s in closest(leaf, available)]
+        problem = f"{parent or 'the config'} has no key {leaf!r}"
+        if suggestions:
+            problem += "; did you mean " + " or ".join(suggestions) + "?"
+        super().__init__(path, value, problem, sorted(set(available)))
+        self.suggestions = suggestions
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
 class PluginConflictError(LlmarchError):
     """Two packages registered the same name in the same group."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, TypeVar, Union
+from typing import Any, Mapping, Optional, TypeVar, Union
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownKeyError
 
 T = TypeVar("T")
 
@@ -23,5 +23,16 @@ def to_dataclass(schema: type[T], node: Union[DictConfig, Mapping[str, Any]], ke
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as exc:
         full_key = getattr(exc, "full_key", None)
-        raise ConfigError(f"{key}.{full_key}" if full_key else key, getattr(exc, "value", None),
-                          str(exc.msg).strip(), [f.name for f in dataclasses.fields(schema)]) from None
+        path = f"{key}.{full_key}" if full_key else key
+        fields = [f.name for f in dataclasses.fields(schema)]
+        if isinstance(exc, (ConfigAttributeError, ConfigKeyError)):
+            raise UnknownKeyError(path, _lookup(node, full_key), fields) from None
+        raise ConfigError(path, _lookup(node, full_key), str(exc.msg).strip().splitlines()[0], fields) from None
+
+
+def _lookup(node: Any, dotted: Optional[str]) -> Any:
+    for part in (dotted or "").split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
