@@ -27,22 +27,32 @@ def save_checkpoint(model: nn.Module, cfg: DictConfig, path: Union[str, Path]) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
+    moved_old = False
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is not
         # save_model stores tied tensors once (safetensors refuses shared storage otherwise).
         save_model(model, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
+            moved_old = True
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if moved_old and not path.exists():
+            os.replace(old, path)  # put the previous checkpoint back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if moved_old:
+        shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: Union[str, Path], device: str = "cpu") -> tuple[DictConfig, nn.Module]:

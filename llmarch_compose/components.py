@@ -34,6 +34,17 @@ class PositionEncoding(nn.Module):
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x
 
+    def _apply(self, fn, recurse=True):
+        # Frequency tables never lose precision when the model is cast
+        # (`model.to(torch.bfloat16)`): in bf16, angle p * inv_freq drifts by ~p/256.
+        tables = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, table in tables.items():
+            cast = self._buffers[name]
+            if cast is not None and torch.finfo(cast.dtype).eps > torch.finfo(table.dtype).eps:
+                self._buffers[name] = table.to(cast.device)
+        return self
+
     def attention_inputs(self, positions: torch.Tensor) -> PositionInputs:
         return PositionInputs()
 

@@ -8,7 +8,7 @@ Hydra's ConfigStore when they are discovered.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
@@ -27,15 +27,14 @@ CONFIG_NAME = "config"
 VERSION_BASE = "1.3"
 
 
-def check_overrides(overrides: Sequence[str], group_options: Callable[[str], Iterable[str]],
-                    groups: Iterable[str]) -> None:
+def check_overrides(overrides: Sequence[str], config_loader) -> None:
     """Reject an unknown group choice (also inside a sweep) with the closest names.
 
     Hydra's own error lists the options but suggests none; this runs first.
     """
-    groups = set(groups)
+    groups = set(config_loader.list_groups(""))
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(list(overrides))
     except HydraException as exc:
         raise ConfigError("overrides", " ".join(overrides), str(exc).strip().splitlines()[0]) from None
     for override in parsed:
@@ -46,7 +45,7 @@ def check_overrides(overrides: Sequence[str], group_options: Callable[[str], Ite
             values = list(override.sweep_string_iterator())
         else:
             values = [override.get_value_element_as_str()]
-        options = set(group_options(group))
+        options = set(config_loader.get_group_options(group))
         for value in values:
             if value not in options:
                 raise UnknownChoiceError(group, value, options)
@@ -82,10 +81,10 @@ def _keys_at(path: str, overrides: Sequence[str]) -> list[str]:
         return []
 
 
-def _first_of_each_sweep(overrides: Sequence[str]) -> list[str]:
+def _first_of_each_sweep(overrides: Sequence[str], config_loader) -> list[str]:
     """One job's overrides from a sweep, to check keys and values before the sweep starts."""
     out = []
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
+    for override in OverridesParser.create(config_loader=config_loader).parse_overrides(list(overrides)):
         text = override.input_line
         if override.is_sweep_override():
             first = next(iter(override.sweep_string_iterator()))
@@ -96,8 +95,8 @@ def _first_of_each_sweep(overrides: Sequence[str]) -> list[str]:
 
 def _compose_checked(overrides: Sequence[str]) -> DictConfig:
     loader = GlobalHydra.instance().config_loader()
-    check_overrides(overrides, loader.get_group_options, loader.list_groups(""))
-    single = _first_of_each_sweep(overrides)
+    check_overrides(overrides, loader)
+    single = _first_of_each_sweep(overrides, loader)
     try:
         return hydra_compose(config_name=CONFIG_NAME, overrides=single)
     except MissingConfigException as exc:

@@ -7,13 +7,16 @@ from typing import Iterable, Sequence
 
 
 def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
-    """The registered names nearest to `name`, best first (may be empty)."""
+    """The names nearest to `name`, best first (may be empty): names it abbreviates
+    or extends ("normalization" -> "norm"), then spelling neighbours."""
     choices = sorted(set(choices))
-    found = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
-    if not found:
-        # Prefix matches catch truncations such as "layer" -> "layernorm".
-        found = [c for c in choices if c.startswith(name) or name.startswith(c)][:n]
-    return found
+
+    def similarity(c: str) -> float:
+        return difflib.SequenceMatcher(None, name, c).ratio()
+
+    prefixed = sorted((c for c in choices if c.startswith(name) or name.startswith(c)), key=similarity, reverse=True)
+    similar = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    return list(dict.fromkeys(prefixed + similar))[:n]
 
 
 class LlmarchError(Exception):

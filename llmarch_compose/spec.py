@@ -75,9 +75,29 @@ def resolve_spec(cfg: DictConfig) -> ModelSpec:
         p = plugins.make_params(group, node)
         hook = getattr(p, "validate", None)
         if hook is not None:
-            hook(model, group)
+            try:
+                hook(model, group)
+            except ConfigError as exc:
+                raise _blame_source(exc, cfg) from None
         params[group] = p
     return ModelSpec(model=model, params=params)
+
+
+def _blame_source(exc: ConfigError, cfg: DictConfig) -> ConfigError:
+    """Name the key the user set: `position.fraction` reads `${model.rotary_fraction}`,
+    so a bad fraction is reported as model.rotary_fraction."""
+    node = cfg
+    try:
+        for part in exc.key.split("."):
+            node = node._get_node(part)
+    except (AttributeError, KeyError, TypeError):
+        return exc
+    if node is None or not node._is_interpolation():
+        return exc
+    source = str(node._value()).strip()
+    if not (source.startswith("${") and source.endswith("}")) or ":" in source:
+        return exc
+    return ConfigError(source[2:-1], exc.value, f"{exc.problem} (read as {exc.key})", exc.valid)
 
 
 class BuildContext:

@@ -135,6 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tokens_per_step = task.batch_size * task.seq_len
 
     metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.write_text("")  # a reused output folder starts a fresh log
     history: list[dict[str, Any]] = []
 
     def log(record: dict[str, Any]) -> None:
