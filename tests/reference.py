@@ -172,12 +172,14 @@ def softmax_rows(scores: torch.Tensor, allowed: list[list[bool]]) -> torch.Tenso
 
 
 def attention(x, qkv_w, qkv_b, out_w, out_b, n_heads: int, n_kv_heads: int, head_dim: int,
-              causal: bool, window: Optional[int], rotate=None, scale: Optional[float] = None) -> torch.Tensor:
+              causal: bool, window: Optional[int], rotate=None, scale: Optional[float] = None,
+              score_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Multi-head attention, one batch element and one query head at a time.
 
     x: [batch, seq, d]. The fused qkv weight holds the q rows (n_heads * head_dim),
     then k, then v (n_kv_heads * head_dim each). Query head h reads KV head
     h // (n_heads // n_kv_heads). `rotate(t)` rotates a [seq, head_dim] tensor.
+    `score_bias` [n_heads, seq, seq] is added to head h's scaled scores before masking.
     """
     b, t, _ = x.shape
     q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
@@ -188,7 +190,8 @@ def attention(x, qkv_w, qkv_b, out_w, out_b, n_heads: int, n_kv_heads: int, head
     for bi in range(b):
         xb = x[bi]
         q_all = linear(xb, qkv_w[:q_size], None if qkv_b is None else qkv_b[:q_size])
-        k_all = linear(xb, qkv_w[q_size:q_size + kv_size], None if qkv_b is None else qkv_b[q_size:q_size + kv_size])
+        k_rows = slice(q_size, q_size + kv_size)
+        k_all = linear(xb, qkv_w[k_rows], None if qkv_b is None else qkv_b[k_rows])
         v_all = linear(xb, qkv_w[q_size + kv_size:], None if qkv_b is None else qkv_b[q_size + kv_size:])
         heads = []
         for h in range(n_heads):
@@ -198,7 +201,10 @@ def attention(x, qkv_w, qkv_b, out_w, out_b, n_heads: int, n_kv_heads: int, head
             v = v_all[:, g * head_dim:(g + 1) * head_dim]
             if rotate is not None:
                 q, k = rotate(q), rotate(k)
-            probs = softmax_rows(q @ k.transpose(0, 1) * scale, allowed)
+            scores = q @ k.transpose(0, 1) * scale
+            if score_bias is not None:
+                scores = scores + score_bias[h]
+            probs = softmax_rows(scores, allowed)
             heads.append(probs @ v)
         outputs.append(linear(torch.cat(heads, dim=-1), out_w, out_b))
     return torch.stack(outputs)
@@ -219,11 +225,11 @@ def moe(x, router_w, w_in, w_out, act, gated: bool, hidden: int, top_k: int, nor
     for t in range(tokens.shape[0]):
         xt = tokens[t]
         logits = [(router_w[e] * xt).sum() for e in range(n_experts)]
-        m = max(float(v) for v in logits)
+        m = max(float(v.detach()) for v in logits)
         exps = [torch.exp(v - m) for v in logits]
         total = sum(exps)
         probs = [e_ / total for e_ in exps]
-        order = sorted(range(n_experts), key=lambda e: (-float(probs[e]), e))
+        order = sorted(range(n_experts), key=lambda e: (-float(probs[e].detach()), e))
         chosen = order[:top_k]
         weights = [probs[e] for e in chosen]
         if normalize:
