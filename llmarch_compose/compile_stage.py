@@ -24,8 +24,9 @@ def compile(model: nn.Module, mode: str = "default", fullgraph: bool = True, reg
     if mode == "eager":
         return model
     options = dict(fullgraph=fullgraph, dynamic=dynamic, mode=None if mode == "default" else mode)
-    if regional and isinstance(getattr(model, "blocks", None), nn.ModuleList):
-        for block in model.blocks:
+    regions = model.compile_regions() if hasattr(model, "compile_regions") else []
+    if regional and regions:
+        for block in regions:
             block.compile(**options)
         return model
     return torch.compile(model, **options)

@@ -17,7 +17,8 @@ class PositionInputs(NamedTuple):
     """What a position encoding hands every attention layer, computed once per forward."""
 
     rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # cos, sin: [seq, rotary_dim]
-    bias: Optional[torch.Tensor] = None  # additive score bias: [heads, q_len, k_len]
+    bias: Optional[torch.Tensor] = None  # additive score bias: [heads, q_len, k_len] or [batch, heads, ...]
+    prefix_len: Optional[torch.Tensor] = None  # [batch] tokens of the bidirectional prefix (prefix-LM)
 
 
 class PositionEncoding(nn.Module):
@@ -27,8 +28,10 @@ class PositionEncoding(nn.Module):
     - `attention_inputs` + `rotate`: transform queries and keys (RoPE and its scalings);
     - `attention_inputs(...).bias`: an additive score bias (T5 buckets, ALiBi).
 
-    The topology owns the one instance and calls `attention_inputs` once per
-    forward, so tables are built once, not once per layer.
+    Constructed as `cls(params, ctx, causal=True)`: `causal` says whether the
+    stack it serves is causal (T5's buckets differ for encoder and decoder). The
+    topology owns one instance per stack and calls `attention_inputs` once per
+    forward, so tables and biases are built once, not once per layer.
     """
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -45,8 +48,8 @@ class PositionEncoding(nn.Module):
                 self._buffers[name] = table.to(cast.device)
         return self
 
-    def attention_inputs(self, positions: torch.Tensor) -> PositionInputs:
-        return PositionInputs()
+    def attention_inputs(self, positions: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> PositionInputs:
+        return PositionInputs(prefix_len=prefix_len)
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, inputs: PositionInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [batch, heads, seq, head_dim], k: [batch, kv_heads, seq, head_dim]."""
@@ -102,13 +105,23 @@ class ModelOutput(NamedTuple):
 class Topology(nn.Module):
     """The whole model: embeddings, the stack of blocks, and the head.
 
-    `blocks` is the repeated part that the compile stage compiles once.
+    Its stacks keep their repeated blocks in ModuleLists named `blocks`: the
+    compile stage compiles each block class once and reuses the graph.
     """
 
     blocks: nn.ModuleList
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError
+
+    def compile_regions(self) -> list[nn.Module]:
+        """The repeated blocks: every module in a ModuleList named `blocks` (a block
+        shared across layers appears once)."""
+        regions = {}
+        for name, module in self.named_modules():
+            if name.rpartition(".")[2] == "blocks" and isinstance(module, nn.ModuleList):
+                regions.update((id(b), b) for b in module)
+        return list(regions.values())
 
     def embedding_modules(self) -> list[nn.Module]:
         """The lookup tables (token and position embeddings) for the card's split."""

@@ -42,7 +42,8 @@ def forward_flops_per_token(model: nn.Module, counts: dict[str, int], context: i
     Norms, biases, activations and softmax are not counted."""
     params = unique_parameters(model)
     vectors = sum(p.numel() for p in params if p.dim() < 2)
-    head = model.embed.weight.numel() if getattr(model, "tied", False) else 0
+    tied = getattr(getattr(model, "head", None), "tied", None)  # a head that reuses the token table
+    head = tied.weight.numel() if tied is not None else 0
     matmul = counts["params_active"] - counts["params_embedding"] - vectors + head
     attention = sum(m.score_flops_per_token(context) for m in model.modules() if isinstance(m, Attention))
     return {"flops_matmul": 2.0 * matmul, "flops_attention": float(attention),

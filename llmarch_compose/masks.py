@@ -7,12 +7,15 @@ from typing import Optional
 import torch
 
 
-def allowed(q_len: int, k_len: int, causal: bool, window: Optional[int], device) -> Optional[torch.Tensor]:
-    """A [q_len, k_len] table of which key each query may see, or None when all may.
+def allowed(q_len: int, k_len: int, causal: bool, window: Optional[int], device,
+            prefix_len: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Which key each query may see: [q_len, k_len], [batch, 1, q_len, k_len] with a
+    prefix, or None when every query sees every key.
 
     Queries are the last `q_len` of the `k_len` positions. A `window` of w keeps
     the w most recent keys including the query's own (causal), or those within
-    w - 1 positions on either side (bidirectional).
+    w - 1 positions on either side (bidirectional). A prefix (prefix-LM) is seen
+    by every query, whatever the causal mask and window say.
     """
     if not causal and window is None:
         return None
@@ -23,6 +26,8 @@ def allowed(q_len: int, k_len: int, causal: bool, window: Optional[int], device)
         ok = ok & (k <= q)
     if window is not None:
         ok = ok & ((q - k).abs() < window)
+    if prefix_len is not None:
+        ok = ok | (k < prefix_len.to(device)[:, None, None, None])
     return ok
 
 

@@ -9,7 +9,7 @@ still takes the preset's numbers and nothing a preset wrote can contradict it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import SI
@@ -29,6 +29,9 @@ class ModelConfig:
     vocab_size: int = 256
     max_seq_len: int = 256
     tie_embeddings: bool = False
+    embedding_dim: Optional[int] = None  # factorized token embeddings, projected to d_model (ALBERT)
+    type_vocab_size: int = 0  # token-type (segment) embeddings (BERT: 2)
+    position_offset: int = 0  # rows of a learned position table before position 0 (BART, RoBERTa: 2)
     norm_eps: float = 1e-5
     attention_bias: bool = False  # bias on the q, k, v and output projections
     qkv_bias: bool = SI("${.attention_bias}")  # Qwen-2 biases q, k, v but not the output
@@ -37,9 +40,27 @@ class ModelConfig:
     rope_scaling: Any = None  # None, or e.g. {type: llama3, factor: 8, original_max_seq_len: 8192}
     rotary_fraction: float = 1.0  # share of each head's dimensions that rotate
     window: Optional[int] = None  # read by attention=swa
-    n_experts: int = 8  # read by ffn=moe
+    attention_scale: Optional[float] = None  # None: 1 / sqrt(head_dim); T5 uses 1.0
+    qk_norm: bool = False  # normalize queries and keys per head (the norm group's plugin)
+    # Multi-head latent attention (attention=mla, DeepSeek-V2/V3); None: derived from the width.
+    q_lora_rank: Optional[int] = None  # None: queries projected directly
+    kv_lora_rank: Optional[int] = None
+    qk_rope_head_dim: Optional[int] = None
+    qk_nope_head_dim: Optional[int] = None
+    v_head_dim: Optional[int] = None
+    # Mixture of experts (ffn=moe and its variants)
+    n_experts: int = 8
     experts_per_token: int = 2
+    expert_ffn_dim: int = SI("${.ffn_dim}")  # hidden width of each routed expert
+    n_shared_experts: int = 0  # always-on experts (DeepSeek, Qwen-MoE), each expert_ffn_dim wide
+    n_expert_groups: int = 1  # group-limited routing (DeepSeek-V3): experts are chosen from
+    topk_expert_groups: int = 1  #   the best topk_expert_groups of n_expert_groups groups
+    routed_scaling_factor: float = 1.0
+    expert_capacity_factor: Optional[float] = None  # None: dropless
     router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    # Per-layer rules for hybrids, applied in order; see llmarch_compose/patterns.py.
+    layer_pattern: List[Any] = field(default_factory=list)
     init_std: float = 0.02
 
     @property

@@ -9,13 +9,14 @@ would be valid.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import plugins
 from .errors import ConfigError
+from .patterns import LAYER_GROUPS, STACKS, layer_node, parse_rules
 from .schema import ModelConfig
 from .typed import to_dataclass
 
@@ -24,9 +25,18 @@ from .typed import to_dataclass
 class ModelSpec:
     model: ModelConfig  # with head_dim filled in
     params: Mapping[str, Any]  # group -> the plugin's params (with .plugin and .name)
+    # (stack, layer) -> group -> params, for the layers a layer_pattern rule changes
+    layer_params: Mapping[tuple[str, int], Mapping[str, Any]] = field(default_factory=dict)
 
-    def plugin(self, group: str) -> plugins.PluginInfo:
-        return plugins.get(group, self.params[group].plugin)
+    def params_for(self, group: str, layer: Optional[int] = None, stack: str = "decoder") -> Any:
+        if layer is not None:
+            changed = self.layer_params.get((stack, layer), {})
+            if group in changed:
+                return changed[group]
+        return self.params[group]
+
+    def plugin(self, group: str, layer: Optional[int] = None, stack: str = "decoder") -> plugins.PluginInfo:
+        return plugins.get(group, self.params_for(group, layer, stack).plugin)
 
     @property
     def components(self) -> dict[str, str]:
@@ -80,7 +90,34 @@ def resolve_spec(cfg: DictConfig) -> ModelSpec:
             except ConfigError as exc:
                 raise _blame_source(exc, cfg) from None
         params[group] = p
-    return ModelSpec(model=model, params=params)
+    return ModelSpec(model=model, params=params, layer_params=resolve_layers(cfg, model, params))
+
+
+def resolve_layers(cfg: DictConfig, model: ModelConfig, params: Mapping[str, Any]) -> dict:
+    """Params of every layer a `model.layer_pattern` rule changes, validated like the rest."""
+    rules = parse_rules(model.layer_pattern)
+    if not rules:
+        return {}
+    model_numbers = OmegaConf.to_container(cfg.model, resolve=True)
+    base = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in LAYER_GROUPS}
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    cache: dict[tuple[int, str], Any] = {}  # (rule, group) -> params: most rules cover many layers
+    for stack in STACKS:
+        for layer in range(model.n_layers):
+            for index, rule in enumerate(rules):
+                if not rule.selects(layer, stack):
+                    continue
+                for group, change in rule.changes.items():
+                    if (index, group) not in cache:
+                        key = f"{rule.key}.{group}"
+                        node = layer_node(base[group], change, group, model_numbers, key)
+                        p = plugins.make_params(group, node)
+                        hook = getattr(p, "validate", None)
+                        if hook is not None:
+                            hook(model, key)
+                        cache[index, group] = p
+                    out.setdefault((stack, layer), {})[group] = cache[index, group]
+    return out
 
 
 def _blame_source(exc: ConfigError, cfg: DictConfig) -> ConfigError:
@@ -109,9 +146,14 @@ class BuildContext:
         self.model = spec.model
         self._shared: dict[str, Any] = {}
 
-    def build(self, group: str, **kwargs: Any) -> Any:
-        """A new instance of the chosen plugin of `group`."""
-        return self.spec.plugin(group).cls(self.spec.params[group], self, **kwargs)
+    def build(self, group: str, layer: Optional[int] = None, stack: str = "decoder", **kwargs: Any) -> Any:
+        """A new instance of the plugin chosen for `group`, at `layer` of `stack`
+        when a layer pattern may change it there (attention and FFN plugins also
+        receive `layer_idx`)."""
+        params = self.spec.params_for(group, layer, stack)
+        if layer is not None and group in ("attention", "ffn"):
+            kwargs["layer_idx"] = layer
+        return plugins.get(group, params.plugin).cls(params, self, **kwargs)
 
     def shared(self, group: str) -> Any:
         """One instance of `group` shared by every layer (position encodings,

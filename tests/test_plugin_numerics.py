@@ -615,11 +615,11 @@ TOPOLOGY_CASES = {
 def reference_decoder(model, ids, norm_position, parallel, tied):
     """The decoder-only wiring recomputed by hand from the model's own (separately tested) submodules."""
     positions = torch.arange(ids.shape[-1])
-    x = model.embed.weight[ids]
+    x = model.embed.tokens.weight[ids]
     x = model.position.embed(x, positions)
     pos = model.position.attention_inputs(positions)
     aux = None
-    for block in model.blocks:
+    for block in model.decoder.blocks:
         if parallel:
             f = block.ffn(block.ffn_norm(x))
             x = x + block.attn(block.attn_norm(x), pos) + f.output
@@ -634,8 +634,8 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
         if f.aux_loss is not None:
             aux = f.aux_loss if aux is None else aux + f.aux_loss
     if norm_position == "pre":
-        x = model.final_norm(x)
-    head = model.embed.weight if tied else model.lm_head.weight
+        x = model.decoder.final_norm(x)
+    head = model.embed.tokens.weight if tied else model.head.weight
     return x @ head.transpose(0, 1), aux
 
 
@@ -643,8 +643,8 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
 def test_decoder_only(case):
     overrides, norm_position, parallel, tied = TOPOLOGY_CASES[case]
     model = lc.build(lc.compose([*TINY, *overrides]))
-    assert (model.lm_head is None) == tied
-    assert isinstance(model.final_norm, nn.Identity) == (norm_position == "post")
+    assert (model.head.weight is None) == tied
+    assert isinstance(model.decoder.final_norm, nn.Identity) == (norm_position == "post")
     randomize_(model.double(), std=0.2)
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     out = model(ids)

@@ -59,7 +59,7 @@ def test_preset_parameter_counts(preset):
 
 def test_tied_embeddings_counted_once():
     model = lc.build(lc.compose(["model=gpt2"]), device="meta")
-    assert model.lm_head is None
+    assert model.head.weight is None and model.head.tied is model.embed.tokens
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     assert sum(p.numel() for p in model.parameters()) == 124_439_808
     assert len(names) == len(list(model.parameters()))  # the head reuses the embedding, no extra tensor

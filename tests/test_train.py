@@ -101,7 +101,7 @@ def test_checkpoint_round_trips(runs, mode):
         torch.testing.assert_close(loaded(x).logits, trained(x).logits, atol=1e-5, rtol=1e-5)
     # The loaded model is not the trained one with its changes: fresh weights would differ.
     fresh = lc.build(cfg)
-    assert not torch.equal(fresh.state_dict()["embed.weight"], loaded_state["embed.weight"])
+    assert not torch.equal(fresh.state_dict()["embed.tokens.weight"], loaded_state["embed.tokens.weight"])
 
 
 def test_invalid_task_fails_before_writing(tmp_path):
@@ -148,7 +148,7 @@ def test_overwrite_replaces_and_cleans_up(saved):
     save_checkpoint(saved["other"], saved["cfg"], saved["path"])
     assert sorted(os.listdir(saved["path"].parent)) == ["checkpoint"]
     _, loaded = load_checkpoint(saved["path"])
-    assert torch.equal(loaded.state_dict()["embed.weight"], saved["other"].state_dict()["embed.weight"])
+    assert torch.equal(loaded.state_dict()["embed.tokens.weight"], saved["other"].state_dict()["embed.tokens.weight"])
 
 
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()], ids=["oserror", "interrupt"])

@@ -17,7 +17,8 @@ class GQAParams:
     qkv_bias: bool = SI("${model.qkv_bias}")
     out_bias: bool = SI("${model.attention_bias}")
     window: Optional[int] = None  # sliding window (keys per query, its own included)
-    scale: Optional[float] = None  # None: 1 / sqrt(head_dim)
+    scale: Optional[float] = SI("${model.attention_scale}")  # None: 1 / sqrt(head_dim)
+    qk_norm: bool = SI("${model.qk_norm}")  # the norm plugin on each head's queries and keys
 
     def validate(self, model, key):
         if self.num_kv_heads < 1 or model.n_heads % self.num_kv_heads:
@@ -28,44 +29,75 @@ class GQAParams:
                               "an integer >= 1, or null for none")
 
 
+def scaled_dot_product(q, k, v, pos: PositionInputs, causal: bool, window: Optional[int],
+                       scale: Optional[float]) -> torch.Tensor:
+    """SDPA over [batch, heads, seq, dim] with the mask and score bias the inputs ask for.
+
+    K and V keep their own head count: SDPA broadcasts them over each query group
+    (`enable_gqa`), so they are never repeated in memory.
+    """
+    mask = allowed(q.shape[-2], k.shape[-2], causal, window, q.device, pos.prefix_len)
+    if pos.bias is not None:
+        bias = pos.bias.to(q.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 @register("attention", "gqa", params=GQAParams)
 class GroupedQueryAttention(Attention):
     """Grouped-query attention: n_heads query heads share num_kv_heads key/value heads
-    (MHA and MQA are its two ends), with an optional sliding window. K and V are
-    never repeated: SDPA broadcasts them over each group (`enable_gqa`)."""
+    (MHA and MQA are its two ends), with an optional sliding window, QK-norm, and a
+    cross-attention form for encoder-decoder models."""
 
-    def __init__(self, params: GQAParams, ctx, layer_idx: int = 0, causal: bool = True):
+    def __init__(self, params: GQAParams, ctx, layer_idx: int = 0, causal: bool = True, cross: bool = False,
+                 position=None):
         super().__init__()
         m = ctx.model
         self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, params.num_kv_heads, m.head_dim
-        self.causal, self.window, self.scale = causal, params.window, params.scale
+        self.causal, self.window, self.scale, self.cross = causal and not cross, params.window, params.scale, cross
         self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        # One fused projection for q, k and v: one matrix product instead of three.
-        self.qkv = nn.Linear(m.d_model, self.q_size + 2 * self.kv_size, bias=params.qkv_bias)
+        if cross:  # queries from the decoder, keys and values from the encoder's output
+            self.q = nn.Linear(m.d_model, self.q_size, bias=params.qkv_bias)
+            self.kv = nn.Linear(m.d_model, 2 * self.kv_size, bias=params.qkv_bias)
+        else:  # one fused projection: one matrix product instead of three
+            self.qkv = nn.Linear(m.d_model, self.q_size + 2 * self.kv_size, bias=params.qkv_bias)
         self.out = nn.Linear(self.q_size, m.d_model, bias=params.out_bias)
-        self.rotate = ctx.position.rotate  # a bound method: the topology owns the position module
-        for linear in (self.qkv, self.out):
-            nn.init.normal_(linear.weight, std=m.init_std)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        self.q_norm = ctx.build("norm", dim=self.head_dim) if params.qk_norm else None
+        self.k_norm = ctx.build("norm", dim=self.head_dim) if params.qk_norm else None
+        # A bound method, not a submodule: the topology owns the position module.
+        self.rotate = (position or ctx.position).rotate
+        for linear in self.children():
+            if isinstance(linear, nn.Linear):
+                nn.init.normal_(linear.weight, std=m.init_std)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
 
-    def forward(self, x: torch.Tensor, pos: PositionInputs) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, pos: PositionInputs, memory: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rotate(q, k, pos)
-        mask = allowed(t, t, self.causal, self.window, x.device)
-        if pos.bias is not None:
-            bias = pos.bias.to(q.dtype)
-            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None, scale=self.scale,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+        if self.cross:
+            q = self.q(x)
+            k, v = self.kv(memory).split((self.kv_size, self.kv_size), dim=-1)
+        else:
+            q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q, k, v = self.heads(q, self.n_heads), self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.cross:  # no positions across the two sequences
+            pos = PositionInputs()
+        else:
+            q, k = self.rotate(q, k, pos)
+        out = scaled_dot_product(q, k, v, pos, self.causal, self.window, self.scale)
         return self.out(out.transpose(1, 2).reshape(b, t, self.q_size))
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int) -> int:
+        # Only causal self-attention grows a cache while decoding: an encoder runs
+        # once, and cross-attention's keys come from the source, not the output.
+        if self.cross or not self.causal:
+            return 0
         return 2 * self.n_kv_heads * self.head_dim * dtype_bytes
 
     def kv_cache_tokens(self, context: int) -> int:

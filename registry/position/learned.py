@@ -10,7 +10,7 @@ from llmarch_compose import ConfigError, PositionEncoding, register
 @dataclass
 class LearnedParams:
     max_positions: int = SI("${model.max_seq_len}")
-    offset: int = 0  # rows reserved before position 0 (BART keeps 2)
+    offset: int = SI("${model.position_offset}")  # rows reserved before position 0 (BART keeps 2)
 
     def validate(self, model, key):
         if self.max_positions < 1:
@@ -23,7 +23,7 @@ class LearnedParams:
 class LearnedPosition(PositionEncoding):
     """A learned absolute position table added to the token embeddings (GPT-2, BERT)."""
 
-    def __init__(self, params: LearnedParams, ctx):
+    def __init__(self, params: LearnedParams, ctx, causal: bool = True):
         super().__init__()
         self.offset = params.offset
         self.table = nn.Embedding(params.max_positions + params.offset, ctx.model.d_model)

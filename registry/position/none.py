@@ -5,5 +5,5 @@ from llmarch_compose import PositionEncoding, register
 class NoPosition(PositionEncoding):
     """No position information (order only through a causal mask)."""
 
-    def __init__(self, params, ctx):
+    def __init__(self, params, ctx, causal: bool = True):
         super().__init__()

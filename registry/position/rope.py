@@ -104,7 +104,7 @@ class RotaryPosition(PositionEncoding):
     """Rotary position embedding: queries and keys rotated by position-dependent angles,
     so their dot product depends only on the relative position."""
 
-    def __init__(self, params: RopeParams, ctx):
+    def __init__(self, params: RopeParams, ctx, causal: bool = True):
         super().__init__()
         self.params = params
         self.rotary_dim = int(params.rotary_dim(ctx.model.head_dim))
@@ -131,14 +131,15 @@ class RotaryPosition(PositionEncoding):
             return base_inv_freq(base, dim).to(device=self.inv_freq.device, dtype=torch.float32)
         return self.inv_freq
 
-    def attention_inputs(self, positions: torch.Tensor) -> PositionInputs:
+    def attention_inputs(self, positions: torch.Tensor, prefix_len=None) -> PositionInputs:
         inv_freq = self._inv_freq_for(positions.shape[-1])
         angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., seq, rotary_dim / 2]
         if self.interleaved:
             angles = angles.repeat_interleave(2, dim=-1)
         else:
             angles = torch.cat((angles, angles), dim=-1)
-        return PositionInputs(rotary=(angles.cos() * self.attention_factor, angles.sin() * self.attention_factor))
+        return PositionInputs(rotary=(angles.cos() * self.attention_factor, angles.sin() * self.attention_factor),
+                              prefix_len=prefix_len)
 
     def _rotate_pairs(self, x: torch.Tensor) -> torch.Tensor:
         if self.interleaved:

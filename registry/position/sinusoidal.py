@@ -20,7 +20,7 @@ class SinusoidalPosition(PositionEncoding):
     """Fixed sine/cosine positions of "Attention Is All You Need", added to the
     embeddings: PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(same)."""
 
-    def __init__(self, params: SinusoidalParams, ctx):
+    def __init__(self, params: SinusoidalParams, ctx, causal: bool = True):
         super().__init__()
         d = ctx.model.d_model
         inv_freq = params.base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)

@@ -1,0 +1,43 @@
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llmarch_compose import ModelOutput, Topology, register
+
+from .stack import Embeddings, LMHead, Stack, TopologyParams
+
+
+@dataclass
+class EncoderOnlyParams(TopologyParams):
+    # BERT's layout: post-norm, a norm on the embeddings, the MLM head with its bias.
+    norm_position: str = "post"
+    embedding_norm: bool = True
+    mlm_transform: bool = True
+    head_bias: str = "param"
+    pooler: bool = False  # dense + tanh on the first token (BertModel's pooler)
+
+
+@register("topology", "encoder_only", params=EncoderOnlyParams)
+class EncoderOnly(Topology):
+    """A bidirectional encoder with a masked-LM head (BERT, RoBERTa, ALBERT); the
+    logits are the MLM predictions at every position."""
+
+    def __init__(self, params: EncoderOnlyParams, ctx):
+        super().__init__()
+        self.position = ctx.build("position", causal=False)
+        self.embed = Embeddings(params, ctx, self.position)
+        self.encoder = Stack(params, ctx, "encoder", causal=False, cross=False, position=self.position)
+        self.head = LMHead(params, ctx, self.embed)
+        self.pooler = nn.Linear(ctx.model.d_model, ctx.model.d_model) if params.pooler else None
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> ModelOutput:
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        x = self.embed(input_ids, positions, token_type_ids)
+        x, aux = self.encoder(x, self.position.attention_inputs(positions))
+        return ModelOutput(self.head(x), aux)
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The pooler's sentence vector from the encoder's hidden states."""
+        return torch.tanh(self.pooler(hidden[:, 0]))

@@ -1,0 +1,19 @@
+from dataclasses import dataclass
+
+from llmarch_compose import register
+
+from .decoder_only import DecoderOnly
+from .stack import TopologyParams
+
+
+@dataclass
+class PrefixDecoderParams(TopologyParams):
+    pass
+
+
+@register("topology", "prefix_decoder", params=PrefixDecoderParams)
+class PrefixDecoder(DecoderOnly):
+    """A prefix LM (GLM): bidirectional attention over a prefix of `prefix_len`
+    tokens per sequence, causal over the rest; no prefix means a causal LM."""
+
+    prefix_lm = True

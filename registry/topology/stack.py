@@ -1,0 +1,190 @@
+"""The pieces every topology is wired from: embeddings, blocks, stacks and heads.
+
+Topologies differ in which stacks they have, whether those are causal, and
+what the head does; these shared parts carry the options any of them can use
+(norm placement, parallel residual, GLM's residual, ALBERT's factorized
+embeddings and shared layers, tied or normalized heads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import SI
+from torch import nn
+
+from llmarch_compose import ConfigError, PositionInputs
+
+NORM_POSITIONS = ("pre", "post")
+RESIDUALS = ("standard", "glm")
+HEAD_BIASES = ("none", "param", "buffer")
+
+
+@dataclass
+class TopologyParams:
+    """Options shared by every topology (so a preset's choices survive a change of topology)."""
+
+    norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2, LLaMA, T5); post: norm(x + f(x)) (BERT, BART)
+    parallel_residual: bool = False  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-J, GPT-NeoX)
+    residual: str = "standard"  # glm: h = norm(x); x' = h * sqrt(2 * n_layers) + f(h) (ChatGLM-6B)
+    share_layers: bool = False  # one block's weights for every layer (ALBERT)
+    embedding_norm: bool = False  # a norm right after the embeddings (BERT, BART)
+    tie_embeddings: bool = SI("${model.tie_embeddings}")
+    mlm_transform: bool = False  # dense + activation + norm before the head (BERT's MLM head)
+    head_bias: str = "none"  # none | param (BERT's decoder bias) | buffer (BART's final_logits_bias)
+    scale_tied_head: bool = False  # hidden * d_model**-0.5 before a tied head (T5 v1.0)
+    normalize_head: bool = False  # unit-norm rows of the LM head (Baichuan-2's NormHead)
+
+    def validate(self, model, key):
+        for name, value, choices in (("norm_position", self.norm_position, NORM_POSITIONS),
+                                     ("residual", self.residual, RESIDUALS),
+                                     ("head_bias", self.head_bias, HEAD_BIASES)):
+            if value not in choices:
+                raise ConfigError(f"{key}.{name}", value, f"unknown {name.replace('_', ' ')}", choices)
+        if self.parallel_residual and (self.norm_position != "pre" or self.residual != "standard"):
+            raise ConfigError(f"{key}.parallel_residual", True, "a parallel residual needs standard pre-norm",
+                              f"false, or {key}.norm_position=pre and {key}.residual=standard")
+        if self.share_layers and model.layer_pattern:
+            raise ConfigError(f"{key}.share_layers", True, "shared layers cannot follow a per-layer pattern",
+                              "false, or an empty model.layer_pattern")
+
+
+class Embeddings(nn.Module):
+    """Token embeddings (factorized through model.embedding_dim when set), token
+    types when model.type_vocab_size > 0, absolute positions, and an optional norm."""
+
+    def __init__(self, params: TopologyParams, ctx, position, tokens: Optional[nn.Embedding] = None):
+        super().__init__()
+        m = ctx.model
+        width = m.embedding_dim or m.d_model
+        self.tokens = tokens if tokens is not None else nn.Embedding(m.vocab_size, width)
+        self.token_types = nn.Embedding(m.type_vocab_size, width) if m.type_vocab_size else None
+        self.add_position = position.embed  # a bound method: the topology owns the module
+        self.norm = ctx.build("norm", dim=width) if params.embedding_norm else None
+        self.project = nn.Linear(width, m.d_model) if width != m.d_model else None
+        for table in (None if tokens is not None else self.tokens, self.token_types):
+            if table is not None:
+                nn.init.normal_(table.weight, std=m.init_std)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.tokens(input_ids)
+        if self.token_types is not None:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.token_types(types)
+        x = self.add_position(x, positions)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.project(x) if self.project is not None else x
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, and the FFN, each with its norm and residual."""
+
+    def __init__(self, params: TopologyParams, ctx, layer: int, stack: str, causal: bool, cross: bool, position):
+        super().__init__()
+        self.pre_norm = params.norm_position == "pre"
+        self.parallel = params.parallel_residual
+        self.glm_alpha = math.sqrt(2 * ctx.model.n_layers) if params.residual == "glm" else None
+        self.attn_norm = ctx.build("norm", layer=layer, stack=stack)
+        self.attn = ctx.build("attention", layer=layer, stack=stack, causal=causal, position=position)
+        self.cross_norm = ctx.build("norm", layer=layer, stack=stack) if cross else None
+        self.cross_attn = (ctx.build("attention", layer=layer, stack=stack, causal=False, cross=True,
+                                     position=position) if cross else None)
+        self.ffn_norm = ctx.build("norm", layer=layer, stack=stack)
+        self.ffn = ctx.build("ffn", layer=layer, stack=stack)
+
+    def _input(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """What a sublayer sees: the normalized stream (pre-norm, GLM) or the stream itself."""
+        return norm(x) if self.pre_norm or self.glm_alpha else x
+
+    def _residual(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        if self.glm_alpha is not None:
+            return h * self.glm_alpha + y
+        return x + y if self.pre_norm else norm(x + y)
+
+    def forward(self, x: torch.Tensor, pos: PositionInputs,
+                memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.parallel:
+            f = self.ffn(self.ffn_norm(x))
+            return x + self.attn(self.attn_norm(x), pos) + f.output, f.aux_loss
+        h = self._input(x, self.attn_norm)
+        x = self._residual(x, h, self.attn(h, pos), self.attn_norm)
+        if self.cross_attn is not None:
+            h = self._input(x, self.cross_norm)
+            x = self._residual(x, h, self.cross_attn(h, pos, memory), self.cross_norm)
+        h = self._input(x, self.ffn_norm)
+        f = self.ffn(h)
+        return self._residual(x, h, f.output, self.ffn_norm), f.aux_loss
+
+
+class Stack(nn.Module):
+    """n_layers blocks and, for pre-norm stacks, a final norm. `blocks` is what the
+    compile stage compiles once; with shared layers it holds one block, run n_layers times."""
+
+    def __init__(self, params: TopologyParams, ctx, stack: str, causal: bool, cross: bool, position):
+        super().__init__()
+        n = ctx.model.n_layers
+        self.repeats = n if params.share_layers else 1
+        self.blocks = nn.ModuleList(Block(params, ctx, i, stack, causal, cross, position)
+                                    for i in range(1 if params.share_layers else n))
+        final = params.norm_position == "pre" or params.residual == "glm"
+        self.final_norm = ctx.build("norm") if final else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pos: PositionInputs,
+                memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        aux = None
+        for _ in range(self.repeats):
+            for block in self.blocks:
+                x, block_aux = block(x, pos, memory)
+                if block_aux is not None:
+                    aux = block_aux if aux is None else aux + block_aux
+        return self.final_norm(x), aux
+
+
+class LMHead(nn.Module):
+    """Hidden states to vocabulary logits: tied to the token table or its own
+    matrix, with BERT's transform, a vocabulary bias, T5's scaling or Baichuan's
+    row normalization when asked."""
+
+    def __init__(self, params: TopologyParams, ctx, embeddings: Embeddings):
+        super().__init__()
+        m = ctx.model
+        width = m.embedding_dim or m.d_model
+        # Kept in a tuple so the table stays the embeddings' submodule alone (one state-dict key).
+        self._tied = (embeddings.tokens,) if params.tie_embeddings else ()
+        self.transform = None
+        if params.mlm_transform:
+            self.transform = nn.Sequential(nn.Linear(m.d_model, width), ctx.activation, ctx.build("norm", dim=width))
+            nn.init.normal_(self.transform[0].weight, std=m.init_std)
+            nn.init.zeros_(self.transform[0].bias)
+        elif width != m.d_model and params.tie_embeddings:
+            raise ConfigError("topology.mlm_transform", False,
+                              f"a head tied to {width}-wide factorized embeddings needs a transform to that width",
+                              "true")
+        self.weight = None if self._tied else nn.Parameter(torch.randn(m.vocab_size, width) * m.init_std)
+        if params.head_bias == "param":
+            self.bias = nn.Parameter(torch.zeros(m.vocab_size))
+        else:
+            self.register_buffer("bias", torch.zeros(m.vocab_size) if params.head_bias == "buffer" else None)
+        self.scale = m.d_model ** -0.5 if params.scale_tied_head and params.tie_embeddings else None
+        self.normalize = params.normalize_head
+
+    @property
+    def tied(self) -> Optional[nn.Embedding]:
+        """The token table this head reuses, or None for a head of its own."""
+        return self._tied[0] if self._tied else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform is not None:
+            x = self.transform(x)
+        if self.scale is not None:
+            x = x * self.scale
+        weight = self.tied.weight if self.tied is not None else self.weight
+        if self.normalize:
+            weight = F.normalize(weight, dim=-1)
+        return F.linear(x, weight, self.bias)
