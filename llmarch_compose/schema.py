@@ -39,6 +39,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: Any = None  # None, or e.g. {type: llama3, factor: 8, original_max_seq_len: 8192}
     rotary_fraction: float = 1.0  # share of each head's dimensions that rotate
+    rope_interleaved: bool = False  # rotate adjacent pairs (GPT-J, ChatGLM) instead of the two halves
     window: Optional[int] = None  # read by attention=swa
     attention_scale: Optional[float] = None  # None: 1 / sqrt(head_dim); T5 uses 1.0
     qk_norm: bool = False  # normalize queries and keys per head (the norm group's plugin)
@@ -64,8 +65,9 @@ class ModelConfig:
     init_std: float = 0.02
 
     @property
-    def resolved_head_dim(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+    def embedding_width(self) -> int:
+        """The width of token (and absolute position) embeddings: factorized or d_model."""
+        return self.embedding_dim or self.d_model
 
 
 @dataclass
@@ -93,6 +95,7 @@ class RootConfig:
     task: Any = None
     data: Any = None
     compile: Any = None
+    scale: Any = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import plugins
 from .errors import ConfigError
 from .patterns import LAYER_GROUPS, STACKS, layer_node, parse_rules
+from .scale import apply_scale
 from .schema import ModelConfig
 from .typed import to_dataclass
 
@@ -75,6 +76,7 @@ def validate_model(model: ModelConfig) -> ModelConfig:
 
 def resolve_spec(cfg: DictConfig) -> ModelSpec:
     """Validate `cfg` and return the typed spec the builder consumes."""
+    cfg = apply_scale(cfg)
     model = to_dataclass(ModelConfig, cfg.model, "model")
     model = validate_model(model)
     params = {}

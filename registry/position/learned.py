@@ -26,7 +26,7 @@ class LearnedPosition(PositionEncoding):
     def __init__(self, params: LearnedParams, ctx, causal: bool = True):
         super().__init__()
         self.offset = params.offset
-        self.table = nn.Embedding(params.max_positions + params.offset, ctx.model.d_model)
+        self.table = nn.Embedding(params.max_positions + params.offset, ctx.model.embedding_width)
         nn.init.normal_(self.table.weight, std=ctx.model.init_std)
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ class RopeParams:
     theta: float = SI("${model.rope_theta}")
     scaling: Optional[RopeScaling] = SI("${model.rope_scaling}")
     fraction: float = SI("${model.rotary_fraction}")  # share of each head that rotates
-    interleaved: bool = False  # rotate pairs (0,1),(2,3)... instead of the two halves
+    interleaved: bool = SI("${model.rope_interleaved}")  # rotate pairs (0,1),(2,3)... not the two halves
 
     def rotary_dim(self, head_dim: int) -> float:
         return head_dim * self.fraction

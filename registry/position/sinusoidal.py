@@ -10,7 +10,7 @@ class SinusoidalParams:
     base: float = 10000.0
 
     def validate(self, model, key):
-        if model.d_model % 2:
+        if model.embedding_width % 2:
             raise ConfigError("model.d_model", model.d_model, "sinusoidal positions need an even width",
                               "an even integer")
 
@@ -22,7 +22,7 @@ class SinusoidalPosition(PositionEncoding):
 
     def __init__(self, params: SinusoidalParams, ctx, causal: bool = True):
         super().__init__()
-        d = ctx.model.d_model
+        d = ctx.model.embedding_width
         inv_freq = params.base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

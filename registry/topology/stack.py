@@ -60,7 +60,7 @@ class Embeddings(nn.Module):
     def __init__(self, params: TopologyParams, ctx, position, tokens: Optional[nn.Embedding] = None):
         super().__init__()
         m = ctx.model
-        width = m.embedding_dim or m.d_model
+        width = m.embedding_width
         self.tokens = tokens if tokens is not None else nn.Embedding(m.vocab_size, width)
         self.token_types = nn.Embedding(m.type_vocab_size, width) if m.type_vocab_size else None
         self.add_position = position.embed  # a bound method: the topology owns the module
@@ -154,7 +154,7 @@ class LMHead(nn.Module):
     def __init__(self, params: TopologyParams, ctx, embeddings: Embeddings):
         super().__init__()
         m = ctx.model
-        width = m.embedding_dim or m.d_model
+        width = m.embedding_width
         # Kept in a tuple so the table stays the embeddings' submodule alone (one state-dict key).
         self._tied = (embeddings.tokens,) if params.tie_embeddings else ()
         self.transform = None
