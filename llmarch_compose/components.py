@@ -109,7 +109,8 @@ class Topology(nn.Module):
     compile stage compiles each block class once and reuses the graph.
     """
 
-    blocks: nn.ModuleList
+    #: What `task=train` optimizes: causal_lm, masked_lm or seq2seq (llmarch_compose/objectives.py).
+    objective: str = "causal_lm"
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError

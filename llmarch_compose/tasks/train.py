@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from omegaconf import SI, DictConfig
 from tqdm.auto import tqdm
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from ..builder import build, resolve_device
 from ..checkpoint import save_checkpoint
 from ..compile_stage import compile_from_config
+from .. import objectives
 from ..cost import count_params
 from ..data import ByteCorpus, DataConfig
 from ..errors import ConfigError
@@ -77,12 +77,6 @@ def lr_at(step: int, task: TrainTask) -> float:
     return task.min_lr_ratio + (1 - task.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out = model(x)
-    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
-    return (ce + out.aux_loss if out.aux_loss is not None else ce), ce
-
-
 def output_dir(task: TrainTask) -> Path:
     if task.output_dir:
         return Path(task.output_dir)
@@ -102,12 +96,13 @@ def optimizer_for(model: torch.nn.Module, task: TrainTask) -> torch.optim.Optimi
 
 
 @torch.no_grad()
-def evaluate(model, data: ByteCorpus, task: TrainTask, device: torch.device) -> float:
-    generator = torch.Generator().manual_seed(1234)  # the same held-out windows every time
+def evaluate(model, objective: str, vocab_size: int, data: ByteCorpus, task: TrainTask,
+             device: torch.device) -> float:
+    generator = torch.Generator().manual_seed(1234)  # the same held-out windows (and masks) every time
     losses = []
     for _ in range(task.eval_batches):
         x, y = data.batch("val", task.batch_size, task.seq_len, generator)
-        losses.append(lm_loss(model, x.to(device), y.to(device))[1].item())
+        losses.append(objectives.loss(model, objective, x.to(device), y.to(device), vocab_size, generator)[1].item())
     return sum(losses) / len(losses)
 
 
@@ -127,9 +122,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     torch._dynamo.reset()
     torch.manual_seed(cfg.seed)
     model = build(spec, device=device)
+    objective = getattr(model, "objective", "causal_lm")
+    vocab = spec.model.vocab_size
     counts = count_params(model)
     model_fn = compile_from_config(model, to_dataclass(CompileConfig, cfg.compile, "compile"))
     optimizer = optimizer_for(model, task)
+    balancers = [m for m in model.modules() if hasattr(m, "after_optimizer_step")]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, task))
     generator = torch.Generator().manual_seed(cfg.seed)
     tokens_per_step = task.batch_size * task.seq_len
@@ -144,19 +142,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f.write(json.dumps(record) + "\n")
 
     start = time.perf_counter()
-    initial_val = evaluate(model_fn, data, task, device)
+    initial_val = evaluate(model_fn, objective, vocab, data, task, device)
     log({"step": 0, "val_loss": initial_val, "elapsed_s": time.perf_counter() - start})
     train_time, timed_steps, loss_value = 0.0, 0, float("nan")
     bar = tqdm(range(1, task.steps + 1), desc="train", disable=not task.progress, dynamic_ncols=True)
     for step in bar:
         x, y = data.batch("train", task.batch_size, task.seq_len, generator)
         t0 = time.perf_counter()
-        loss, ce = lm_loss(model_fn, x.to(device), y.to(device))
+        loss, ce = objectives.loss(model_fn, objective, x.to(device), y.to(device), vocab, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), task.grad_clip)
         optimizer.step()
         scheduler.step()
+        for module in balancers:  # e.g. DeepSeek-V3's auxiliary-loss-free expert balance
+            module.after_optimizer_step()
         loss_value = ce.item()
         dt = time.perf_counter() - t0
         if step > 1:  # the first step pays for compilation
@@ -166,7 +166,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record = {"step": step, "train_loss": loss_value, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm), "tokens_per_s": tok_s, "elapsed_s": time.perf_counter() - start}
         if step % task.eval_every == 0 or step == task.steps:
-            record["val_loss"] = evaluate(model_fn, data, task, device)
+            record["val_loss"] = evaluate(model_fn, objective, vocab, data, task, device)
         log(record)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
     bar.close()
@@ -184,6 +184,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tokens_per_s": tokens_per_step * timed_steps / train_time if train_time else None,
         "wall_s": time.perf_counter() - start,
         "compile": cfg.compile.mode,
+        "objective": objective,
         "task": asdict(task),
     }
     if task.checkpoint:

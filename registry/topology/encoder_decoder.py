@@ -19,6 +19,8 @@ class EncoderDecoder(Topology):
     decoder with cross-attention to the encoder's output, one shared token table.
     Each stack has its own position module (T5 learns a relative bias per stack)."""
 
+    objective = "seq2seq"
+
     def __init__(self, params: EncoderDecoderParams, ctx):
         super().__init__()
         self.encoder_position = ctx.build("position", causal=False)

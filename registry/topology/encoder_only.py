@@ -24,6 +24,8 @@ class EncoderOnly(Topology):
     """A bidirectional encoder with a masked-LM head (BERT, RoBERTa, ALBERT); the
     logits are the MLM predictions at every position."""
 
+    objective = "masked_lm"
+
     def __init__(self, params: EncoderOnlyParams, ctx):
         super().__init__()
         self.position = ctx.build("position", causal=False)
