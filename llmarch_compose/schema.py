@@ -57,7 +57,8 @@ class ModelConfig:
     n_expert_groups: int = 1  # group-limited routing (DeepSeek-V3): experts are chosen from
     topk_expert_groups: int = 1  #   the best topk_expert_groups of n_expert_groups groups
     routed_scaling_factor: float = 1.0
-    expert_capacity_factor: Optional[float] = None  # None: dropless
+    expert_capacity_factor: Optional[float] = None  # None (and no expert_capacity): dropless
+    expert_capacity: Optional[int] = None  # routing slots per expert and sequence (Switch's expert_capacity)
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     # Per-layer rules for hybrids, applied in order; see llmarch_compose/patterns.py.

@@ -56,7 +56,7 @@ class MoEParams:
     # Expert capacity per sequence: ceil(capacity_factor * seq_len * top_k / num_experts)
     # routing slots, or `capacity` slots; None for both: dropless.
     capacity_factor: Optional[float] = SI("${model.expert_capacity_factor}")
-    capacity: Optional[int] = None
+    capacity: Optional[int] = SI("${model.expert_capacity}")
     dropped: str = "zero"  # a dropped slot contributes zero, or its weight times the input
     z_loss_coef: float = SI("${model.router_z_loss_coef}")
 
