@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from ..errors import UnknownChoiceError
 
-TASKS = ("summary", "train")
+TASKS = ("summary", "train", "table")
 
 for _name in TASKS:  # store each task's config node
     importlib.import_module(f"{__name__}.{_name}")

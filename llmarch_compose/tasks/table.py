@@ -1,0 +1,374 @@
+"""`task=table`: the seed survey's comparison table, regenerated from the presets.
+
+One row per preset (every `conf/model/*.yaml` but `tiny`), each cell derived from
+the resolved spec and the parameter counts from `architecture_card` on `meta`:
+nothing in the table is typed by hand except the seed's own rows, which
+`task.compare_seed=true` compares cell by cell with what the presets compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import importlib.resources
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+from hydra import initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from ..config import CONFIG_MODULE, VERSION_BASE, compose
+from ..cost import architecture_card
+from ..errors import ConfigError
+from ..spec import ModelSpec, resolve_spec
+from ..typed import to_dataclass
+
+FORMATS = ("markdown", "json")
+DEFAULT_PRESET = "tiny"  # the test model: not a row of the table
+
+#: (key in a row, Markdown header) of the compared columns, in the seed's order.
+COLUMNS = (("type", "type"), ("position", "position"), ("norm", "norm"), ("activation", "activation"),
+           ("attention", "attention"), ("parameters", "parameters"), ("context", "context"))
+
+
+@dataclass
+class TableTask:
+    name: str = "table"
+    format: str = "markdown"  # markdown | json
+    compare_seed: bool = False  # add the cells where the seed survey says otherwise
+
+
+ConfigStore.instance().store(group="task", name="table", node=TableTask, provider="llmarch_compose")
+
+
+# --------------------------------------------------------------------------- the seed
+
+@dataclass(frozen=True)
+class SeedRow:
+    """One row of the seed's table (section 三), its Chinese cells rendered in English."""
+
+    model: str
+    type: str
+    position: str
+    norm: str
+    activation: str
+    attention: str
+    parameters: str
+    context: str
+    presets: tuple[str, ...]  # fnmatch patterns of the preset names that instantiate this row
+
+
+#: The seed's comparison table, in its order. Renderings: 绝对位置编码 -> Absolute,
+#: 相对位置编码 -> Relative, 双向MHA -> bidirectional MHA, "47B (激活13B)" -> "47B (active 13B)".
+SEED_TABLE = (
+    SeedRow("GPT-3.5", "Decoder-Only", "Absolute", "LayerNorm", "GELU", "MHA", "175B", "8K-32K",
+            ("gpt3", "gpt3_5*")),  # GPT-3.5 has no published config: gpt3 is the seed's 175B
+    SeedRow("LLaMA-2", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "GQA", "7B/13B/70B", "4K", ("llama2_*",)),
+    SeedRow("LLaMA-3", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "GQA", "8B/70B/405B", "128K", ("llama3_*",)),
+    SeedRow("Qwen-2", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "MHA/GQA", "0.5B-72B", "32K-128K", ("qwen2_*",)),
+    SeedRow("ChatGLM-3", "Prefix-Decoder", "RoPE (2D)", "LayerNorm", "GELU", "MQA", "6B", "32K", ("chatglm3_*",)),
+    SeedRow("Baichuan-2", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "MHA", "7B/13B", "4K-32K", ("baichuan2_*",)),
+    SeedRow("Mistral-7B", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "SWA+GQA", "7B", "8K-32K", ("mistral_7b",)),
+    SeedRow("Mixtral-8x7B", "Decoder-Only (MoE)", "RoPE", "RMSNorm", "SwiGLU", "SWA+GQA", "47B (active 13B)", "32K",
+            ("mixtral_8x7b",)),
+    SeedRow("BERT", "Encoder-Only", "Absolute", "LayerNorm", "GELU", "bidirectional MHA", "110M-340M", "512",
+            ("bert_*",)),
+    SeedRow("T5", "Encoder-Decoder", "Relative", "LayerNorm", "ReLU", "MHA", "220M-11B", "512", ("t5_*",)),
+)
+
+#: Presets of models the seed names outside its table, in the order it names them
+#: (sections 一 and 四): they follow the table's rows, with an empty seed row.
+SEED_NAMED = ("gpt2", "gpt2_xl", "roberta_base", "albert_base", "flan_t5_base", "bart_base", "chatglm_6b",
+              "switch_base_8", "deepseek_v3")
+
+
+def seed_row_for(preset: str) -> Optional[SeedRow]:
+    return next((r for r in SEED_TABLE if any(fnmatch.fnmatchcase(preset, p) for p in r.presets)), None)
+
+
+# --------------------------------------------------------------------------- the presets
+
+def preset_names() -> list[str]:
+    """Every model preset in the installed config tree, `tiny` excluded."""
+    folder = importlib.resources.files("llmarch_compose.conf") / "model"
+    return sorted(p.name[:-len(".yaml")] for p in folder.iterdir()
+                  if p.name.endswith(".yaml") and p.name != f"{DEFAULT_PRESET}.yaml")
+
+
+def _preset_source(name: str) -> str:
+    return (importlib.resources.files("llmarch_compose.conf") / "model" / f"{name}.yaml").read_text()
+
+
+@contextlib.contextmanager
+def _hydra() -> Iterator[None]:
+    """One Hydra initialization for all the presets (inside `llmarch` it already exists)."""
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
+        yield
+
+
+TYPES = {"decoder_only": "Decoder-Only", "encoder_only": "Encoder-Only", "encoder_decoder": "Encoder-Decoder",
+         "prefix_decoder": "Prefix-Decoder"}
+NORMS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
+ACTIVATIONS = {"gelu": "GELU", "geglu": "GeGLU", "relu": "ReLU", "reglu": "ReGLU", "silu": "SiLU",
+               "swiglu": "SwiGLU"}
+POSITIONS = {"rope": "RoPE", "rope_2d": "RoPE (2D)", "learned": "Absolute (learned)",
+             "sinusoidal": "Absolute (sinusoidal)", "relative_bias": "Relative (T5 buckets)", "alibi": "ALiBi",
+             "none": "none"}
+
+
+def _all_params(spec: ModelSpec, group: str) -> list[Any]:
+    return [spec.params[group], *(p[group] for p in spec.layer_params.values() if group in p)]
+
+
+def _is_moe(params: Any) -> bool:
+    return params.plugin == "moe" or hasattr(params, "num_experts")
+
+
+def type_of(spec: ModelSpec) -> str:
+    plugin = spec.params["topology"].plugin
+    label = TYPES.get(plugin, plugin.replace("_", "-").title())
+    return label + (" (MoE)" if any(_is_moe(p) for p in _all_params(spec, "ffn")) else "")
+
+
+def position_of(spec: ModelSpec) -> str:
+    p = spec.params["position"]
+    if p.plugin == "rope" and getattr(p, "fraction", 1.0) < 1.0:
+        return "RoPE (partial)"
+    return POSITIONS.get(p.plugin, p.plugin)
+
+
+def attention_kind(params: Any, n_heads: int) -> str:
+    if params.plugin == "mla":
+        return "MLA"
+    kv = getattr(params, "num_kv_heads", None)
+    kind = params.plugin.upper() if kv is None else "MHA" if kv == n_heads else "MQA" if kv == 1 else "GQA"
+    return ("SWA+" + kind) if getattr(params, "window", None) is not None else kind
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _which_layers(layers: set[int], n_layers: int) -> str:
+    ordered = sorted(layers)
+    for every in range(2, n_layers + 1):
+        offset = ordered[0] % every
+        if set(range(offset, n_layers, every)) == layers:
+            return f"every {_ordinal(every)} layer"
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"layers {ordered[0]}-{ordered[-1]}" if len(ordered) > 1 else f"layer {ordered[0]}"
+    return f"{len(ordered)} of {n_layers} layers"
+
+
+def attention_of(spec: ModelSpec) -> str:
+    m = spec.model
+    base = spec.params["attention"]
+    label = attention_kind(base, m.n_heads)
+    if spec.params["topology"].plugin == "encoder_only":
+        label = f"bidirectional {label}"
+    others: dict[str, set[int]] = {}  # a per-layer kind other than the base one -> its layers
+    for (stack, layer), changed in spec.layer_params.items():
+        if "attention" not in changed:
+            continue
+        kind = attention_kind(changed["attention"], m.n_heads)
+        if kind == attention_kind(base, m.n_heads):
+            continue
+        if kind == "SWA+" + attention_kind(base, m.n_heads):
+            kind = "local"
+        others.setdefault(kind, set()).add(layer)
+    for kind, layers in others.items():
+        label += f" + {kind} ({_which_layers(layers, m.n_layers)})"
+    return label
+
+
+def format_count(n: float) -> str:
+    """6738415616 -> 6.74B, 124439808 -> 124M: three significant digits."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale * 0.9995:
+            text = f"{n / scale:.3g}"
+            if float(text) >= 1000 and suffix != "T":
+                continue  # rounds up into the next unit
+            return text + suffix
+    return str(int(n))
+
+
+def format_context(n: int) -> str:
+    """4096 -> 4K, 131072 -> 128K, 512 -> 512."""
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}K"
+    return str(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_row(name: str, source: str) -> dict[str, Any]:
+    """The computed cells of one preset (cached per preset file text within a process)."""
+    spec = resolve_spec(compose([f"model={name}"]))
+    card = architecture_card(spec)
+    total, active = card["params_total"], card["params_active"]
+    parameters = format_count(total) + (f" (active {format_count(active)})" if active != total else "")
+    return {
+        "model": name,
+        "type": type_of(spec),
+        "position": position_of(spec),
+        "norm": NORMS.get(spec.params["norm"].plugin, spec.params["norm"].plugin),
+        "activation": ACTIVATIONS.get(spec.params["activation"].plugin, spec.params["activation"].plugin),
+        "attention": attention_of(spec),
+        "parameters": parameters,
+        "context": format_context(spec.model.max_seq_len),
+        "params_total": total,
+        "params_active": active,
+        "max_seq_len": spec.model.max_seq_len,
+        "components": dict(card["components"]),
+    }
+
+
+def ordered_presets(names: Sequence[str], totals: dict[str, int]) -> list[str]:
+    """The seed table's rows in its order (each row's presets by size), then the presets
+    the seed only names, then the rest by name."""
+    out: list[str] = []
+    for row in SEED_TABLE:
+        out += sorted((n for n in names if seed_row_for(n) is row), key=lambda n: (totals[n], n))
+    out += [n for n in SEED_NAMED if n in names and n not in out]
+    out += [n for n in names if n not in out]
+    return out
+
+
+# --------------------------------------------------------------------------- comparing with the seed
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", "", text).lower()
+
+
+_SIZE = re.compile(r"^\s*([\d.]+)\s*([KMBT]?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def parse_size(text: str, binary: bool = False) -> float:
+    """"6B" -> 6e9; with binary=True (contexts), "4K" -> 4096."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    unit = match.group(2).lower()
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20}[unit] if binary else _UNITS[unit]
+    return float(match.group(1)) * scale
+
+
+def _alternatives(text: str, binary: bool) -> list[tuple[float, float]]:
+    """"7B/13B/70B" -> three points; "0.5B-72B" -> one range; as (low, high) pairs."""
+    out = []
+    for part in text.split("/"):
+        low, _, high = part.partition("-")
+        out.append((parse_size(low, binary), parse_size(high or low, binary)))
+    return out
+
+
+def parameters_match(seed: str, total: int, active: int) -> bool:
+    """Within 10% of a listed size, or inside a listed range (its ends with the same 10%);
+    a listed active count ("47B (active 13B)") must match too."""
+    match = re.match(r"^(.*?)\s*\(active\s*(.*?)\)\s*$", seed)
+    listed, listed_active = (match.group(1), match.group(2)) if match else (seed, None)
+
+    def near(text: str, n: int) -> bool:
+        return any(low * 0.9 <= n <= high * 1.1 for low, high in _alternatives(text, binary=False))
+
+    return near(listed, total) and (listed_active is None or near(listed_active, active))
+
+
+def context_match(seed: str, n: int) -> bool:
+    return any(low <= n <= high for low, high in _alternatives(seed, binary=True))
+
+
+def _base(label: str) -> str:
+    return label.split(" (")[0]
+
+
+def cell_matches(column: str, seed: str, row: dict[str, Any]) -> bool:
+    published = row[column]
+    if column == "parameters":
+        return parameters_match(seed, row["params_total"], row["params_active"])
+    if column == "context":
+        return context_match(seed, row["max_seq_len"])
+    if column == "attention":  # "MHA/GQA" is either; "SWA+GQA" needs the window
+        return any(_norm(alt) == _norm(published) for alt in seed.split("/"))
+    if column == "position" and " (" not in seed:  # "Absolute" is any absolute encoding
+        return _norm(seed) == _norm(_base(published))
+    return _norm(seed) == _norm(published)
+
+
+def seed_differences(row: dict[str, Any]) -> list[dict[str, str]]:
+    seed = seed_row_for(row["model"])
+    if seed is None:
+        return []
+    return [{"column": column, "seed": getattr(seed, column), "published": row[column]}
+            for column, _ in COLUMNS if not cell_matches(column, getattr(seed, column), row)]
+
+
+def describe_differences(diffs: Sequence[dict[str, str]]) -> str:
+    return "; ".join(f"{d['column']}: seed {d['seed']}, published {d['published']}" for d in diffs)
+
+
+# --------------------------------------------------------------------------- the task
+
+def build_table(compare_seed: bool = False) -> list[dict[str, Any]]:
+    names = preset_names()
+    with _hydra():
+        computed = {n: _preset_row(n, _preset_source(n)) for n in names}
+    rows = []
+    for name in ordered_presets(names, {n: r["params_total"] for n, r in computed.items()}):
+        seed = seed_row_for(name)
+        row = {"model": name, "seed_row": seed.model if seed else ""}
+        row.update({k: v for k, v in computed[name].items() if k != "model"})
+        row["components"] = dict(row["components"])
+        if compare_seed:
+            row["seed_differs"] = seed_differences(row)
+        rows.append(row)
+    return rows
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def render_markdown(rows: Sequence[dict[str, Any]], compare_seed: bool = False) -> str:
+    headers = ["model", "seed row", *(h for _, h in COLUMNS)] + (["seed differs"] if compare_seed else [])
+    right = {"parameters", "context"}
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---:" if h in right else "---" for h in headers) + "|"]
+    for row in rows:
+        cells = [row["model"], row["seed_row"], *(row[k] for k, _ in COLUMNS)]
+        if compare_seed:
+            cells.append(describe_differences(row["seed_differs"]))
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def table_for(cfg: DictConfig) -> dict[str, Any]:
+    task = to_dataclass(TableTask, cfg.task, "task")
+    if task.format not in FORMATS:
+        raise ConfigError("task.format", task.format, "unknown output format", FORMATS)
+    out: dict[str, Any] = {"columns": ["model", "seed_row", *(k for k, _ in COLUMNS)],
+                           "rows": build_table(task.compare_seed)}
+    if task.compare_seed:
+        out["columns"].append("seed_differs")
+        out["seed_table"] = [{k: v for k, v in vars(r).items() if k != "presets"} for r in SEED_TABLE]
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    table = table_for(cfg)
+    if cfg.task.format == "json":
+        print(json.dumps(table))
+    else:
+        print(render_markdown(table["rows"], compare_seed="seed_table" in table))
+    return table
