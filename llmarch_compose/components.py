@@ -16,7 +16,7 @@ from torch import nn
 class PositionInputs(NamedTuple):
     """What a position encoding hands every attention layer, computed once per forward."""
 
-    rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # cos, sin: [seq, rotary_dim]
+    rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # cos, sin: [(batch,) seq, rotary_dim]
     bias: Optional[torch.Tensor] = None  # additive score bias: [heads, q_len, k_len] or [batch, heads, ...]
     prefix_len: Optional[torch.Tensor] = None  # [batch] tokens of the bidirectional prefix (prefix-LM)
 
@@ -125,5 +125,10 @@ class Topology(nn.Module):
         return list(regions.values())
 
     def embedding_modules(self) -> list[nn.Module]:
-        """The lookup tables (token and position embeddings) for the card's split."""
-        return [m for m in self.modules() if isinstance(m, nn.Embedding)]
+        """The lookup tables added to the input (tokens, token types, absolute
+        positions) for the card's split. A position encoding's table that biases
+        scores instead (T5's buckets) is not an embedding."""
+        biasing = [m for m in self.modules()
+                   if isinstance(m, PositionEncoding) and type(m).embed is PositionEncoding.embed]
+        inside = {id(t) for m in biasing for t in m.modules()}
+        return [m for m in self.modules() if isinstance(m, nn.Embedding) and id(m) not in inside]

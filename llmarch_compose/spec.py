@@ -96,29 +96,36 @@ def resolve_spec(cfg: DictConfig) -> ModelSpec:
 
 
 def resolve_layers(cfg: DictConfig, model: ModelConfig, params: Mapping[str, Any]) -> dict:
-    """Params of every layer a `model.layer_pattern` rule changes, validated like the rest."""
+    """Params of every layer a `model.layer_pattern` rule changes, validated like the rest.
+
+    Rules apply in order, each to the node the earlier ones left: `{every: 2, ffn: moe}`
+    then `{layers: [4], ffn: {hidden: 32}}` makes layer 4 a narrower MoE layer.
+    """
     rules = parse_rules(model.layer_pattern)
     if not rules:
         return {}
     model_numbers = OmegaConf.to_container(cfg.model, resolve=True)
     base = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in LAYER_GROUPS}
     out: dict[tuple[str, int], dict[str, Any]] = {}
-    cache: dict[tuple[int, str], Any] = {}  # (rule, group) -> params: most rules cover many layers
+    cache: dict[tuple[str, tuple[int, ...]], Any] = {}  # (group, rules applied) -> params
     for stack in STACKS:
         for layer in range(model.n_layers):
-            for index, rule in enumerate(rules):
-                if not rule.selects(layer, stack):
+            applied = [i for i, rule in enumerate(rules) if rule.selects(layer, stack)]
+            for group in LAYER_GROUPS:
+                chain = tuple(i for i in applied if group in rules[i].changes)
+                if not chain:
                     continue
-                for group, change in rule.changes.items():
-                    if (index, group) not in cache:
-                        key = f"{rule.key}.{group}"
-                        node = layer_node(base[group], change, group, model_numbers, key)
-                        p = plugins.make_params(group, node)
-                        hook = getattr(p, "validate", None)
-                        if hook is not None:
-                            hook(model, key)
-                        cache[index, group] = p
-                    out.setdefault((stack, layer), {})[group] = cache[index, group]
+                if (group, chain) not in cache:
+                    node = base[group]
+                    for i in chain:
+                        key = f"{rules[i].key}.{group}"
+                        node = layer_node(node, rules[i].changes[group], group, model_numbers, key)
+                    p = plugins.make_params(group, node)
+                    hook = getattr(p, "validate", None)
+                    if hook is not None:
+                        hook(model, f"{rules[chain[-1]].key}.{group}")
+                    cache[group, chain] = p
+                out.setdefault((stack, layer), {})[group] = cache[group, chain]
     return out
 
 

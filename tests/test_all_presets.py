@@ -1,0 +1,94 @@
+"""Every preset: exact published parameter counts on meta, and at scale=tiny a model
+that runs forward and backward and compiles with fullgraph=True to the same numbers."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+import pytest
+import torch
+
+import llmarch_compose as lc
+from llmarch_compose.cost import architecture_card
+from llmarch_compose.patterns import LAYER_GROUPS, STACKS
+
+# Published totals: the model with its LM or MLM head, tied tensors once, buffers excluded.
+PUBLISHED = {
+    "gpt2": 124_439_808, "gpt2_xl": 1_557_611_200, "gpt3": 174_604_259_328,
+    "llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320, "llama2_70b": 68_976_648_192,
+    "llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496, "llama3_1_405b": 405_853_388_800,
+    "qwen2_0_5b": 494_032_768, "qwen2_1_5b": 1_543_714_304, "qwen2_7b": 7_615_616_512, "qwen2_72b": 72_706_203_648,
+    "chatglm_6b": 6_173_286_400, "chatglm3_6b": 6_243_584_000,
+    "baichuan2_7b": 7_505_973_248, "baichuan2_13b": 13_896_668_160,
+    "mistral_7b": 7_241_732_096, "mixtral_8x7b": 46_702_792_704,
+    "bert_base": 109_514_298, "bert_large": 335_174_458, "roberta_base": 124_697_433, "albert_base": 11_221_680,
+    "t5_small": 60_506_624, "t5_base": 222_903_552, "t5_large": 737_668_096, "t5_3b": 2_851_598_336,
+    "t5_11b": 11_307_321_344, "flan_t5_base": 247_577_856, "switch_base_8": 619_339_008,
+    "deepseek_v3": 671_026_404_352, "bart_base": 139_420_416,
+}
+PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248}
+
+PRESETS = sorted(p.name[:-5] for p in (importlib.resources.files("llmarch_compose.conf") / "model").iterdir()
+                 if p.name.endswith(".yaml"))
+
+
+def test_every_named_preset_exists():
+    assert set(PUBLISHED) <= set(PRESETS), set(PUBLISHED) - set(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_count(name):
+    if name not in PRESETS:
+        pytest.fail(f"preset {name} is missing")
+    spec = lc.resolve_spec(lc.compose([f"model={name}"]))
+    card = architecture_card(spec)
+    assert card["params_total"] == PUBLISHED[name]
+    if name in PUBLISHED_ACTIVE:
+        assert card["params_active"] == PUBLISHED_ACTIVE[name]
+    model = lc.build(spec, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
+
+
+def layer_kinds(spec) -> set:
+    """The distinct layers of a model: (group, plugin, windowed) for each per-layer group."""
+    return {tuple((g, spec.params_for(g, i, s).plugin, getattr(spec.params_for(g, i, s), "window", None) is not None)
+                  for g in LAYER_GROUPS)
+            for s in STACKS for i in range(spec.model.n_layers)}
+
+
+def _inputs(model, generator):
+    ids = torch.randint(0, 512, (2, 24), generator=generator)
+    if model.objective == "seq2seq":
+        return (ids, torch.randint(0, 512, (2, 16), generator=generator))
+    return (ids,)
+
+
+def _loss(out):
+    loss = out.logits.float().logsumexp(-1).mean()
+    return loss + out.aux_loss if out.aux_loss is not None else loss
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_tiny_preset_trains_and_compiles_to_eager(name):
+    cfg = lc.compose([f"model={name}", "scale=tiny"])
+    full = lc.resolve_spec(lc.compose([f"model={name}"]))
+    spec = lc.resolve_spec(cfg)
+    # scale=tiny keeps every component, and every kind of layer the pattern makes.
+    assert spec.components == full.components
+    assert layer_kinds(spec) == layer_kinds(full)
+    torch.manual_seed(0)
+    model = lc.build(spec)
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    args = _inputs(model, torch.Generator().manual_seed(1))
+    eager = model(*args)
+    _loss(eager).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(*args)
+    torch.testing.assert_close(out.logits, eager.logits, atol=1e-5, rtol=1e-4)
+    _loss(out).backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")

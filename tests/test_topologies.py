@@ -1,0 +1,246 @@
+"""Topologies, per-layer patterns and scale=tiny, checked by what each must and must
+not see (perturbation tests) and by hand-wired references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import llmarch_compose as lc
+from llmarch_compose.errors import ConfigError, UnknownKeyError
+from llmarch_compose.patterns import LAYER_GROUPS
+
+from conftest import TINY
+
+
+def build(*overrides: str, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = lc.build(lc.compose([*TINY, *overrides])).to(dtype)
+    for p in model.parameters():  # large enough weights that every path visibly matters
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def changed_positions(fn, ids: torch.Tensor, at: int) -> torch.Tensor:
+    """Which output positions change when the token at `at` changes."""
+    other = ids.clone()
+    other[:, at] = (other[:, at] + 1) % 128
+    with torch.no_grad():
+        return (fn(ids) - fn(other)).abs().amax(dim=(0, 2)) > 1e-9
+
+
+IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def test_decoder_only_is_causal():
+    model = build()
+    seen = changed_positions(lambda x: model(x).logits, IDS, at=4)
+    assert seen.tolist() == [False] * 4 + [True] * 6
+
+
+@pytest.mark.parametrize("prefix", [0, 3, 6])
+def test_prefix_decoder_sees_its_prefix_both_ways(prefix):
+    model = build("topology=prefix_decoder")
+    fn = lambda x: model(x, prefix_len=torch.tensor([prefix, prefix])).logits  # noqa: E731
+    # A token inside the prefix is seen by every position, earlier ones included.
+    if prefix:
+        assert changed_positions(fn, IDS, at=prefix - 1).all()
+    # A token after the prefix is seen only from its own position on.
+    seen = changed_positions(fn, IDS, at=prefix + 2)
+    assert seen.tolist() == [False] * (prefix + 2) + [True] * (10 - prefix - 2)
+
+
+def test_prefix_lengths_differ_per_sequence():
+    model = build("topology=prefix_decoder")
+    with torch.no_grad():
+        both = model(IDS, prefix_len=torch.tensor([2, 7])).logits
+        first = model(IDS[:1], prefix_len=torch.tensor([2])).logits
+        second = model(IDS[1:], prefix_len=torch.tensor([7])).logits
+    torch.testing.assert_close(both, torch.cat((first, second)))
+
+
+def test_prefix_len_is_refused_by_a_causal_decoder():
+    with pytest.raises(ValueError, match="prefix_decoder"):
+        build()(IDS, prefix_len=torch.tensor([2, 2]))
+
+
+def test_encoder_only_is_bidirectional_and_predicts_every_position():
+    model = build("topology=encoder_only", "position=learned", "model.type_vocab_size=2")
+    assert model.objective == "masked_lm"
+    assert changed_positions(lambda x: model(x).logits, IDS, at=9).all()
+    with torch.no_grad():
+        plain = model(IDS).logits
+        typed = model(IDS, token_type_ids=torch.ones_like(IDS)).logits
+    assert not torch.allclose(plain, typed)  # token types reach the output
+
+
+def test_encoder_decoder_decoder_is_causal_and_reads_the_whole_source():
+    model = build("topology=t5", "position=relative_bias", "model.tie_embeddings=true")
+    target = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    from_source = changed_positions(lambda s: model(s, target).logits, IDS, at=9)
+    assert from_source.all()  # the last source token reaches the first target position
+    from_target = changed_positions(lambda t: model(IDS, t).logits, target, at=3)
+    assert from_target.tolist() == [False] * 3 + [True] * 3
+
+
+def test_encoder_decoder_stacks_keep_their_own_position_tables():
+    model = build("topology=t5", "position=relative_bias")
+    tables = [m for m in model.modules() if type(m).__name__ == "RelativePositionBias"]
+    assert len(tables) == 2 and tables[0] is model.encoder_position and tables[1] is model.position
+    # One table per stack (computed once per forward), none in the blocks: 2 x buckets x heads.
+    card = lc.cost.count_params(model)
+    bias_params = sum(p.numel() for t in tables for p in t.parameters())
+    assert bias_params == 2 * 32 * 4
+    assert card["params_total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_t5_head_is_scaled_when_tied():
+    tied = build("topology=t5", "model.tie_embeddings=true")
+    assert tied.head.scale == pytest.approx(64 ** -0.5)
+    assert build("topology=t5", "model.tie_embeddings=false").head.scale is None
+
+
+def test_bart_head_bias_is_a_buffer_and_embeddings_are_normalized():
+    model = build("topology=bart", "position=learned", "norm=layernorm")
+    assert "head.bias" in dict(model.named_buffers())
+    assert "head.bias" not in dict(model.named_parameters())
+    assert model.embed.norm is not None and model.encoder_embed.norm is not model.embed.norm
+    assert model.embed.tokens is model.encoder_embed.tokens  # one shared table
+
+
+def test_shared_layers_run_one_block_n_times():
+    shared = build("topology=encoder_only", "topology.share_layers=true", "model.n_layers=3")
+    assert len(shared.encoder.blocks) == 1 and shared.encoder.repeats == 3
+    # Running the one block three times by hand gives the same output.
+    positions = torch.arange(10)
+    with torch.no_grad():
+        x = shared.embed(IDS, positions)
+        pos = shared.position.attention_inputs(positions)
+        for _ in range(3):
+            x, _ = shared.encoder.blocks[0](x, pos)
+        torch.testing.assert_close(shared.head(shared.encoder.final_norm(x)), shared(IDS).logits)
+
+
+def test_factorized_embeddings_project_to_the_model_width():
+    model = build("topology=encoder_only", "model.embedding_dim=16", "model.tie_embeddings=true")
+    assert model.embed.tokens.weight.shape == (128, 16)
+    assert model.embed.project.weight.shape == (64, 16)
+    assert model.head.transform[0].out_features == 16  # the MLM transform maps back to 16 for the tied head
+
+
+def test_glm_residual_matches_a_hand_wired_block():
+    model = build("topology=glm", "position=rope_2d", "norm=layernorm")
+    block = model.decoder.blocks[0]
+    alpha = math.sqrt(2 * 2)
+    positions = torch.arange(10)
+    x = torch.randn(2, 10, 64, dtype=torch.float64)
+    pos = model.position.attention_inputs(positions)
+    with torch.no_grad():
+        h = block.attn_norm(x)
+        h2 = h * alpha + block.attn(h, pos)
+        m = block.ffn_norm(h2)
+        want = m * alpha + block.ffn(m).output
+        torch.testing.assert_close(block(x, pos)[0], want)
+
+
+def test_normalized_head_uses_unit_rows():
+    model = build("topology.normalize_head=true", "model.tie_embeddings=false")
+    with torch.no_grad():
+        model.head.weight.mul_(torch.arange(1, 129, dtype=torch.float64)[:, None])  # rescaling rows changes nothing
+        a = model(IDS).logits
+        model.head.weight.div_(torch.arange(1, 129, dtype=torch.float64)[:, None])
+        torch.testing.assert_close(a, model(IDS).logits)
+
+
+# ------------------------------------------------------------------ layer patterns
+
+def spec_of(*overrides: str):
+    return lc.resolve_spec(lc.compose([*TINY, "model.n_layers=6", *overrides]))
+
+
+def test_every_other_layer_gets_a_window():
+    spec = spec_of("model.layer_pattern=[{every:2,offset:1,attention:{window:4}}]")
+    windows = [spec.params_for("attention", i).window for i in range(6)]
+    assert windows == [None, 4, None, 4, None, 4]
+    model = lc.build(spec)
+    assert [b.attn.window for b in model.decoder.blocks] == windows
+
+
+def test_moe_from_layer_k_on_with_a_dense_start():
+    spec = spec_of("ffn=moe", "model.layer_pattern=[{stop:2,ffn:dense}]")
+    assert [spec.plugin("ffn", i).name for i in range(6)] == ["dense"] * 2 + ["moe"] * 4
+
+
+def test_rules_combine_selectors_and_apply_in_order():
+    spec = spec_of("model.layer_pattern=[{start:1,stop:5,every:2,offset:0,ffn:moe},{layers:[4],ffn:{hidden:32}}]")
+    assert [spec.params_for("ffn", i).plugin for i in range(6)] == ["dense", "dense", "moe", "dense", "moe", "dense"]
+    # The second rule changes layer 4's node, which the first made a MoE layer.
+    assert spec.params_for("ffn", 4).hidden == 32 and spec.params_for("ffn", 4).plugin == "moe"
+
+
+def test_stack_selector_limits_a_rule_to_one_stack():
+    spec = spec_of("topology=t5", "model.layer_pattern=[{stack:encoder,attention:{window:3}}]")
+    assert spec.params_for("attention", 0, "encoder").window == 3
+    assert spec.params_for("attention", 0, "decoder").window is None
+
+
+def test_pattern_layers_are_validated_before_building():
+    with pytest.raises(ConfigError) as info:
+        spec_of("ffn=moe", "model.layer_pattern=[{layers:[1],ffn:{top_k:99}}]")
+    assert info.value.key == "model.layer_pattern[0].ffn.top_k"
+
+
+@pytest.mark.parametrize("pattern, key", [
+    ("[{every:0,ffn:dense}]", "model.layer_pattern[0].every"),
+    ("[{every:2,offset:2,ffn:dense}]", "model.layer_pattern[0].offset"),
+    ("[{stack:middle,ffn:dense}]", "model.layer_pattern[0].stack"),
+    ("[{every:2}]", "model.layer_pattern[0]"),
+    ("[{evry:2,ffn:dense}]", "model.layer_pattern[0].evry"),
+    ("[{every:2,ffn:dnse}]", "ffn"),
+])
+def test_bad_patterns_name_the_rule(pattern, key):
+    with pytest.raises(ConfigError) as info:
+        spec_of(f"model.layer_pattern={pattern}")
+    assert info.value.key == key
+    if key.endswith("evry"):
+        assert isinstance(info.value, UnknownKeyError) and "model.layer_pattern[0].every" in str(info.value)
+
+
+def test_shared_layers_refuse_a_pattern():
+    with pytest.raises(ConfigError, match="share_layers"):
+        spec_of("topology.share_layers=true", "model.layer_pattern=[{every:2,ffn:moe}]")
+
+
+# ------------------------------------------------------------------ scale=tiny
+
+@pytest.mark.parametrize("preset, heads, kv", [("llama2_7b", 4, 4), ("llama2_70b", 4, 2), ("chatglm3_6b", 4, 2)])
+def test_tiny_keeps_the_attention_kind(preset, heads, kv):
+    spec = lc.resolve_spec(lc.compose([f"model={preset}", "scale=tiny"]))
+    assert spec.model.n_heads == heads and spec.params["attention"].num_kv_heads == kv
+
+
+def test_tiny_keeps_factorized_embeddings_and_mqa():
+    albert = lc.resolve_spec(lc.compose(["model=albert_base", "scale=tiny"]))
+    assert albert.model.embedding_dim == 32
+    assert lc.resolve_spec(lc.compose(["model=llama2_7b", "scale=tiny"])).model.embedding_dim is None
+    mqa = lc.resolve_spec(lc.compose(["model=llama2_70b", "attention=mqa", "scale=tiny"]))
+    assert mqa.params["attention"].num_kv_heads == 1
+
+
+def test_tiny_is_tunable_and_group_overrides_survive():
+    spec = lc.resolve_spec(lc.compose(["model=llama3_8b", "scale=tiny", "scale.d_model=128", "scale.n_layers=2",
+                                       "attention.num_kv_heads=1"]))
+    assert spec.model.d_model == 128 and spec.model.n_layers == 2
+    assert spec.params["attention"].num_kv_heads == 1
+    assert spec.model.name == "llama3_8b@tiny"
+
+
+def test_full_scale_changes_nothing():
+    cfg = lc.compose(["model=llama3_8b"])
+    assert lc.resolve_spec(cfg).model.d_model == 4096
+
+
+def test_per_layer_groups_are_the_ones_the_docs_name():
+    assert LAYER_GROUPS == ("attention", "ffn", "norm")
