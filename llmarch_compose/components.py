@@ -19,6 +19,7 @@ class PositionInputs(NamedTuple):
     rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # cos, sin: [(batch,) seq, rotary_dim]
     bias: Optional[torch.Tensor] = None  # additive score bias: [heads, q_len, k_len] or [batch, heads, ...]
     prefix_len: Optional[torch.Tensor] = None  # [batch] tokens of the bidirectional prefix (prefix-LM)
+    positions: Optional[torch.Tensor] = None  # the positions these were built for (set by the topology)
 
 
 class PositionEncoding(nn.Module):

@@ -90,8 +90,10 @@ def test_validation_error_exits_without_traceback(tmp_path, args, words):
         assert word in text, (word, text)
 
 
-def test_text_card_shows_the_choices(tmp_path):
-    proc = run(["model=mistral_7b", "topology=decoder_only", "norm=layernorm", "activation=gelu",
+@pytest.mark.parametrize("topology", ["decoder_only", "prefix_decoder"])
+def test_text_card_shows_the_choices(tmp_path, topology):
+    # prefix_decoder + LayerNorm + GELU + MQA: the row the survey gives ChatGLM-3.
+    proc = run(["model=mistral_7b", f"topology={topology}", "norm=layernorm", "activation=gelu",
                 "attention=mqa", "task=summary"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -108,7 +110,7 @@ def test_text_card_shows_the_choices(tmp_path):
     assert lines["activation"] == "gelu"
     assert lines["attention"] == "mqa"
     assert lines["ffn"] == "dense"
-    assert lines["topology"] == "decoder_only"
+    assert lines["topology"] == topology
     assert lines["n_kv_heads"] == "1"
     assert "(plugin gqa)" in out  # mqa is built by the gqa plugin
 
@@ -145,7 +147,7 @@ def test_glob_sweep_over_a_group(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.returncode == 0, proc.stderr[-2000:]
     cards = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert sorted(c["components"]["attention"] for c in cards) == ["mha", "mqa"]
+    assert sorted(c["components"]["attention"] for c in cards) == ["mha", "mla", "mqa"]
 
 
 def test_short_default_training_run(tmp_path):

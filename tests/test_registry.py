@@ -26,12 +26,12 @@ from llmarch_compose.cost import architecture_card
 from llmarch_compose.spec import resolve_spec
 
 BUILTINS = {
-    "position": {"learned", "none", "rope", "sinusoidal"},
+    "position": {"alibi", "learned", "none", "relative_bias", "rope", "rope_2d", "sinusoidal"},
     "norm": {"layernorm", "rmsnorm"},
     "activation": {"gelu", "geglu", "relu", "reglu", "silu", "swiglu"},
-    "attention": {"gqa"},
+    "attention": {"gqa", "mla"},
     "ffn": {"dense", "moe"},
-    "topology": {"decoder_only"},
+    "topology": {"decoder_only", "encoder_decoder", "encoder_only", "prefix_decoder"},
 }
 DIST = "llmarch-compose"
 
@@ -169,7 +169,7 @@ def test_register_in_process_makes_choice_composable_and_buildable(restore_regis
     acts = [m for m in model.modules() if isinstance(m, HalfReLU)]
     assert acts and all(a.scale == 0.25 for a in acts)
     # Not gated: the FFN's up projection is ffn_dim wide, not 2 * ffn_dim.
-    assert model.blocks[0].ffn.up.out_features == 48
+    assert model.decoder.blocks[0].ffn.up.out_features == 48
 
 
 # ------------------------------------------------------------- ConfigStore nodes

@@ -1,3 +1,4 @@
-"""Attention: MHA, MQA and GQA are one module parameterized by the number of KV heads."""
+"""Attention: MHA, MQA and GQA are one module parameterized by the number of KV heads;
+MLA (DeepSeek) expands keys and values from a cached low-rank latent."""
 
-from . import gqa  # noqa: F401
+from . import gqa, mla  # noqa: F401

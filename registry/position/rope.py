@@ -24,7 +24,9 @@ class RopeScaling:
     high_freq_factor: float = 4.0  # llama3
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
-    attention_factor: Optional[float] = None  # yarn: None means 0.1 ln(factor) + 1
+    attention_factor: Optional[float] = None  # yarn: None derives it from the factor (and mscales)
+    mscale: Optional[float] = None  # yarn (DeepSeek): attention_factor = m(mscale) / m(mscale_all_dim),
+    mscale_all_dim: Optional[float] = None  #   m(s) = 0.1 s ln(factor) + 1; MLA also scales its softmax
 
 
 @dataclass
@@ -95,7 +97,10 @@ def yarn_inv_freq(theta: float, dim: int, s: RopeScaling) -> tuple[torch.Tensor,
     inv_freq = inv_freq / s.factor * (1 - extrapolate) + inv_freq * extrapolate
     factor = s.attention_factor
     if factor is None:
-        factor = 0.1 * math.log(s.factor) + 1.0 if s.factor > 1 else 1.0
+        def m(scale: float) -> float:
+            return 0.1 * scale * math.log(s.factor) + 1.0 if s.factor > 1 else 1.0
+
+        factor = m(s.mscale) / m(s.mscale_all_dim) if s.mscale and s.mscale_all_dim else m(1.0)
     return inv_freq, factor
 
 

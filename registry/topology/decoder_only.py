@@ -5,7 +5,7 @@ import torch
 
 from llmarch_compose import ModelOutput, Topology, register
 
-from .stack import Embeddings, LMHead, Stack, TopologyParams
+from .stack import Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
 
 @dataclass
@@ -33,5 +33,5 @@ class DecoderOnly(Topology):
         if prefix_len is not None:
             prefix_len = torch.as_tensor(prefix_len, device=input_ids.device).expand(input_ids.shape[0])
         x = self.embed(input_ids, positions)
-        x, aux = self.decoder(x, self.position.attention_inputs(positions, prefix_len))
+        x, aux = self.decoder(x, position_inputs(self.position, positions, prefix_len))
         return ModelOutput(self.head(x), aux)

@@ -5,7 +5,7 @@ import torch
 
 from llmarch_compose import ModelOutput, Topology, register
 
-from .stack import Embeddings, LMHead, Stack, TopologyParams
+from .stack import Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
 
 @dataclass
@@ -35,7 +35,7 @@ class EncoderDecoder(Topology):
     def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
         x = self.encoder_embed(input_ids, positions)
-        return self.encoder(x, self.encoder_position.attention_inputs(positions))
+        return self.encoder(x, position_inputs(self.encoder_position, positions))
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: Optional[torch.Tensor] = None) -> ModelOutput:
         """Logits over the decoder's positions; without decoder inputs the decoder
@@ -44,6 +44,6 @@ class EncoderDecoder(Topology):
         target = input_ids if decoder_input_ids is None else decoder_input_ids
         positions = torch.arange(target.shape[-1], device=target.device)
         x = self.embed(target, positions)
-        x, dec_aux = self.decoder(x, self.position.attention_inputs(positions), memory)
+        x, dec_aux = self.decoder(x, position_inputs(self.position, positions), memory)
         aux = enc_aux if dec_aux is None else dec_aux if enc_aux is None else enc_aux + dec_aux
         return ModelOutput(self.head(x), aux)

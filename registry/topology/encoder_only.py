@@ -6,7 +6,7 @@ from torch import nn
 
 from llmarch_compose import ModelOutput, Topology, register
 
-from .stack import Embeddings, LMHead, Stack, TopologyParams
+from .stack import Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
 
 @dataclass
@@ -37,7 +37,7 @@ class EncoderOnly(Topology):
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> ModelOutput:
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
         x = self.embed(input_ids, positions, token_type_ids)
-        x, aux = self.encoder(x, self.position.attention_inputs(positions))
+        x, aux = self.encoder(x, position_inputs(self.position, positions))
         return ModelOutput(self.head(x), aux)
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:

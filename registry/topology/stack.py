@@ -53,6 +53,11 @@ class TopologyParams:
                               "false, or an empty model.layer_pattern")
 
 
+def position_inputs(position, positions: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> PositionInputs:
+    """A stack's per-forward position inputs, carrying the positions they were built for."""
+    return position.attention_inputs(positions, prefix_len)._replace(positions=positions)
+
+
 class Embeddings(nn.Module):
     """Token embeddings (factorized through model.embedding_dim when set), token
     types when model.type_vocab_size > 0, absolute positions, and an optional norm."""
