@@ -3,6 +3,7 @@ KV-cache and training-memory figures, all from a model built on `meta`."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -36,24 +37,47 @@ def count_params(model: nn.Module) -> dict[str, int]:
     }
 
 
+def runs_per_token(model: nn.Module) -> list[tuple[nn.Module, int]]:
+    """Every module with how many times one token passes through it: a stack that
+    runs its shared blocks n times (ALBERT) multiplies everything inside `blocks`."""
+    out: list[tuple[nn.Module, int]] = []
+
+    def walk(module: nn.Module, times: int) -> None:
+        out.append((module, times))
+        for name, child in module.named_children():
+            walk(child, times * getattr(module, "repeats", 1) if name == "blocks" else times)
+
+    walk(model, 1)
+    return out
+
+
 def forward_flops_per_token(model: nn.Module, counts: dict[str, int], context: int) -> dict[str, float]:
     """2 FLOPs per weight-matrix element a token passes through (its active experts
-    only), the LM head included, plus attention scores at `context` tokens.
-    Norms, biases, activations and softmax are not counted."""
-    params = unique_parameters(model)
-    vectors = sum(p.numel() for p in params if p.dim() < 2)
+    only, a shared block once per use), the LM head included, plus attention scores
+    at `context` tokens. Lookups, norms, biases, activations and softmax are not counted.
+    For a mixture of experts this is the cost of a dispatching kernel (top-k experts)."""
+    matmul = 0
+    inside_moe: set[int] = set()
+    for module, times in runs_per_token(model):
+        if id(module) in inside_moe or isinstance(module, nn.Embedding):
+            continue
+        if hasattr(module, "active_params"):  # a mixture of experts: the experts a token uses
+            matmul += module.active_params() * times
+            inside_moe.update(id(m) for m in module.modules())
+            continue
+        matmul += sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2) * times
     tied = getattr(getattr(model, "head", None), "tied", None)  # a head that reuses the token table
-    head = tied.weight.numel() if tied is not None else 0
-    matmul = counts["params_active"] - counts["params_embedding"] - vectors + head
-    attention = sum(m.score_flops_per_token(context) for m in model.modules() if isinstance(m, Attention))
+    matmul += tied.weight.numel() if tied is not None else 0
+    attention = sum(m.score_flops_per_token(context) * times
+                    for m, times in runs_per_token(model) if isinstance(m, Attention))
     return {"flops_matmul": 2.0 * matmul, "flops_attention": float(attention),
             "flops_per_token": 2.0 * matmul + attention}
 
 
 def kv_cache(model: nn.Module, dtype_bytes: int, context: int) -> dict[str, int]:
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    per_token = sum(m.kv_cache_bytes_per_token(dtype_bytes) for m in layers)
-    full = sum(m.kv_cache_bytes_per_token(dtype_bytes) * m.kv_cache_tokens(context) for m in layers)
+    layers = [(m, times) for m, times in runs_per_token(model) if isinstance(m, Attention)]
+    per_token = sum(m.kv_cache_bytes_per_token(dtype_bytes) * times for m, times in layers)
+    full = sum(m.kv_cache_bytes_per_token(dtype_bytes) * m.kv_cache_tokens(context) * times for m, times in layers)
     return {"kv_cache_bytes_per_token": per_token, "kv_cache_bytes_full_context": full}
 
 
@@ -83,6 +107,9 @@ def architecture_card(spec: ModelSpec, dtype: str = "bfloat16", context: int | N
             "head_dim": m.head_dim, "ffn_dim": m.ffn_dim, "vocab_size": m.vocab_size,
             "max_seq_len": m.max_seq_len, "tie_embeddings": m.tie_embeddings,
         },
+        "attention": {k: v for k, v in dataclasses.asdict(spec.params["attention"]).items()
+                      if k not in ("plugin", "name")},
+        "layer_pattern": list(m.layer_pattern),
         **counts,
         "context": context,
         **forward_flops_per_token(model, counts, context),
