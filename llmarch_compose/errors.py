@@ -65,7 +65,8 @@ class UnknownKeyError(ConfigError, KeyError):
         problem = f"{parent or 'the config'} has no key {leaf!r}"
         if suggestions:
             problem += "; did you mean " + " or ".join(suggestions) + "?"
-        super().__init__(path, value, problem, sorted(set(available)))
+        # With a suggestion the full list of keys is noise; without one it is the help.
+        super().__init__(path, value, problem, None if suggestions else sorted(set(available)))
         self.suggestions = suggestions
 
     def __str__(self) -> str:  # KeyError would quote the message

@@ -10,6 +10,7 @@ config is ever imported by path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -70,7 +71,7 @@ def register(group: str, name: str, params: type | None = None) -> Callable[[typ
 
     def decorate(cls: type) -> type:
         module = cls.__module__
-        package = _loading_package[-1] if _loading_package else module.split(".")[0]
+        package = _loading_package[-1] if _loading_package else distribution_of(module)
         existing = _registry[group].get(name)
         if existing is not None and existing.module != module:
             raise PluginConflictError(
@@ -89,6 +90,17 @@ def register(group: str, name: str, params: type | None = None) -> Callable[[typ
         return cls
 
     return decorate
+
+
+@functools.lru_cache(maxsize=None)
+def _distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def distribution_of(module: str) -> str:
+    """The installed distribution that provides `module` (its top-level name if none)."""
+    top = module.split(".")[0]
+    return (_distributions().get(top) or [top])[0]
 
 
 def discover() -> None:
