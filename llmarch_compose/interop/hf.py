@@ -1,0 +1,281 @@
+"""Hugging Face checkpoints in and out: `from_hf` and `to_hf`.
+
+A checkpoint is a folder with `config.json` and `*.safetensors` (one file or
+shards with their index). Each model type (`model_type` in config.json) is one
+`ModelType` in `llmarch_compose.interop.types`: how its config maps onto our
+groups and `model.` numbers and back, and its tensor table as data. The
+mechanism here is shared: reading and writing, fusing and splitting tensors,
+and the checks that make a half-loaded model or a partial output impossible.
+
+transformers is never imported at run time; an in-memory transformers model is
+accepted through its own `save_pretrained`, so the on-disk layout is the one
+mapping that matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from omegaconf import DictConfig
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import ConfigError, LlmarchError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class InteropError(LlmarchError):
+    """A checkpoint that cannot be represented, loaded or written; names the tensor or field."""
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """How one of our tensors is made of checkpoint tensors.
+
+    `theirs` holds one or more names (`{i}`: layer, `{e}`: expert). `join`:
+    - copy: one tensor as is;
+    - cat: several concatenated along dim 0 (fused q|k|v, gate|up);
+    - t: one transposed (GPT-2's Conv1D stores [in, out]);
+    - experts: per-expert tensors (each `cat` of `theirs`) stacked and transposed to
+      our [experts, in, out] layout.
+    """
+
+    ours: str
+    theirs: tuple[str, ...]
+    join: str = "copy"
+    sizes: tuple[int, ...] = ()  # dim-0 sizes of the parts, for splitting a fused tensor back
+
+    def names(self, **index: int) -> tuple[str, tuple[str, ...]]:
+        return self.ours.format(**index), tuple(t.format(**index) for t in self.theirs)
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """One Hugging Face model type: config both ways and the tensor table."""
+
+    name: str
+    architecture: str  # the class name config.json lists under "architectures"
+    overrides: Callable[[Mapping[str, Any]], list[str]]  # HF config -> our overrides
+    hf_config: Callable[[Any], dict[str, Any]]  # our ModelSpec -> HF config fields
+    tensors: Callable[[Any], list[TensorRule]]  # our ModelSpec -> the tensor table
+    # Checkpoint tensors that carry nothing we need (buffers a framework stores).
+    ignore: tuple[str, ...] = ()
+    stacks: Callable[[Any], dict[str, int]] = field(default=lambda spec: {"i": spec.model.n_layers})
+
+
+# ------------------------------------------------------------------ reading and writing
+
+def read_config(path: Union[str, Path]) -> dict[str, Any]:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise InteropError(f"{path}: no config.json (a Hugging Face checkpoint folder holds config.json "
+                           "and *.safetensors)")
+    return json.loads(file.read_text())
+
+
+def read_tensors(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, sharded or not."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise InteropError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not read: "
+                           "convert them with transformers' save_pretrained(safe_serialization=True))")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def config_overrides(hf: Mapping[str, Any], registry: Mapping[str, ModelType]) -> tuple[ModelType, list[str]]:
+    model_type = hf.get("model_type")
+    if model_type not in registry:
+        raise ConfigError("model_type", model_type, "no mapping for this Hugging Face model type", sorted(registry))
+    kind = registry[model_type]
+    return kind, kind.overrides(hf)
+
+
+def override(key: str, value: Any) -> str:
+    """`key=value` in Hydra's override grammar (nested dicts and lists included)."""
+    return f"{key}={_literal(value)}"
+
+
+def _literal(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Sequence):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as an override")
+
+
+# ------------------------------------------------------------------ tensors both ways
+
+def _expand(rules: Iterable[TensorRule], stacks: Mapping[str, int], n_experts: int) -> list[TensorRule]:
+    """Rules with their `{i}` (and per-stack indices) filled in; `{e}` stays for `experts`."""
+    out = []
+    for rule in rules:
+        fields = {f for f in stacks if "{" + f + "}" in rule.ours}
+        if not fields:
+            out.append(rule)
+            continue
+        (name,) = fields
+        for i in range(stacks[name]):
+            out.append(TensorRule(rule.ours.replace("{" + name + "}", str(i)),
+                                  tuple(t.replace("{" + name + "}", str(i)) for t in rule.theirs), rule.join,
+                                  rule.sizes))
+    return out
+
+
+def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_experts: int
+            ) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Our tensors from checkpoint tensors, and the checkpoint names used."""
+    ours, used = {}, set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in theirs:
+            raise InteropError(f"the checkpoint has no tensor {name!r}")
+        used.add(name)
+        return theirs[name]
+
+    for rule in rules:
+        if rule.join == "copy":
+            ours[rule.ours] = take(rule.theirs[0])
+        elif rule.join == "cat":
+            ours[rule.ours] = torch.cat([take(t) for t in rule.theirs], dim=0)
+        elif rule.join == "t":
+            ours[rule.ours] = take(rule.theirs[0]).t()
+        elif rule.join == "experts":
+            per_expert = [torch.cat([take(t.format(e=e)) for t in rule.theirs], dim=0) for e in range(n_experts)]
+            ours[rule.ours] = torch.stack(per_expert).transpose(1, 2)
+        else:  # pragma: no cover - a mapping table bug
+            raise ValueError(f"unknown join {rule.join!r}")
+    return {k: v.contiguous() for k, v in ours.items()}, used
+
+
+def to_theirs(ours: Mapping[str, torch.Tensor], rules: Sequence[TensorRule]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors from ours: the inverse of `to_ours`."""
+    out = {}
+    for rule in rules:
+        tensor = ours[rule.ours]
+        if rule.join == "copy":
+            out[rule.theirs[0]] = tensor
+        elif rule.join == "t":
+            out[rule.theirs[0]] = tensor.t()
+        elif rule.join == "cat":
+            out.update(zip(rule.theirs, tensor.split(list(rule.sizes), dim=0)))
+        elif rule.join == "experts":
+            for e, expert in enumerate(tensor.transpose(1, 2).unbind(0)):
+                parts = expert.split(list(rule.sizes), dim=0) if len(rule.theirs) > 1 else (expert,)
+                out.update((name.format(e=e), part) for name, part in zip(rule.theirs, parts))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------ the public functions
+
+def _registry() -> dict[str, ModelType]:
+    from .types import MODEL_TYPES
+
+    return MODEL_TYPES
+
+
+def _check_and_load(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every parameter and persistent buffer filled with a tensor of its shape, or nothing changes."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise InteropError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    if unexpected:
+        raise InteropError(f"the mapping produced {len(unexpected)} tensor(s) the model has no place for, "
+                           f"e.g. {unexpected[:3]}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise InteropError(f"tensor {name!r}: the checkpoint gives shape {tuple(tensor.shape)}, "
+                               f"the model has {tuple(expected[name].shape)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def from_hf(path_or_model: Union[str, Path, nn.Module], overrides: Sequence[str] = (),
+            device: str = "cpu") -> tuple[DictConfig, nn.Module]:
+    """The composed config and the model, with every tensor loaded, of a Hugging Face
+    checkpoint folder or an in-memory transformers model. Extra `overrides` apply on
+    top of what the checkpoint's config says (they must not change tensor shapes)."""
+    if isinstance(path_or_model, nn.Module):
+        with tempfile.TemporaryDirectory() as tmp:
+            path_or_model.save_pretrained(tmp)
+            return from_hf(tmp, overrides, device)
+    from .. import build, compose, resolve_spec
+
+    path = Path(path_or_model)
+    hf = read_config(path)
+    kind, ours = config_overrides(hf, _registry())
+    cfg = compose([*ours, *overrides])
+    spec = resolve_spec(cfg)
+    theirs = read_tensors(path)
+    rules = _expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
+    tensors, used = to_ours(theirs, rules, spec.model.n_experts)
+    left = sorted(k for k in set(theirs) - used if not any(k.endswith(s) or s in k for s in kind.ignore))
+    if left:
+        raise InteropError(f"the checkpoint has {len(left)} tensor(s) this mapping does not use, e.g. {left[:3]} "
+                           f"(model_type {kind.name})")
+    model = build(spec, device=device)
+    _check_and_load(model, {k: v.to(device) for k, v in tensors.items()})
+    return cfg, model
+
+
+def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_type: Optional[str] = None) -> Path:
+    """Write `config.json` and `model.safetensors` that transformers loads with
+    `from_pretrained`. The folder appears whole or not at all."""
+    from .. import resolve_spec
+
+    spec = resolve_spec(cfg)
+    registry = _registry()
+    kind = registry.get(model_type) if model_type else _type_for(spec, registry)
+    if kind is None:
+        raise ConfigError("model_type", model_type, "no mapping for this Hugging Face model type", sorted(registry))
+    hf_config = {"architectures": [kind.architecture], "model_type": kind.name, **kind.hf_config(spec)}
+    rules = _expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
+    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    theirs = to_theirs(ours, rules)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(theirs, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if out.exists():
+            raise InteropError(f"{out} exists: choose a new folder (nothing is overwritten)")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _type_for(spec: Any, registry: Mapping[str, ModelType]) -> Optional[ModelType]:
+    from .types import guess_type
+
+    return registry.get(guess_type(spec))
