@@ -1,18 +1,19 @@
 """The Hugging Face model types we map, one module per family, each a table.
 
-Adding a model type: write a module with `ModelType`s (config both ways and the
-tensor table) and list it in FAMILIES; `guess_type` picks the type `to_hf`
-writes when none is named.
+Adding a model type: write a module here with `TYPES` (its `ModelType`s: config
+both ways and the tensor table) and `guess(spec)` (the type name `to_hf` writes
+for a spec of that family, or None); every module but `common` is a family.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any, Optional
 
 from ..hf import ModelType
 
-FAMILIES = ("llama",)
+FAMILIES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "common"))
 
 
 def _load() -> dict[str, ModelType]:
