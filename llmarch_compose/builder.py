@@ -21,12 +21,17 @@ def build(cfg: Union[DictConfig, ModelSpec], device: Union[str, torch.device, No
           dtype: torch.dtype | None = None) -> Topology:
     """Build the model `cfg` describes. Validation runs first, so a bad config
     fails before any tensor is allocated. On `meta` no memory is used, which is
-    how full-size presets are counted."""
+    how full-size presets are counted. A config with `model.path` (a Hugging Face
+    checkpoint) gets that checkpoint's weights, every tensor or an error."""
     spec = cfg if isinstance(cfg, ModelSpec) else resolve_spec(cfg)
     device = resolve_device(device)
     ctx = BuildContext(spec)
     with torch.device(device):
         model = ctx.build("topology")
+    if spec.model.path and device.type != "meta":  # model=hf: the checkpoint's weights
+        from .interop.hf import load_weights
+
+        load_weights(model, spec, spec.model.path)
     if dtype is not None:
         model = model.to(dtype)
     return model

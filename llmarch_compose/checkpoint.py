@@ -59,6 +59,8 @@ def load_checkpoint(path: Union[str, Path], device: str = "cpu") -> tuple[DictCo
     """The config and the model of a checkpoint folder; every tensor must match."""
     path = Path(path)
     cfg = OmegaConf.load(path / CONFIG)
+    if cfg.model.get("path"):  # built from a Hugging Face folder once; these weights replace those
+        cfg.model.path = None
     model = build(cfg, device=device)
     load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
     return cfg, model

@@ -114,6 +114,18 @@ def check(overrides: Sequence[str]) -> None:
     GlobalHydra.instance().clear()
 
 
+def with_checkpoint(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """For `model=hf model.path=<dir>`: the config the checkpoint's config.json
+    describes, with the user's other overrides on top. Other configs pass through."""
+    path = cfg.model.get("path")
+    if not path or str(cfg.model.get("name", "")).startswith("hf:"):
+        return cfg
+    from .interop.hf import checkpoint_overrides
+
+    mine = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("model", "model.path")]
+    return compose([*checkpoint_overrides(path), *mine])
+
+
 def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME) -> DictConfig:
     """The composed config for `overrides`, as `llmarch` would see it (without `hydra.`)."""
     plugins.discover()
@@ -125,7 +137,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME) -> Di
         context = initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE)
         context.__enter__()
     try:
-        return _compose_checked(overrides)
+        return with_checkpoint(_compose_checked(overrides), overrides)
     finally:
         if owned:
             GlobalHydra.instance().clear()

@@ -20,6 +20,7 @@ class ModelConfig:
     """Model-level numbers shared by the component groups."""
 
     name: str = "custom"  # the preset's name, shown on the architecture card
+    path: Optional[str] = None  # a Hugging Face checkpoint folder to build from (model=hf)
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 8

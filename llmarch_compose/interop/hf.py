@@ -218,6 +218,28 @@ def _check_and_load(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> No
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
+def checkpoint_overrides(path: Union[str, Path]) -> list[str]:
+    """Our overrides for the checkpoint folder `path`, keeping the path so that
+    building loads its weights."""
+    _, ours = config_overrides(read_config(path), _registry())
+    return [*ours, override("model.path", str(Path(path).resolve()))]
+
+
+def load_weights(model: nn.Module, spec: Any, path: Union[str, Path]) -> nn.Module:
+    """Fill `model` (built from `spec`) with the tensors of the checkpoint at `path`."""
+    kind, _ = config_overrides(read_config(path), _registry())
+    theirs = read_tensors(path)
+    rules = _expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
+    tensors, used = to_ours(theirs, rules, spec.model.n_experts)
+    left = sorted(k for k in set(theirs) - used if not any(s in k for s in kind.ignore))
+    if left:
+        raise InteropError(f"the checkpoint has {len(left)} tensor(s) this mapping does not use, e.g. {left[:3]} "
+                           f"(model_type {kind.name})")
+    device = next(iter(model.state_dict().values())).device
+    _check_and_load(model, {k: v.to(device) for k, v in tensors.items()})
+    return model
+
+
 def from_hf(path_or_model: Union[str, Path, nn.Module], overrides: Sequence[str] = (),
             device: str = "cpu") -> tuple[DictConfig, nn.Module]:
     """The composed config and the model, with every tensor loaded, of a Hugging Face
@@ -227,23 +249,10 @@ def from_hf(path_or_model: Union[str, Path, nn.Module], overrides: Sequence[str]
         with tempfile.TemporaryDirectory() as tmp:
             path_or_model.save_pretrained(tmp)
             return from_hf(tmp, overrides, device)
-    from .. import build, compose, resolve_spec
+    from .. import build, compose
 
-    path = Path(path_or_model)
-    hf = read_config(path)
-    kind, ours = config_overrides(hf, _registry())
-    cfg = compose([*ours, *overrides])
-    spec = resolve_spec(cfg)
-    theirs = read_tensors(path)
-    rules = _expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
-    tensors, used = to_ours(theirs, rules, spec.model.n_experts)
-    left = sorted(k for k in set(theirs) - used if not any(k.endswith(s) or s in k for s in kind.ignore))
-    if left:
-        raise InteropError(f"the checkpoint has {len(left)} tensor(s) this mapping does not use, e.g. {left[:3]} "
-                           f"(model_type {kind.name})")
-    model = build(spec, device=device)
-    _check_and_load(model, {k: v.to(device) for k, v in tensors.items()})
-    return cfg, model
+    cfg = compose([*checkpoint_overrides(path_or_model), *overrides])
+    return cfg, build(cfg, device=device)  # building from model.path loads every tensor
 
 
 def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_type: Optional[str] = None) -> Path:

@@ -13,13 +13,19 @@ from omegaconf import DictConfig
 
 from ..errors import UnknownChoiceError
 
-TASKS = ("summary", "train", "table")
+TASKS = ("summary", "train", "table", "export_hf")
 
 for _name in TASKS:  # store each task's config node
     importlib.import_module(f"{__name__}.{_name}")
 
 
 def run_task(cfg: DictConfig) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    from ..config import with_checkpoint
+
+    if HydraConfig.initialized():  # `llmarch model=hf model.path=...`: the checkpoint's own config
+        cfg = with_checkpoint(cfg, list(HydraConfig.get().overrides.task))
     name = cfg.task.name
     if name not in TASKS:
         raise UnknownChoiceError("task", name, TASKS)

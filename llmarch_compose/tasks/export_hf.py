@@ -1,0 +1,47 @@
+"""`task=export_hf`: write the model as a Hugging Face checkpoint folder.
+
+The weights come from a checkpoint of ours (`task.checkpoint=<folder>`, what
+`task=train` writes), or from `model=hf model.path=<dir>`; a model with neither
+would be random and is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from ..builder import build
+from ..checkpoint import load_checkpoint
+from ..errors import ConfigError
+from ..interop.hf import to_hf
+from ..typed import to_dataclass
+
+
+@dataclass
+class ExportHFTask:
+    name: str = "export_hf"
+    out_dir: Optional[str] = None  # the folder to create (must not exist)
+    checkpoint: Optional[str] = None  # one of our checkpoint folders to export
+    model_type: Optional[str] = None  # None: the type the architecture matches
+
+
+ConfigStore.instance().store(group="task", name="export_hf", node=ExportHFTask, provider="llmarch_compose")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    task = to_dataclass(ExportHFTask, cfg.task, "task")
+    if not task.out_dir:
+        raise ConfigError("task.out_dir", task.out_dir, "name the folder to write", "a path that does not exist")
+    if task.checkpoint:
+        cfg, model = load_checkpoint(task.checkpoint)
+    elif cfg.model.get("path"):
+        model = build(cfg)
+    else:
+        raise ConfigError("task.checkpoint", None, "exporting needs trained weights",
+                          "a folder written by task=train, or model=hf model.path=<dir>")
+    out = to_hf(model, cfg, task.out_dir, model_type=task.model_type)
+    print(f"wrote {out}")
+    return {"out_dir": str(out)}
