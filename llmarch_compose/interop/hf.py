@@ -71,6 +71,21 @@ class ModelType:
     # Checkpoint tensors that carry nothing we need (buffers a framework stores).
     ignore: tuple[str, ...] = ()
     stacks: Callable[[Any], dict[str, int]] = field(default=lambda spec: {"i": spec.model.n_layers})
+    # Older spellings of checkpoint names, rewritten before matching: (old part, new part).
+    renames: tuple[tuple[str, str], ...] = ()
+    # The base model's prefix (GPT-2's "transformer."), which some uploads omit.
+    prefix: str = ""
+
+    def normalize(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint names as the tensor table spells them."""
+        out = {}
+        for name, tensor in tensors.items():
+            for old, new in self.renames:
+                name = name.replace(old, new)
+            out[name] = tensor
+        if self.prefix and not any(k.startswith(self.prefix) for k in out):
+            out = {(k if k.startswith("lm_head") else self.prefix + k): v for k, v in out.items()}
+        return out
 
 
 # ------------------------------------------------------------------ reading and writing
@@ -161,17 +176,22 @@ def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_e
         return theirs[name]
 
     for rule in rules:
-        if rule.join == "copy":
-            ours[rule.ours] = take(rule.theirs[0])
-        elif rule.join == "cat":
-            ours[rule.ours] = torch.cat([take(t) for t in rule.theirs], dim=0)
-        elif rule.join == "t":
-            ours[rule.ours] = take(rule.theirs[0]).t()
-        elif rule.join == "experts":
-            per_expert = [torch.cat([take(t.format(e=e)) for t in rule.theirs], dim=0) for e in range(n_experts)]
-            ours[rule.ours] = torch.stack(per_expert).transpose(1, 2)
-        else:  # pragma: no cover - a mapping table bug
-            raise ValueError(f"unknown join {rule.join!r}")
+        try:
+            if rule.join == "copy":
+                ours[rule.ours] = take(rule.theirs[0])
+            elif rule.join == "cat":
+                ours[rule.ours] = torch.cat([take(t) for t in rule.theirs], dim=0)
+            elif rule.join == "t":
+                ours[rule.ours] = take(rule.theirs[0]).t()
+            elif rule.join == "experts":
+                per_expert = [torch.cat([take(t.format(e=e)) for t in rule.theirs], dim=0) for e in range(n_experts)]
+                ours[rule.ours] = torch.stack(per_expert).transpose(1, 2)
+            else:  # pragma: no cover - a mapping table bug
+                raise ValueError(f"unknown join {rule.join!r}")
+        except RuntimeError as exc:  # parts whose shapes cannot be joined
+            shapes = {t: tuple(theirs[t].shape) for t in rule.theirs if t in theirs}
+            raise InteropError(f"checkpoint tensors {shapes} cannot make {rule.ours!r} ({rule.join}): "
+                               f"{str(exc).splitlines()[0]}") from None
     return {k: v.contiguous() for k, v in ours.items()}, used
 
 
@@ -190,7 +210,16 @@ def to_theirs(ours: Mapping[str, torch.Tensor], rules: Sequence[TensorRule]) -> 
             for e, expert in enumerate(tensor.transpose(1, 2).unbind(0)):
                 parts = expert.split(list(rule.sizes), dim=0) if len(rule.theirs) > 1 else (expert,)
                 out.update((name.format(e=e), part) for name, part in zip(rule.theirs, parts))
-    return {k: v.contiguous() for k, v in out.items()}
+    # One tensor written under two names (a tied copy) must be two tensors for safetensors.
+    seen: set[int] = set()
+    written = {}
+    for name, tensor in out.items():
+        tensor = tensor.contiguous()
+        if tensor.data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        written[name] = tensor
+    return written
 
 
 # ------------------------------------------------------------------ the public functions
@@ -228,7 +257,7 @@ def checkpoint_overrides(path: Union[str, Path]) -> list[str]:
 def load_weights(model: nn.Module, spec: Any, path: Union[str, Path]) -> nn.Module:
     """Fill `model` (built from `spec`) with the tensors of the checkpoint at `path`."""
     kind, _ = config_overrides(read_config(path), _registry())
-    theirs = read_tensors(path)
+    theirs = kind.normalize(read_tensors(path))
     rules = _expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
     tensors, used = to_ours(theirs, rules, spec.model.n_experts)
     left = sorted(k for k in set(theirs) - used if not any(s in k for s in kind.ignore))

@@ -24,14 +24,15 @@ def overrides(hf: Mapping[str, Any]) -> list[str]:
         raise ConfigError("sliding_window", hf["sliding_window"], "cannot be represented: GlmForCausalLM has "
                           "no sliding window (its attention ignores the field)", [None])
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    if params.get("truncate") is False:
+    if (params.get("rope_type") or params.get("type")) == "yarn" and params.get("truncate") is False:
         raise ConfigError("rope_parameters.truncate", False, "cannot be represented: our YaRN always rounds "
                           "its correction range to whole dimensions", [None, True])
     # GlmConfig defaults partial_rotary_factor to 0.5 when neither spelling gives it.
     fraction = hf.get("partial_rotary_factor", params.get("partial_rotary_factor", 0.5))
     bias = bool(hf.get("attention_bias", True))  # q, k and v only; GlmConfig's default is true
     out = [o for o in llama._overrides(hf, "glm", window_key="_never") if not o.startswith("model.rotary_fraction=")]
-    return [*out, override("model.rotary_fraction", float(fraction)), "model.rope_interleaved=true",
+    return [*out, override("model.norm_eps", hf.get("rms_norm_eps", 1.5625e-07)),  # GlmConfig's default
+            override("model.rotary_fraction", float(fraction)), "model.rope_interleaved=true",
             override("model.qkv_bias", bias), "model.attention_bias=false", "model.mlp_bias=false"]
 
 

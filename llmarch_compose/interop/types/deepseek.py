@@ -1,0 +1,200 @@
+"""The DeepSeek family: deepseek_v3 (transformers' DeepseekV3ForCausalLM; DeepSeek-V3, R1).
+
+- Attention is multi-head latent attention: our attention=mla, whose module
+  names are transformers' (`q_proj`, or `q_a_proj`/`q_a_layernorm`/`q_b_proj`
+  when `q_lora_rank` is set; `kv_a_proj_with_mqa`, `kv_a_layernorm`,
+  `kv_b_proj`, `o_proj`). `rope_interleave` is `model.rope_interleaved`; YaRN's
+  mscale/mscale_all_dim go to `model.rope_scaling` (MLA also scales its softmax).
+- The first `first_k_dense_replace` layers have a dense MLP of
+  `intermediate_size` (`model.layer_pattern: [{stop: k, ffn: dense}]`), the
+  others our ffn=deepseek_moe: sigmoid scores, group-limited top-k, the
+  selection bias `mlp.gate.e_score_correction_bias` as our persistent
+  `ffn.score_bias` buffer, `n_shared_experts` always-on experts
+  (`mlp.shared_experts`, one MLP of their summed width).
+- The multi-token-prediction layer (`num_nextn_predict_layers`, stored as
+  layer 61 of DeepSeek-V3) is not part of the model transformers builds; it is
+  skipped on reading, and written checkpoints say they have none.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from ...errors import ConfigError
+from ..hf import ModelType, TensorRule, override
+from . import llama
+from .common import activation, numbers, refuse, rope, rope_back
+from .qwen_moe import dense_layers, dense_width, expert_rules, group_problem, mlp_rules, rope_truncate, shared_rules
+
+LAYER, BLOCK = llama.LAYER, llama.BLOCK
+#: transformers builds q_a_layernorm and kv_a_layernorm with DeepseekV3RMSNorm's default
+#: epsilon, whatever rms_norm_eps says; ours use one epsilon for every norm.
+LATENT_NORM_EPS = 1e-6
+
+NUMBERS = {
+    "hidden_size": "model.d_model", "num_hidden_layers": "model.n_layers", "num_attention_heads": "model.n_heads",
+    "intermediate_size": "model.ffn_dim", "vocab_size": "model.vocab_size",
+    "max_position_embeddings": "model.max_seq_len", "rms_norm_eps": "model.norm_eps",
+    "attention_bias": "model.attention_bias", "kv_lora_rank": "model.kv_lora_rank",
+    "qk_rope_head_dim": "model.qk_rope_head_dim", "qk_nope_head_dim": "model.qk_nope_head_dim",
+    "v_head_dim": "model.v_head_dim", "n_routed_experts": "model.n_experts",
+    "num_experts_per_tok": "model.experts_per_token", "moe_intermediate_size": "model.expert_ffn_dim",
+    "n_shared_experts": "model.n_shared_experts", "routed_scaling_factor": "model.routed_scaling_factor",
+}
+
+
+# ------------------------------------------------------------------ config: HF -> ours
+
+def _refusals(hf: Mapping[str, Any]) -> None:
+    refuse(hf, "pretraining_tp", "tensor-parallel slicing of the projections", allowed=(None, 1))
+    # Fields of DeepSeek's own config.json that transformers ignores: only their V3 values are its code.
+    refuse(hf, "scoring_func", "DeepseekV3ForCausalLM scores experts by sigmoid", allowed=(None, "sigmoid"))
+    refuse(hf, "topk_method", "DeepseekV3ForCausalLM chooses by biased scores within groups",
+           allowed=(None, "noaux_tc"))
+    refuse(hf, "moe_layer_freq", "every layer from first_k_dense_replace on has experts", allowed=(None, 1))
+    heads = hf["num_attention_heads"]
+    refuse(hf, "num_key_value_heads", "MLA expands keys and values for every head", allowed=(None, heads))
+    eps = hf.get("rms_norm_eps", 1e-6)
+    if eps != LATENT_NORM_EPS:
+        raise ConfigError("rms_norm_eps", eps, "cannot be represented: transformers normalizes the MLA latents "
+                          f"with epsilon {LATENT_NORM_EPS} whatever rms_norm_eps says, and ours use one epsilon "
+                          "for every norm", [LATENT_NORM_EPS])
+    if not hf.get("n_shared_experts"):
+        raise ConfigError("n_shared_experts", hf.get("n_shared_experts"), "cannot be represented: transformers "
+                          "builds the shared expert MLP whatever its width", "an integer >= 1")
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    fraction = hf.get("partial_rotary_factor", params.get("partial_rotary_factor"))
+    if fraction not in (None, 1, 1.0):
+        raise ConfigError("partial_rotary_factor", fraction, "cannot be represented: MLA rotates its whole "
+                          "qk_rope_head_dim", [None, 1.0])
+    rope_truncate(hf)
+
+
+def overrides(hf: Mapping[str, Any]) -> list[str]:
+    _refusals(hf)
+    n_layers, first_dense = hf["num_hidden_layers"], hf.get("first_k_dense_replace") or 0
+    out = [
+        "position=rope", "norm=rmsnorm", f"activation={activation(hf, 'hidden_act', gated=True)}",
+        "topology=decoder_only", "attention=mla", "ffn=deepseek_moe", override("model.name", "hf:deepseek_v3"),
+        *numbers(hf, NUMBERS), *rope(hf),
+        # MLA's own rotary width; the shared rope plugin then rotates that same width.
+        override("model.head_dim", hf["qk_rope_head_dim"]), "model.rotary_fraction=1.0",
+        override("model.n_kv_heads", hf["num_attention_heads"]),
+        override("model.norm_eps", hf.get("rms_norm_eps", LATENT_NORM_EPS)),  # DeepseekV3Config's default
+        override("model.q_lora_rank", hf.get("q_lora_rank")),
+        override("model.tie_embeddings", bool(hf.get("tie_word_embeddings", False))),
+        override("model.rope_interleaved", bool(hf.get("rope_interleave", True))),
+        override("model.n_expert_groups", hf.get("n_group") or 1),
+        override("model.topk_expert_groups", hf.get("topk_group") or 1),
+        override("model.router_aux_loss_coef", hf.get("aux_loss_alpha", 0.0001)),
+        override("ffn.normalize_top_k", bool(hf.get("norm_topk_prob", True))),
+    ]
+    if first_dense:
+        out.append(override("model.layer_pattern", [{"stop": min(first_dense, n_layers), "ffn": "dense"}]))
+    return out
+
+
+# ------------------------------------------------------------------ config: ours -> HF
+
+GROUPS = {"topology": "decoder_only", "position": "rope", "norm": "rmsnorm", "attention": "mla", "ffn": "moe",
+          "activation": "swiglu"}
+
+
+def _first_dense(spec: Any) -> Optional[int]:
+    """k when exactly the layers 0 .. k-1 are made dense by the layer pattern, else None."""
+    dense = dense_layers(spec)
+    if dense is None or sorted(dense) != list(range(len(dense))):
+        return None
+    return len(dense)
+
+
+def _problem(spec: Any) -> Optional[tuple[str, Any, str]]:
+    """The first part of `spec` DeepseekV3ForCausalLM cannot express: (key, value, why), or None."""
+    problem = group_problem(spec, GROUPS)
+    if problem:
+        return problem
+    m, attention, ffn = spec.model, spec.params["attention"], spec.params["ffn"]
+    if _first_dense(spec) is None:
+        return "model.layer_pattern", m.layer_pattern, "only the first layers may be dense (first_k_dense_replace)"
+    _, why = dense_width(spec, dense_layers(spec))
+    if why:
+        return "model.layer_pattern", m.layer_pattern, why
+    checks = (
+        ("model.norm_eps", m.norm_eps, LATENT_NORM_EPS, "transformers normalizes the MLA latents with epsilon 1e-6"),
+        ("attention.window", attention.window, None, "DeepSeek-V3 has no sliding window"),
+        ("model.attention_scale", attention.scale, None, "DeepSeek-V3 scales scores by 1/sqrt(qk_head_dim)"),
+        ("ffn.router", ffn.router, "sigmoid", "DeepSeek-V3 scores experts by sigmoid"),
+        ("ffn.shared_experts", ffn.shared_experts >= 1, True, "DeepSeek-V3 always has shared experts"),
+        ("ffn.shared_gate", ffn.shared_gate, False, "DeepSeek-V3 does not gate its shared experts"),
+        ("ffn.capacity", (ffn.capacity, ffn.capacity_factor), (None, None), "DeepSeek-V3 drops no tokens"),
+    )
+    for key, value, want, why in checks:
+        if value != want:
+            return key, value, why
+    if ffn.num_experts // ffn.n_groups < 2:
+        return "ffn.n_groups", ffn.n_groups, "DeepSeek-V3 rates a group by its best two experts"
+    return None
+
+
+def hf_config(spec: Any) -> dict[str, Any]:
+    problem = _problem(spec)
+    if problem:
+        raise ConfigError(problem[0], problem[1], f"cannot be written as model_type deepseek_v3: {problem[2]}")
+    m, attention, ffn = spec.model, spec.params["attention"], spec.params["ffn"]
+    d = attention.dims(m)
+    width, _ = dense_width(spec, dense_layers(spec))
+    rope_fields = rope_back(spec)
+    rope_fields.pop("partial_rotary_factor", None)  # MLA rotates all of qk_rope_head_dim
+    return {
+        "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_heads, "intermediate_size": width, "vocab_size": m.vocab_size,
+        "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
+        "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_bias": attention.bias,
+        "q_lora_rank": d.q_lora, "kv_lora_rank": d.kv_lora, "qk_rope_head_dim": d.rope,
+        "qk_nope_head_dim": d.nope, "v_head_dim": d.v, "rope_interleave": m.rope_interleaved,
+        "n_routed_experts": ffn.num_experts, "num_experts_per_tok": ffn.top_k, "moe_intermediate_size": ffn.hidden,
+        "n_shared_experts": ffn.shared_experts, "n_group": ffn.n_groups, "topk_group": ffn.topk_groups,
+        "routed_scaling_factor": ffn.routed_scaling, "norm_topk_prob": ffn.normalize_top_k,
+        "first_k_dense_replace": _first_dense(spec), "num_nextn_predict_layers": 0, **rope_fields,
+    }
+
+
+# ------------------------------------------------------------------ tensors
+
+def tensors(spec: Any) -> list[TensorRule]:
+    m, attention = spec.model, spec.params["attention"]
+    attn, theirs = BLOCK + "attn.", LAYER + "self_attn."
+    names = ["kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"]
+    q_lora = attention.dims(m).q_lora
+    names += ["q_proj.weight"] if q_lora is None else ["q_a_proj.weight", "q_a_layernorm.weight",
+                                                              "q_b_proj.weight"]
+    if attention.bias:
+        names += ["kv_a_proj_with_mqa.bias", "o_proj.bias"] + ([] if q_lora is None else ["q_a_proj.bias"])
+    rules = [
+        TensorRule("embed.tokens.weight", ("model.embed_tokens.weight",)),
+        TensorRule(BLOCK + "attn_norm.weight", (LAYER + "input_layernorm.weight",)),
+        TensorRule(BLOCK + "ffn_norm.weight", (LAYER + "post_attention_layernorm.weight",)),
+        TensorRule("decoder.final_norm.weight", ("model.norm.weight",)),
+        *(TensorRule(attn + name, (theirs + name,)) for name in names),
+    ]
+    if not m.tie_embeddings:
+        rules.append(TensorRule("head.weight", ("lm_head.weight",)))
+    for i in range(m.n_layers):
+        ffn = spec.params_for("ffn", i)
+        if ffn.plugin == "dense":
+            rules += mlp_rules(i, ffn.hidden)
+            continue
+        bias = TensorRule(BLOCK.format(i=i) + "ffn.score_bias",
+                          (LAYER.format(i=i) + "mlp.gate.e_score_correction_bias",))
+        rules += [*expert_rules(i, ffn), *shared_rules(i, ffn, "shared_experts"), bias]
+    return rules
+
+
+# DeepSeek-V3 stores its multi-token-prediction layer as layer 61; transformers skips it the same way.
+IGNORE = (*llama.IGNORE, "model.layers.61.")
+
+TYPES = (ModelType("deepseek_v3", "DeepseekV3ForCausalLM", overrides, hf_config, tensors, IGNORE),)
+
+
+def guess(spec: Any) -> str | None:
+    return "deepseek_v3" if _problem(spec) is None else None
