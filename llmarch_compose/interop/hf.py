@@ -46,6 +46,7 @@ class TensorRule:
     - copy: one tensor as is;
     - cat: several concatenated along dim 0 (fused q|k|v, gate|up);
     - t: one transposed (GPT-2's Conv1D stores [in, out]);
+    - row: one [1, n] tensor held as our [n] (BART's final_logits_bias);
     - experts: per-expert tensors (each `cat` of `theirs`) stacked and transposed to
       our [experts, in, out] layout.
     """
@@ -183,6 +184,8 @@ def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_e
                 ours[rule.ours] = torch.cat([take(t) for t in rule.theirs], dim=0)
             elif rule.join == "t":
                 ours[rule.ours] = take(rule.theirs[0]).t()
+            elif rule.join == "row":  # squeeze, not reshape: [2, n] stays a wrong shape
+                ours[rule.ours] = take(rule.theirs[0]).squeeze(0)
             elif rule.join == "experts":
                 per_expert = [torch.cat([take(t.format(e=e)) for t in rule.theirs], dim=0) for e in range(n_experts)]
                 ours[rule.ours] = torch.stack(per_expert).transpose(1, 2)
@@ -204,12 +207,16 @@ def to_theirs(ours: Mapping[str, torch.Tensor], rules: Sequence[TensorRule]) -> 
             out[rule.theirs[0]] = tensor
         elif rule.join == "t":
             out[rule.theirs[0]] = tensor.t()
+        elif rule.join == "row":
+            out[rule.theirs[0]] = tensor.unsqueeze(0)
         elif rule.join == "cat":
             out.update(zip(rule.theirs, tensor.split(list(rule.sizes), dim=0)))
         elif rule.join == "experts":
             for e, expert in enumerate(tensor.transpose(1, 2).unbind(0)):
                 parts = expert.split(list(rule.sizes), dim=0) if len(rule.theirs) > 1 else (expert,)
                 out.update((name.format(e=e), part) for name, part in zip(rule.theirs, parts))
+        else:  # pragma: no cover - a mapping table bug must not write a partial checkpoint
+            raise ValueError(f"unknown join {rule.join!r}")
     # One tensor written under two names (a tied copy) must be two tensors for safetensors.
     seen: set[int] = set()
     written = {}

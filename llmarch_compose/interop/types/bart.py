@@ -23,11 +23,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-import torch
-
 from ...errors import ConfigError
-from .. import hf as interop
-from ..hf import InteropError, ModelType, TensorRule, override
+from ..hf import ModelType, TensorRule, override
 from .common import activation, numbers, refuse
 
 # BartConfig's defaults, for config.json files that leave a field out.
@@ -58,22 +55,7 @@ TOPOLOGY = {"norm_position": "post", "parallel_residual": False, "residual": "st
             "embedding_norm": True, "mlm_transform": False, "head_bias": "buffer", "normalize_head": False}
 
 
-def _require_row_join() -> None:
-    """final_logits_bias is [1, vocab] on disk and our [vocab] buffer: the `row` join. Without
-    it in interop/hf.py, reading fails on an unknown join but writing would silently leave
-    final_logits_bias out (transformers then zero-fills it), so both refuse here first."""
-    try:
-        ours, _ = interop.to_ours({"x": torch.zeros(1, 2)}, [TensorRule("y", ("x",), "row")], 0)
-        if tuple(ours["y"].shape) == (2,):
-            return
-    except ValueError:
-        pass
-    raise InteropError("BART's final_logits_bias ([1, vocab] on disk, our [vocab] head.bias) needs the 'row' "
-                       "join in llmarch_compose/interop/hf.py, which this version lacks")
-
-
 def bart_overrides(hf: Mapping[str, Any]) -> list[str]:
-    _require_row_join()
     hf = {**DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
     refuse(hf, "scale_embedding", "token embeddings multiplied by sqrt(d_model)")
     refuse(hf, "normalize_before", "pre-norm layers (mBART)")
@@ -144,7 +126,6 @@ def hf_config(spec: Any) -> dict[str, Any]:
     problem = _mismatch(spec)
     if problem:
         raise ConfigError(problem[0], problem[1], f"cannot be written as model_type bart: {problem[2]}")
-    _require_row_join()
     m, act = spec.model, spec.params["activation"]
     return {
         "d_model": m.d_model, "encoder_layers": m.n_layers, "decoder_layers": m.n_layers,

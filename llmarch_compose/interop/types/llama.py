@@ -116,11 +116,15 @@ def guess(spec: Any) -> str | None:
     p = {g: spec.params[g].plugin for g in spec.params}
     if (p["topology"], p["position"], p["norm"], p["attention"]) != ("decoder_only", "rope", "rmsnorm", "gqa"):
         return None
-    if spec.params["activation"].plugin != "swiglu" or spec.layer_params or spec.model.rotary_fraction != 1.0:
+    m, attention, ffn = spec.model, spec.params["attention"], spec.params["ffn"]
+    if (spec.params["activation"].plugin != "swiglu" or spec.layer_params or m.rotary_fraction != 1.0
+            or m.rope_interleaved or attention.qk_norm or attention.scale is not None):
         return None
-    attention, ffn = spec.params["attention"], spec.params["ffn"]
     if ffn.plugin == "moe":
-        return "mixtral" if (ffn.router, ffn.shared_experts, ffn.normalize_top_k) == ("softmax", 0, True) else None
+        plain_routing = (ffn.router, ffn.shared_experts, ffn.normalize_top_k, ffn.n_groups, ffn.routed_scaling,
+                         ffn.bias_update_rate, ffn.capacity, ffn.capacity_factor) == (
+                             "softmax", 0, True, ffn.topk_groups, 1.0, 0.0, None, None)
+        return "mixtral" if plain_routing else None
     if attention.qkv_bias and not attention.out_bias:
         return "qwen2"
     return "mistral" if attention.window else "llama"
