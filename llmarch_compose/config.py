@@ -117,6 +117,9 @@ def check(overrides: Sequence[str]) -> None:
 def with_checkpoint(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """For `model=hf model.path=<dir>`: the config the checkpoint's config.json
     describes, with the user's other overrides on top. Other configs pass through."""
+    if cfg.model.get("name") == "hf" and not cfg.model.get("path"):
+        raise ConfigError("model.path", None, "model=hf builds from a Hugging Face checkpoint folder",
+                          "model.path=<a folder with config.json and *.safetensors>")
     path = cfg.model.get("path")
     if not path or str(cfg.model.get("name", "")).startswith("hf:"):
         return cfg

@@ -207,3 +207,9 @@ def test_cli_builds_and_exports_from_a_checkpoint_folder(saved, tmp_path):
         torch.testing.assert_close(back(IDS).logits, hf(IDS).logits, atol=1e-4, rtol=0)
     refused = run("task=export_hf", f"task.out_dir={tmp_path / 'random'}")
     assert refused.returncode == 2 and "task.checkpoint" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_model_hf_without_a_path_is_refused():
+    with pytest.raises(ConfigError) as info:
+        lc.compose(["model=hf"])
+    assert info.value.key == "model.path"

@@ -29,7 +29,8 @@ from ..spec import ModelSpec, resolve_spec
 from ..typed import to_dataclass
 
 FORMATS = ("markdown", "json")
-DEFAULT_PRESET = "tiny"  # the test model: not a row of the table
+# Not architectures: the test model, and the placeholder that a checkpoint folder fills.
+NOT_ROWS = ("tiny", "hf")
 
 #: (key in a row, Markdown header) of the compared columns, in the seed's order.
 COLUMNS = (("type", "type"), ("position", "position"), ("norm", "norm"), ("activation", "activation"),
@@ -97,7 +98,7 @@ def preset_names() -> list[str]:
     """Every model preset in the installed config tree, `tiny` excluded."""
     folder = importlib.resources.files("llmarch_compose.conf") / "model"
     return sorted(p.name[:-len(".yaml")] for p in folder.iterdir()
-                  if p.name.endswith(".yaml") and p.name != f"{DEFAULT_PRESET}.yaml")
+                  if p.name.endswith(".yaml") and p.name[:-len(".yaml")] not in NOT_ROWS)
 
 
 def _preset_source(name: str) -> str:
