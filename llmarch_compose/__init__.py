@@ -17,6 +17,7 @@ from .components import (
     ModelOutput,
     PositionEncoding,
     PositionInputs,
+    PreciseBuffers,
     Topology,
 )
 from .config import compose
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compose", "build", "compile", "register", "resolve_spec",
     "BuildContext", "ModelSpec",
-    "PositionEncoding", "PositionInputs", "Activation", "Attention", "FeedForward", "FeedForwardOutput",
+    "PositionEncoding", "PositionInputs", "PreciseBuffers", "Activation", "Attention", "FeedForward", "FeedForwardOutput",
     "ModelOutput", "Topology",
     "ConfigError", "LlmarchError", "PluginConflictError", "UnknownChoiceError", "UnknownKeyError",
 ]

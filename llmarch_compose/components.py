@@ -22,7 +22,26 @@ class PositionInputs(NamedTuple):
     positions: Optional[torch.Tensor] = None  # the positions these were built for (set by the topology)
 
 
-class PositionEncoding(nn.Module):
+class PreciseBuffers(nn.Module):
+    """A module whose floating-point buffers never lose precision when the model is
+    cast (`model.to(torch.bfloat16)`): RoPE's frequencies (in bf16 an angle p * f
+    drifts by ~p/256), a router's selection bias (too coarse for small steps).
+    `precise_buffers` names them; None means all of the module's own float buffers."""
+
+    precise_buffers: Optional[tuple[str, ...]] = None
+
+    def _apply(self, fn, recurse=True):
+        names = self.precise_buffers if self.precise_buffers is not None else tuple(self._buffers)
+        kept = {n: b for n in names if (b := self._buffers.get(n)) is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and torch.finfo(after.dtype).eps > torch.finfo(before.dtype).eps:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+
+class PositionEncoding(PreciseBuffers):
     """Position information, through any of three hooks (one plugin may use several).
 
     - `embed`: add to the token embeddings (learned, sinusoidal);
@@ -37,17 +56,6 @@ class PositionEncoding(nn.Module):
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x
-
-    def _apply(self, fn, recurse=True):
-        # Frequency tables never lose precision when the model is cast
-        # (`model.to(torch.bfloat16)`): in bf16, angle p * inv_freq drifts by ~p/256.
-        tables = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
-        super()._apply(fn, recurse)
-        for name, table in tables.items():
-            cast = self._buffers[name]
-            if cast is not None and torch.finfo(cast.dtype).eps > torch.finfo(table.dtype).eps:
-                self._buffers[name] = table.to(cast.device)
-        return self
 
     def attention_inputs(self, positions: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> PositionInputs:
         return PositionInputs(prefix_len=prefix_len)

@@ -27,6 +27,19 @@ CONFIG_NAME = "config"
 VERSION_BASE = "1.3"
 
 
+#: Model presets that are not architectures: the checkpoint-folder placeholder.
+PLACEHOLDER_PRESETS = ("hf",)
+
+
+def presets() -> list[str]:
+    """The names of the architecture presets in the installed config tree (`tiny` included)."""
+    import importlib.resources
+
+    folder = importlib.resources.files(CONFIG_MODULE) / "model"
+    return sorted(p.name[:-5] for p in folder.iterdir()
+                  if p.name.endswith(".yaml") and p.name[:-5] not in PLACEHOLDER_PRESETS)
+
+
 def check_overrides(overrides: Sequence[str], config_loader) -> None:
     """Reject an unknown group choice (also inside a sweep) with the closest names.
 

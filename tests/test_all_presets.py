@@ -3,12 +3,11 @@ that runs forward and backward and compiles with fullgraph=True to the same numb
 
 from __future__ import annotations
 
-import importlib.resources
-
 import pytest
 import torch
 
 import llmarch_compose as lc
+from llmarch_compose.config import presets
 from llmarch_compose.cost import architecture_card
 from llmarch_compose.patterns import LAYER_GROUPS, STACKS
 
@@ -28,9 +27,7 @@ PUBLISHED = {
 }
 PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248}
 
-# Every architecture preset (`hf` is a placeholder that a checkpoint folder fills).
-PRESETS = sorted(p.name[:-5] for p in (importlib.resources.files("llmarch_compose.conf") / "model").iterdir()
-                 if p.name.endswith(".yaml") and p.name != "hf.yaml")
+PRESETS = presets()
 
 
 def test_every_named_preset_exists():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -28,6 +27,7 @@ import llmarch_compose as lc
 import reference as ref
 from conftest import TINY
 from llmarch_compose import ConfigError
+from llmarch_compose.config import presets
 from llmarch_compose.cost import architecture_card
 from test_plugin_numerics import FP32_INSIDE, TIGHT, check_forward_backward, make_ctx, randn, randomize_
 
@@ -40,7 +40,7 @@ F64 = torch.float64
 # the same comparison holds to 1e-10.
 RMSNORM_INSIDE = dict(rtol=1e-5, atol=1e-5, atol_per_max=1e-6)
 HF_TOL = RMSNORM_INSIDE
-PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "model").glob("*.yaml"))
+PRESETS = presets()
 
 # Small MLA numbers (TINY: d_model 64, 4 heads): every width differs from the others,
 # and v_head_dim differs from qk_nope_head_dim.

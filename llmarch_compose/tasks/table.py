@@ -22,15 +22,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from ..config import CONFIG_MODULE, VERSION_BASE, compose
+from ..config import CONFIG_MODULE, VERSION_BASE, compose, presets
 from ..cost import architecture_card
 from ..errors import ConfigError
 from ..spec import ModelSpec, resolve_spec
 from ..typed import to_dataclass
 
 FORMATS = ("markdown", "json")
-# Not architectures: the test model, and the placeholder that a checkpoint folder fills.
-NOT_ROWS = ("tiny", "hf")
+TEST_PRESET = "tiny"  # the test model: not a row of the table
 
 #: (key in a row, Markdown header) of the compared columns, in the seed's order.
 COLUMNS = (("type", "type"), ("position", "position"), ("norm", "norm"), ("activation", "activation"),
@@ -95,10 +94,8 @@ def seed_row_for(preset: str) -> Optional[SeedRow]:
 # --------------------------------------------------------------------------- the presets
 
 def preset_names() -> list[str]:
-    """Every model preset in the installed config tree, `tiny` excluded."""
-    folder = importlib.resources.files("llmarch_compose.conf") / "model"
-    return sorted(p.name[:-len(".yaml")] for p in folder.iterdir()
-                  if p.name.endswith(".yaml") and p.name[:-len(".yaml")] not in NOT_ROWS)
+    """Every architecture preset except the test model."""
+    return [name for name in presets() if name != TEST_PRESET]
 
 
 def _preset_source(name: str) -> str:

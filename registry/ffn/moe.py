@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import SI
 from torch import nn
 
-from llmarch_compose import ConfigError, FeedForward, FeedForwardOutput, register
+from llmarch_compose import ConfigError, FeedForward, FeedForwardOutput, PreciseBuffers, register
 from llmarch_compose.spec import divisors
 
 from .dense import DenseFFN, DenseParams, gated_product
@@ -207,7 +207,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 @register("ffn", "moe", params=MoEParams)
-class MixtureOfExperts(FeedForward):
+class MixtureOfExperts(FeedForward, PreciseBuffers):
     """Top-k routed experts, their weights stacked in [experts, in, out] tensors,
     plus optional always-on shared experts.
 
@@ -215,6 +215,8 @@ class MixtureOfExperts(FeedForward):
     (mostly zero) routing weights: static shapes, so it compiles with fullgraph,
     at num_experts / top_k times the matrix work of a dispatching kernel.
     """
+
+    precise_buffers = ("score_bias",)  # too coarse in bf16 for balancing's small steps
 
     def __init__(self, params: MoEParams, ctx, layer_idx: int = 0):
         super().__init__()
@@ -251,15 +253,6 @@ class MixtureOfExperts(FeedForward):
         if params.shared_gate:
             self.shared_gate = nn.Linear(ctx.model.d_model, 1, bias=False)
             nn.init.normal_(self.shared_gate.weight, std=ctx.model.init_std)
-
-    def _apply(self, fn, recurse=True):
-        # A bf16 bias could not take the small steps of auxiliary-loss-free balancing.
-        bias = self.score_bias
-        super()._apply(fn, recurse)
-        cast = self.score_bias
-        if bias is not None and cast is not None and torch.finfo(cast.dtype).eps > torch.finfo(bias.dtype).eps:
-            self.score_bias = bias.to(cast.device)
-        return self
 
     def route(self, x: torch.Tensor) -> Routing:
         """Router logits and scores [tokens, experts], chosen experts and their weights [tokens, top_k]."""
