@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 
 from ...errors import ConfigError
 from ..hf import ModelType, TensorRule, override
-from .common import activation, numbers, refuse
+from .common import activation, ensure_fits, first_failed, numbers, refuse, wrong_plugin_or_topology
 
 # BartConfig's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 50265, "max_position_embeddings": 1024, "encoder_layers": 12, "encoder_ffn_dim": 4096,
@@ -85,12 +85,9 @@ def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
     m, p = spec.model, spec.params
     wanted = {"topology": "encoder_decoder", "position": "learned", "norm": "layernorm", "attention": "gqa",
               "ffn": "dense"}
-    for group, plugin in wanted.items():
-        if p[group].plugin != plugin:
-            return group, p[group].name, f"BART has {plugin}"
-    for key, value in TOPOLOGY.items():
-        if getattr(p["topology"], key) != value:
-            return f"topology.{key}", getattr(p["topology"], key), f"BART has {value!r}"
+    problem = wrong_plugin_or_topology(spec, "BART", wanted, TOPOLOGY)
+    if problem:
+        return problem
     attention, act, topology = p["attention"], p["activation"], p["topology"]
     checks = [
         ("model.layer_pattern", list(m.layer_pattern), not spec.layer_params, "BART has the same layer throughout"),
@@ -116,16 +113,11 @@ def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
         ("model.type_vocab_size", m.type_vocab_size, m.type_vocab_size == 0, "BART has no token types"),
         ("model.embedding_dim", m.embedding_dim, m.embedding_width == m.d_model, "BART has no factorized embeddings"),
     ]
-    for key, value, ok, why in checks:
-        if not ok:
-            return key, value, why
-    return None
+    return first_failed(checks)
 
 
 def hf_config(spec: Any) -> dict[str, Any]:
-    problem = _mismatch(spec)
-    if problem:
-        raise ConfigError(problem[0], problem[1], f"cannot be written as model_type bart: {problem[2]}")
+    ensure_fits(_mismatch(spec), "bart")
     m, act = spec.model, spec.params["activation"]
     return {
         "d_model": m.d_model, "encoder_layers": m.n_layers, "decoder_layers": m.n_layers,

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from ...errors import ConfigError
 from ..hf import ModelType, TensorRule, override
-from .common import activation, numbers, refuse
+from .common import activation, ensure_fits, first_failed, numbers, refuse, wrong_plugin_or_topology
 
 # BertConfig's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -64,12 +63,9 @@ def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
     m, p = spec.model, spec.params
     wanted = {"topology": "encoder_only", "position": "learned", "norm": "layernorm", "attention": "gqa",
               "ffn": "dense"}
-    for group, plugin in wanted.items():
-        if p[group].plugin != plugin:
-            return group, p[group].name, f"BERT has {plugin}"
-    for key, value in TOPOLOGY.items():
-        if getattr(p["topology"], key) != value:
-            return f"topology.{key}", getattr(p["topology"], key), f"BERT has {value!r}"
+    problem = wrong_plugin_or_topology(spec, "BERT", wanted, TOPOLOGY)
+    if problem:
+        return problem
     attention, act = p["attention"], p["activation"]
     checks = [
         ("model.layer_pattern", list(m.layer_pattern), not spec.layer_params, "BERT has the same layer throughout"),
@@ -91,16 +87,11 @@ def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
         ("model.embedding_dim", m.embedding_dim, m.embedding_width == m.d_model,
          "BERT has no factorized embeddings (ALBERT is another model type)"),
     ]
-    for key, value, ok, why in checks:
-        if not ok:
-            return key, value, why
-    return None
+    return first_failed(checks)
 
 
 def hf_config(spec: Any) -> dict[str, Any]:
-    problem = _mismatch(spec)
-    if problem:
-        raise ConfigError(problem[0], problem[1], f"cannot be written as model_type bert: {problem[2]}")
+    ensure_fits(_mismatch(spec), "bert")
     m, act = spec.model, spec.params["activation"]
     return {
         "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,

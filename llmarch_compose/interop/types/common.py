@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 from ...errors import ConfigError
 from ..hf import override
@@ -81,6 +81,33 @@ def rope_back(spec: Any) -> dict[str, Any]:
 def numbers(hf: Mapping[str, Any], table: Mapping[str, str]) -> list[str]:
     """Overrides for the HF fields present in `hf`, by a {hf field: our key} table."""
     return [override(ours, hf[theirs]) for theirs, ours in table.items() if hf.get(theirs) is not None]
+
+
+Mismatch = tuple[str, Any, str]  # (key, value, what the model type has instead)
+
+
+def wrong_plugin_or_topology(spec: Any, model: str, plugins: Mapping[str, str],
+                             topology: Mapping[str, Any]) -> Optional[Mismatch]:
+    """The first group whose plugin, or topology option whose value, `model` cannot hold."""
+    p = spec.params
+    for group, plugin in plugins.items():
+        if p[group].plugin != plugin:
+            return group, p[group].name, f"{model} has {plugin}"
+    for key, value in topology.items():
+        if getattr(p["topology"], key) != value:
+            return f"topology.{key}", getattr(p["topology"], key), f"{model} has {value!r}"
+    return None
+
+
+def first_failed(checks: Sequence[tuple[str, Any, bool, str]]) -> Optional[Mismatch]:
+    """The first (key, value, holds, why) check that does not hold, as a Mismatch."""
+    return next(((key, value, why) for key, value, ok, why in checks if not ok), None)
+
+
+def ensure_fits(problem: Optional[Mismatch], model_type: str) -> None:
+    """Refuse to write a model the type cannot express, naming the key."""
+    if problem:
+        raise ConfigError(problem[0], problem[1], f"cannot be written as model_type {model_type}: {problem[2]}")
 
 
 def refuse(hf: Mapping[str, Any], field: str, why: str, allowed: Any = (None, False)) -> None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from ...errors import ConfigError
 from ..hf import ModelType, TensorRule, override
-from .common import activation, numbers, refuse
+from .common import activation, ensure_fits, first_failed, numbers, refuse, wrong_plugin_or_topology
 
 # GPT2Config's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
@@ -54,15 +53,11 @@ def gpt2_overrides(hf: Mapping[str, Any]) -> list[str]:
 def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
     """The first part of `spec` GPT-2 cannot hold, as (key, value, why), or None."""
     m, p = spec.model, spec.params
-    plugins = {g: p[g].plugin for g in ("topology", "position", "norm", "attention", "ffn")}
     wanted = {"topology": "decoder_only", "position": "learned", "norm": "layernorm", "attention": "gqa",
               "ffn": "dense"}
-    for group, plugin in wanted.items():
-        if plugins[group] != plugin:
-            return group, p[group].name, f"GPT-2 has {plugin}"
-    for key, value in TOPOLOGY.items():
-        if getattr(p["topology"], key) != value:
-            return f"topology.{key}", getattr(p["topology"], key), f"GPT-2 has {value!r}"
+    problem = wrong_plugin_or_topology(spec, "GPT-2", wanted, TOPOLOGY)
+    if problem:
+        return problem
     attention, act = p["attention"], p["activation"]
     checks = [
         ("model.layer_pattern", list(m.layer_pattern), not spec.layer_params, "GPT-2 has the same layer throughout"),
@@ -83,16 +78,11 @@ def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
         ("model.type_vocab_size", m.type_vocab_size, m.type_vocab_size == 0, "GPT-2 has no token types"),
         ("model.embedding_dim", m.embedding_dim, m.embedding_width == m.d_model, "GPT-2 has no factorized embeddings"),
     ]
-    for key, value, ok, why in checks:
-        if not ok:
-            return key, value, why
-    return None
+    return first_failed(checks)
 
 
 def hf_config(spec: Any) -> dict[str, Any]:
-    problem = _mismatch(spec)
-    if problem:
-        raise ConfigError(problem[0], problem[1], f"cannot be written as model_type gpt2: {problem[2]}")
+    ensure_fits(_mismatch(spec), "gpt2")
     m, act = spec.model, spec.params["activation"]
     return {
         "n_embd": m.d_model, "n_layer": m.n_layers, "n_head": m.n_heads, "n_inner": m.ffn_dim,

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional
 
 from ...errors import ConfigError
 from ..hf import ModelType, TensorRule, override
-from .common import ACTIVATIONS, numbers, refuse
+from .common import ACTIVATIONS, ensure_fits, first_failed, numbers, refuse, wrong_plugin_or_topology
 
 # T5Config's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_heads": 8,
@@ -96,12 +96,9 @@ def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
     m, p = spec.model, spec.params
     wanted = {"topology": "encoder_decoder", "position": "relative_bias", "norm": "rmsnorm", "attention": "gqa",
               "ffn": "dense"}
-    for group, plugin in wanted.items():
-        if p[group].plugin != plugin:
-            return group, p[group].name, f"T5 has {plugin}"
-    for key, value in TOPOLOGY.items():
-        if getattr(p["topology"], key) != value:
-            return f"topology.{key}", getattr(p["topology"], key), f"T5 has {value!r}"
+    problem = wrong_plugin_or_topology(spec, "T5", wanted, TOPOLOGY)
+    if problem:
+        return problem
     attention, act = p["attention"], p["activation"]
     checks = [
         ("model.layer_pattern", list(m.layer_pattern), not spec.layer_params, "T5 has the same layer throughout"),
@@ -118,16 +115,11 @@ def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
         ("model.type_vocab_size", m.type_vocab_size, m.type_vocab_size == 0, "T5 has no token types"),
         ("model.embedding_dim", m.embedding_dim, m.embedding_width == m.d_model, "T5 has no factorized embeddings"),
     ]
-    for key, value, ok, why in checks:
-        if not ok:
-            return key, value, why
-    return None
+    return first_failed(checks)
 
 
 def hf_config(spec: Any) -> dict[str, Any]:
-    problem = _mismatch(spec)
-    if problem:
-        raise ConfigError(problem[0], problem[1], f"cannot be written as model_type t5: {problem[2]}")
+    ensure_fits(_mismatch(spec), "t5")
     m, act, position = spec.model, spec.params["activation"], spec.params["position"]
     tied = m.tie_embeddings
     return {
