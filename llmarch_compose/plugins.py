@@ -44,9 +44,6 @@ class PluginInfo:
         text = (self.cls.__doc__ or "").strip()
         return text.splitlines()[0] if text else ""
 
-    def defaults(self) -> dict[str, Any]:
-        return {f.name: _field_default(f) for f in dataclasses.fields(self.params)}
-
 
 @dataclass
 class NoParams:
@@ -160,14 +157,6 @@ def make_params(group: str, node: DictConfig | Mapping[str, Any]) -> Any:
         raise ConfigError(f"{group}.plugin", plugin_name, "every group node names its plugin", names(group))
     info = get(group, plugin_name)
     return to_dataclass(info.node, node, group)
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None
 
 
 __all__ = [

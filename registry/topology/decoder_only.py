@@ -1,4 +1,3 @@
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -8,12 +7,7 @@ from llmarch_compose import ModelOutput, Topology, register
 from .stack import Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
 
-@dataclass
-class DecoderOnlyParams(TopologyParams):
-    pass
-
-
-@register("topology", "decoder_only", params=DecoderOnlyParams)
+@register("topology", "decoder_only", params=TopologyParams)
 class DecoderOnly(Topology):
     """A causal language model: embeddings, a stack of causal blocks, an LM head."""
 

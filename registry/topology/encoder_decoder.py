@@ -1,4 +1,3 @@
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -8,12 +7,7 @@ from llmarch_compose import ModelOutput, Topology, register
 from .stack import Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
 
-@dataclass
-class EncoderDecoderParams(TopologyParams):
-    pass
-
-
-@register("topology", "encoder_decoder", params=EncoderDecoderParams)
+@register("topology", "encoder_decoder", params=TopologyParams)
 class EncoderDecoder(Topology):
     """A sequence-to-sequence model (T5, BART): a bidirectional encoder, a causal
     decoder with cross-attention to the encoder's output, one shared token table.
@@ -21,7 +15,7 @@ class EncoderDecoder(Topology):
 
     objective = "seq2seq"
 
-    def __init__(self, params: EncoderDecoderParams, ctx):
+    def __init__(self, params: TopologyParams, ctx):
         super().__init__()
         self.encoder_position = ctx.build("position", causal=False)
         self.position = ctx.position  # the decoder's

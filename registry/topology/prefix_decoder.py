@@ -1,4 +1,3 @@
-from dataclasses import dataclass
 
 from llmarch_compose import register
 
@@ -6,12 +5,7 @@ from .decoder_only import DecoderOnly
 from .stack import TopologyParams
 
 
-@dataclass
-class PrefixDecoderParams(TopologyParams):
-    pass
-
-
-@register("topology", "prefix_decoder", params=PrefixDecoderParams)
+@register("topology", "prefix_decoder", params=TopologyParams)
 class PrefixDecoder(DecoderOnly):
     """A prefix LM (GLM): bidirectional attention over a prefix of `prefix_len`
     tokens per sequence, causal over the rest; no prefix means a causal LM."""
