@@ -5,6 +5,7 @@
 """
 
 from . import data as _data  # noqa: F401  (stores the data nodes)
+from . import precision as _precision  # noqa: F401  (stores the precision nodes)
 from . import scale as _scale  # noqa: F401  (stores the scale nodes)
 from . import schema as _schema  # noqa: F401  (stores the typed config nodes)
 from .builder import build

@@ -97,6 +97,7 @@ class RootConfig:
     task: Any = None
     data: Any = None
     compile: Any = None
+    precision: Any = None
     scale: Any = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

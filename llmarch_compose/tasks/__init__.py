@@ -1,19 +1,21 @@
-"""Tasks: what `llmarch` does with a composed config (`task=summary`, `task=train`).
+"""Tasks: what `llmarch` does with a composed config (`task=summary`, `task=train`, ...).
 
-Each task module stores its config dataclass in Hydra's ConfigStore as
-`task/<name>` and provides `run(cfg)`.
+Every public module of this package is a task: it stores its config dataclass
+in Hydra's ConfigStore as `task/<name>` and provides `run(cfg)`. A new task is
+one new file here.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 from omegaconf import DictConfig
 
 from ..errors import UnknownChoiceError
 
-TASKS = ("summary", "train", "table", "export_hf")
+TASKS = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
 
 for _name in TASKS:  # store each task's config node
     importlib.import_module(f"{__name__}.{_name}")

@@ -27,6 +27,7 @@ from .. import objectives
 from ..cost import count_params
 from ..data import ByteCorpus, DataConfig
 from ..errors import ConfigError
+from ..precision import PrecisionConfig
 from ..schema import CompileConfig
 from ..spec import resolve_spec
 from ..typed import to_dataclass
@@ -97,18 +98,22 @@ def optimizer_for(model: torch.nn.Module, task: TrainTask) -> torch.optim.Optimi
 
 @torch.no_grad()
 def evaluate(model, objective: str, vocab_size: int, data: ByteCorpus, task: TrainTask,
-             device: torch.device) -> float:
+             device: torch.device, precision: PrecisionConfig) -> float:
     generator = torch.Generator().manual_seed(1234)  # the same held-out windows (and masks) every time
     losses = []
     for _ in range(task.eval_batches):
         x, y = data.batch("val", task.batch_size, task.seq_len, generator)
-        losses.append(objectives.loss(model, objective, x.to(device), y.to(device), vocab_size, generator)[1].item())
+        with precision.autocast(device):
+            ce = objectives.loss(model, objective, x.to(device), y.to(device), vocab_size, generator)[1]
+        losses.append(ce.item())
     return sum(losses) / len(losses)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     task: TrainTask = to_dataclass(TrainTask, cfg.task, "task")
     data_cfg: DataConfig = to_dataclass(DataConfig, cfg.data, "data")
+    precision: PrecisionConfig = to_dataclass(PrecisionConfig, cfg.precision, "precision")
+    precision.validate()
     spec = resolve_spec(cfg)
     data = ByteCorpus(data_cfg)
     check(task, spec.model.vocab_size, spec.model.max_seq_len, data.vocab_size)
@@ -121,7 +126,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # recompile limit (a hard error under fullgraph).
     torch._dynamo.reset()
     torch.manual_seed(cfg.seed)
-    model = build(spec, device=device)
+    model = build(spec, device=device, dtype=precision.dtype)
     objective = getattr(model, "objective", "causal_lm")
     vocab = spec.model.vocab_size
     counts = count_params(model)
@@ -142,14 +147,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f.write(json.dumps(record) + "\n")
 
     start = time.perf_counter()
-    initial_val = evaluate(model_fn, objective, vocab, data, task, device)
+    initial_val = evaluate(model_fn, objective, vocab, data, task, device, precision)
     log({"step": 0, "val_loss": initial_val, "elapsed_s": time.perf_counter() - start})
     train_time, timed_steps, loss_value = 0.0, 0, float("nan")
     bar = tqdm(range(1, task.steps + 1), desc="train", disable=not task.progress, dynamic_ncols=True)
     for step in bar:
         x, y = data.batch("train", task.batch_size, task.seq_len, generator)
         t0 = time.perf_counter()
-        loss, ce = objectives.loss(model_fn, objective, x.to(device), y.to(device), vocab, generator)
+        with precision.autocast(device):
+            loss, ce = objectives.loss(model_fn, objective, x.to(device), y.to(device), vocab, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), task.grad_clip)
@@ -166,7 +172,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record = {"step": step, "train_loss": loss_value, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm), "tokens_per_s": tok_s, "elapsed_s": time.perf_counter() - start}
         if step % task.eval_every == 0 or step == task.steps:
-            record["val_loss"] = evaluate(model_fn, objective, vocab, data, task, device)
+            record["val_loss"] = evaluate(model_fn, objective, vocab, data, task, device, precision)
         log(record)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
     bar.close()
@@ -184,6 +190,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tokens_per_s": tokens_per_step * timed_steps / train_time if train_time else None,
         "wall_s": time.perf_counter() - start,
         "compile": cfg.compile.mode,
+        "precision": precision.name,
+        "device": str(device),
         "objective": objective,
         "task": asdict(task),
     }
