@@ -2,12 +2,21 @@
 
 Group choices are checked before Hydra composes, so a typo such as
 `attention=gqq` ends in one paragraph that suggests `gqa`, not a traceback.
+
+In a sweep (`llmarch -m ...`) a job that fails stays a failed job in Hydra's
+sense (its exception leaves the task function), so every launcher and sweeper
+sees it: the basic sweeper still runs the rest of the batch, Optuna marks the
+trial failed. Such a job becomes a row of the sweep report, the other jobs
+still report, and the command exits non-zero, naming the report. A training
+job returns its final held-out loss, the objective a sweeper such as Optuna
+minimizes.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,23 +28,67 @@ from .config import CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check
 from .errors import LlmarchError
 
 EXIT_USAGE = 2
+EXIT_JOB_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+#: The summary field a sweep job returns to its sweeper.
+OBJECTIVE = "final_val_loss"
 
 
 def _report(exc: BaseException) -> None:
     print(f"llmarch: error: {exc}", file=sys.stderr)
 
 
+def sweep_objective(result: Any) -> Any:
+    """A training summary becomes its final held-out loss (a float, as Optuna requires);
+    other results pass through."""
+    if isinstance(result, Mapping) and isinstance(result.get(OBJECTIVE), (int, float)):
+        return float(result[OBJECTIVE])
+    return result
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base=VERSION_BASE)
 def _app(cfg: DictConfig):
+    from .sweep_callback import JobFailed
     from .tasks import run_task
 
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return run_task(cfg)
+        result = run_task(cfg)
     except LlmarchError as exc:
         _report(exc)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep records the failed job and goes on with the others
+        if multirun:  # the job fails, the sweep goes on; Hydra prints the message, not a traceback
+            raise JobFailed(str(exc)) from exc
         sys.exit(EXIT_USAGE)
+    return sweep_objective(result) if multirun else result
+
+
+def _run_app() -> None:
+    """Run the app; a sweep (`-m`, or hydra.mode=MULTIRUN) ends with its report, and the
+    command exits non-zero if a job failed or the sweep was interrupted."""
+    from .sweep_callback import take_reports
+    from .sweep_report import FAILED, INCOMPLETE
+
+    status: Any = 0
+    try:
+        _app()
+    except SystemExit as exc:  # a usage error, or Hydra's exit(1) at the end of a sweep with a failed job
+        status = exc.code
+    except KeyboardInterrupt:
+        status = EXIT_INTERRUPTED
+    reports = take_reports()
+    ending = "interrupted" if status == EXIT_INTERRUPTED else "error"
+    for report in reports:
+        failed = [job for job in report.jobs if job.status in (FAILED, INCOMPLETE)]
+        if failed:
+            jobs = ", ".join(f"{job.number} ({job.status})" for job in failed)
+            print(f"llmarch: {ending}: {len(failed)} of {len(report.jobs)} sweep jobs did not complete: job {jobs}; "
+                  f"see {report.markdown}", file=sys.stderr)
+            status = status or EXIT_JOB_FAILED
+    if status == EXIT_INTERRUPTED and not reports:
+        print("llmarch: interrupted", file=sys.stderr)
+    if status:
+        sys.exit(status)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -50,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except LlmarchError as exc:
         _report(exc)
         sys.exit(EXIT_USAGE)
-    _app()
+    _run_app()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""`task=report task.path=<sweep folder>`: rebuild a sweep's report.
+
+For a finished sweep, an interrupted one (its unfinished jobs show as
+`incomplete`) or one still running. The report is rebuilt from the files the
+jobs wrote; nothing of theirs is changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from ..errors import ConfigError
+from ..sweep_report import COMPLETED, FAILED, INCOMPLETE, REPORTED_TASKS, is_sweep, write_report
+from ..typed import to_dataclass
+
+WHAT_IS_VALID = "the folder of a sweep (Hydra's hydra.sweep.dir, e.g. multirun/<date>/<time>)"
+
+
+@dataclass
+class ReportTask:
+    name: str = "report"
+    path: Optional[str] = None  # the sweep folder
+
+
+ConfigStore.instance().store(group="task", name="report", node=ReportTask, provider="llmarch_compose")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    task = to_dataclass(ReportTask, cfg.task, "task")
+    if not task.path:
+        raise ConfigError("task.path", task.path, "names the sweep to report on", WHAT_IS_VALID)
+    sweep_dir = Path(task.path).expanduser()
+    if not sweep_dir.is_dir():
+        raise ConfigError("task.path", task.path, "no such folder", WHAT_IS_VALID)
+    if not is_sweep(sweep_dir):
+        raise ConfigError("task.path", task.path, "holds no job of a sweep (a folder whose .hydra/hydra.yaml says mode MULTIRUN)",
+                          WHAT_IS_VALID)
+    report = write_report(sweep_dir)
+    if not report.files:
+        raise ConfigError("task.path", task.path, f"holds no job of a task that reports ({', '.join(REPORTED_TASKS)})",
+                          WHAT_IS_VALID)
+    print(f"sweep report: {report.markdown} ({report.describe()})")
+    return {"report": str(report.markdown), "jobs": len(report.jobs),
+            **{status: report.count(status) for status in (COMPLETED, FAILED, INCOMPLETE)}}

@@ -1,0 +1,47 @@
+"""Sweeps through the optional launchers and sweeper (`pip install llmarch-compose[sweep]`):
+joblib, submitit in its local mode, and Optuna. Each ends with the sweep report."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from test_report import TINY_JOB, csv_rows, llmarch, only_sweep, table
+
+
+def test_joblib_launcher_runs_jobs_in_workers_and_reports(tmp_path):
+    proc = llmarch(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "attention=mha,mqa", *TINY_JOB],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    sweep = only_sweep(tmp_path)
+    rows = csv_rows(sweep)
+    assert sorted(r["attention"] for r in rows) == ["mha", "mqa"]
+    for row in rows:
+        summary = json.loads((sweep / row["job"] / "summary.json").read_text())
+        assert summary["components"]["attention"] == row["attention"]
+        assert float(row["held-out loss"]) == summary["final_val_loss"]
+
+
+def test_submitit_local_launcher_records_a_failure_from_its_process(tmp_path):
+    proc = llmarch(["-m", "hydra/launcher=submitit_local", "attention.num_kv_heads=2,3", *TINY_JOB], tmp_path)
+    assert proc.returncode != 0
+    sweep = only_sweep(tmp_path)
+    assert (sweep / ".submitit").is_dir()  # the jobs ran as submitit jobs
+    rows = {r["attention.num_kv_heads"]: r for r in table(sweep)}
+    assert rows["2"]["status"] == "completed" and float(rows["2"]["held-out loss"]) > 0
+    assert rows["3"]["status"] == "failed"
+    assert "ConfigError: attention.num_kv_heads=3: must divide model.n_heads=4" in rows["3"]["error"]
+
+
+def test_optuna_sweeper_minimizes_the_held_out_loss(tmp_path):
+    proc = llmarch(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0",
+                    "attention=choice(mha,mqa)", *TINY_JOB], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = only_sweep(tmp_path)
+    rows = csv_rows(sweep)
+    assert len(rows) == 2 and {r["attention"] for r in rows} <= {"mha", "mqa"}
+    losses = [json.loads((sweep / r["job"] / "summary.json").read_text())["final_val_loss"] for r in rows]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_value"] == min(losses)  # each trial's value was its job's held-out loss
