@@ -22,6 +22,7 @@ from .components import (
     Topology,
 )
 from .config import compose
+from .export import export_package, export_program, load_compiled
 from . import tasks as _tasks  # noqa: F401  (stores the task nodes)
 from .errors import ConfigError, LlmarchError, PluginConflictError, UnknownChoiceError, UnknownKeyError
 from .plugins import register

@@ -2,19 +2,42 @@
 
 from __future__ import annotations
 
+import re
 from typing import Union
 
 import torch
 from omegaconf import DictConfig
 
 from .components import Topology
+from .errors import ConfigError
 from .spec import BuildContext, ModelSpec, resolve_spec
 
 
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    if device is None or str(device) == "auto":
+#: What the `device` key takes; `meta` (shapes only, no memory) is for building and counting.
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:<index>", "meta")
+_DEVICE = re.compile(r"(auto|cpu|meta|cuda)(?::(\d+))?")
+
+
+def resolve_device(device: Union[str, torch.device, None], key: str = "device") -> torch.device:
+    """The device `device` names: `auto` (or None) is cuda when available, else
+    cpu. An unknown name, or cuda where there is none, is a ConfigError on `key`."""
+    value = "auto" if device is None else str(device)
+    match = _DEVICE.fullmatch(value.strip().lower())
+    if match is None or (match[2] is not None and match[1] != "cuda"):
+        raise ConfigError(key, value, "unknown device", DEVICE_CHOICES)
+    name, index = match[1], match[2]
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(key, value, "CUDA is not available here (torch.cuda.is_available() is False)",
+                              [c for c in DEVICE_CHOICES if not c.startswith("cuda")])
+        count = torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            raise ConfigError(key, value, f"there {'is' if count == 1 else 'are'} {count} CUDA device(s)",
+                              ["auto", "cpu", "cuda", *(f"cuda:{i}" for i in range(count))])
+        return torch.device("cuda", int(index)) if index is not None else torch.device("cuda")
+    return torch.device(name)
 
 
 def build(cfg: Union[DictConfig, ModelSpec], device: Union[str, torch.device, None] = "cpu",

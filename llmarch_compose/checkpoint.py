@@ -18,6 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .builder import build
+from .scale import apply_scale
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -33,7 +34,8 @@ def save_checkpoint(model: nn.Module, cfg: DictConfig, path: Union[str, Path]) -
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is not
         # save_model stores tied tensors once (safetensors refuses shared storage otherwise).
         save_model(model, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # Scaled first: resolving a `scale=tiny` config alone would freeze the preset's full-size numbers.
+        (tmp / CONFIG).write_text(OmegaConf.to_yaml(apply_scale(cfg), resolve=True))
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
