@@ -41,8 +41,17 @@ class PluginInfo:
 
     @property
     def doc(self) -> str:
-        text = (self.cls.__doc__ or "").strip()
-        return text.splitlines()[0] if text else ""
+        """The docstring's first paragraph on one line (docstrings here wrap their summary)."""
+        paragraph = (self.cls.__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(line.strip() for line in paragraph.splitlines())
+
+    @property
+    def version(self) -> str | None:
+        """The installed version of the distribution that registered it, if it has one."""
+        try:
+            return importlib.metadata.version(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
 
 @dataclass
@@ -53,6 +62,7 @@ class NoParams:
 _registry: dict[str, dict[str, PluginInfo]] = {g: {} for g in GROUPS}
 _loading_package: list[str] = []  # the distribution whose entry point is being loaded
 _discovered = False
+_discovery_error: LlmarchError | None = None  # kept so that every later lookup fails the same way
 
 
 def register(group: str, name: str, params: type | None = None) -> Callable[[type], type]:
@@ -102,7 +112,9 @@ def distribution_of(module: str) -> str:
 
 def discover() -> None:
     """Import every module named in the `llmarch_compose.plugins` entry-point group, once."""
-    global _discovered
+    global _discovered, _discovery_error
+    if _discovery_error is not None:  # a half-loaded registry must not pass for a whole one
+        raise _discovery_error
     if _discovered:
         return
     _discovered = True
@@ -111,13 +123,15 @@ def discover() -> None:
         _loading_package.append(package)
         try:
             ep.load()
-        except LlmarchError:
+        except LlmarchError as exc:
+            _discovery_error = exc
             raise
         except Exception as exc:  # a broken third-party plugin must say which one it is
-            raise LlmarchError(
+            _discovery_error = LlmarchError(
                 f"loading plugin entry point {ep.name!r} = {ep.value!r} from {package} failed: "
                 f"{type(exc).__name__}: {exc}"
-            ) from exc
+            )
+            raise _discovery_error from exc
         finally:
             _loading_package.pop()
     if not any(_registry.values()):
