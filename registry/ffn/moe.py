@@ -10,8 +10,30 @@ Its options cover the published routers (the YAML variants in conf/ffn/ set them
 - expert capacity (Switch): slots beyond an expert's capacity are dropped;
 - the balance loss and the router z-loss (ST-MoE) as the auxiliary loss.
 
-Shapes stay static throughout (fullgraph compile): every expert runs on every
-token and the routing weights, mostly zero, combine the outputs.
+Experts run only on the tokens routed to them (grouped dispatch): the routing
+slots (token, choice) are sorted by expert id, each token's row is gathered once
+per slot, and the expert weights multiply contiguous row groups through
+`grouped_mm` (grouped_mm.py: `torch._grouped_mm` in bf16, otherwise an opaque
+custom op looping `mm` over the groups). The slots' outputs return to token
+order through the inverse permutation and are summed with the routing weights.
+
+Why this shape: every tensor the compiler sees has a static size (slots =
+tokens x top_k rows; offsets [experts]), and the data-dependent group sizes stay
+inside the grouped product, so `torch.compile(fullgraph=True)` traces the layer
+with no graph break, no recompiles and no unbacked sizes, forward and backward,
+while the matrix work is exactly that of the chosen experts in blocks as large
+as the groups. The alternatives lose on the CPU: running every expert on every
+token costs num_experts / top_k times the work; a padded batch sized for the
+worst case (all tokens on one expert) multiplies the work by num_experts again,
+and one sized by capacity drops tokens; reading the group sizes in traced code
+(`.tolist()` and `torch.split`) needs capture_scalar_outputs and carries sizes
+unknown at compile time, possibly zero, through every op after the split. On the
+CPU the loop's `mm` calls run at the rate of plain `mm` on the same shapes
+(benchmarks/bench_moe.py measures it).
+
+A slot beyond its expert's capacity is sorted past the last group, so no expert
+computes it; it then contributes zero, or (dropped=identity) its weight times
+the input, as before.
 """
 
 from __future__ import annotations
@@ -29,6 +51,7 @@ from llmarch_compose import ConfigError, FeedForward, FeedForwardOutput, Precise
 from llmarch_compose.spec import divisors
 
 from .dense import DenseFFN, DenseParams, gated_product
+from .grouped_mm import grouped_mm
 
 ROUTERS = ("softmax", "sigmoid")
 DROPPED = ("zero", "identity")
@@ -188,6 +211,32 @@ def kept_slots(chosen: torch.Tensor, num_experts: int, group_len: int, capacity:
     return position <= capacity
 
 
+# ------------------------------------------------------------------------ dispatch
+
+
+class Dispatch(NamedTuple):
+    """Routing slots (token, choice), flattened token-major, as rows sorted by expert."""
+
+    token: torch.Tensor  # [slots] the token each row reads
+    inverse: torch.Tensor  # [slots] the row that holds each slot
+    offsets: torch.Tensor  # [experts] int32, each expert's end row; rows past the last are dropped slots
+
+
+def dispatch(chosen: torch.Tensor, num_experts: int, keep: Optional[torch.Tensor] = None) -> Dispatch:
+    """Sort the slots of `chosen` [tokens, top_k] by expert (stable: token order
+    within an expert); slots not kept sort last, in no expert's group."""
+    expert = chosen.reshape(-1)
+    if keep is not None:
+        expert = torch.where(keep.reshape(-1), expert, num_experts)
+    order = torch.argsort(expert, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=expert.dtype, device=expert.device)
+    counts = counts.scatter_add(0, expert, torch.ones_like(expert))
+    slots = torch.arange(expert.numel(), device=expert.device)
+    inverse = torch.empty_like(order).scatter(0, order, slots)
+    offsets = counts[:num_experts].cumsum(0).to(torch.int32)
+    return Dispatch(order // chosen.shape[-1], inverse, offsets)
+
+
 # -------------------------------------------------------------------------- losses
 
 
@@ -209,12 +258,8 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 @register("ffn", "moe", params=MoEParams)
 class MixtureOfExperts(FeedForward, PreciseBuffers):
     """Top-k routed experts, their weights stacked in [experts, in, out] tensors,
-    plus optional always-on shared experts.
-
-    Every token is run through every expert and the outputs are combined with the
-    (mostly zero) routing weights: static shapes, so it compiles with fullgraph,
-    at num_experts / top_k times the matrix work of a dispatching kernel.
-    """
+    plus optional always-on shared experts. Each expert runs on the tokens routed
+    to it only (grouped dispatch, see the module docstring)."""
 
     precise_buffers = ("score_bias",)  # too coarse in bf16 for balancing's small steps
 
@@ -269,10 +314,8 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         r = self.route(x)
-        weights, dropped = self._apply_capacity(r, group_len=shape[-2] if len(shape) > 2 else x.shape[0])
-        combine = torch.zeros_like(r.scores).scatter(1, r.chosen, weights).to(x.dtype)  # [tokens, experts]
-        h = gated_product(self.activation, torch.einsum("td,edf->etf", x, self.w_in))
-        y = torch.einsum("etd,te->td", torch.bmm(h, self.w_out), combine)
+        keep, weights, dropped = self._apply_capacity(r, group_len=shape[-2] if len(shape) > 2 else x.shape[0])
+        y = self._routed_output(x, r.chosen, weights, keep)
         if dropped is not None:  # a dropped slot passes its input through, times its weight
             y = y + dropped.sum(dim=-1, keepdim=True).to(x.dtype) * x
         if self.shared is not None:
@@ -281,14 +324,32 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
             self.expert_load.add_(F.one_hot(r.chosen, self.num_experts).sum(dim=(0, 1)))
         return FeedForwardOutput(y.reshape(shape), self._aux_loss(r))
 
-    def _apply_capacity(self, r: Routing, group_len: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The weights of the slots kept; with dropped=identity also those of the slots dropped."""
+    def _routed_output(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
+                       keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """sum over a token's kept slots of weight x expert(token), each expert run on its rows only."""
+        plan = dispatch(chosen, self.num_experts, keep)
+        rows = x[plan.token]
+        in_group = None
+        if keep is not None:  # rows of dropped slots belong to no group; bf16's kernel leaves them undefined
+            in_group = (torch.arange(rows.shape[0], device=x.device) < plan.offsets[-1]).unsqueeze(-1)
+            rows = torch.where(in_group, rows, torch.zeros_like(rows))
+        h = gated_product(self.activation, grouped_mm(rows, self.w_in, plan.offsets))
+        out = grouped_mm(h, self.w_out, plan.offsets)
+        if in_group is not None:
+            out = torch.where(in_group, out, torch.zeros_like(out))
+        slots = out[plan.inverse].view(*chosen.shape, -1)  # [tokens, top_k, d]
+        return (slots * weights.to(x.dtype).unsqueeze(-1)).sum(dim=1)
+
+    def _apply_capacity(self, r: Routing, group_len: int
+                        ) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        """Which slots fit their expert's capacity (None: all), the weights of the
+        slots kept, and with dropped=identity those of the slots dropped."""
         capacity = self.slot_capacity(group_len)
         if capacity is None:
-            return r.weights, None
+            return None, r.weights, None
         keep = kept_slots(r.chosen, self.num_experts, group_len, capacity)
         kept = torch.where(keep, r.weights, torch.zeros_like(r.weights))
-        return kept, (r.weights - kept if self.dropped == "identity" else None)
+        return keep, kept, (r.weights - kept if self.dropped == "identity" else None)
 
     def _shared_output(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shared(x).output
