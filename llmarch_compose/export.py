@@ -307,6 +307,11 @@ def load_compiled(path: PathLike, device_index: int = -1) -> CompiledModel:
     `torch._inductor.aoti_load_package(path)` runs it too, returning the tuple)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no AOTInductor package at {path}")
+    # A package may call the plugins' custom ops (the fp32 grouped expert products
+    # of MoE layers) through the Python dispatcher: they must be registered first.
+    from .plugins import discover
+
+    discover()
     return CompiledModel(path, device_index)
 
 

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo import convert_frame
 from torch._dynamo.utils import counters
 
 import llmarch_compose as lc
@@ -111,3 +112,40 @@ def test_compile_modes():
     with pytest.raises(ConfigError) as info:
         lc.compile(model, mode="fast")
     assert info.value.key == "compile.mode" and "max-autotune" in str(info.value)
+
+
+@pytest.mark.parametrize("combo", ["default", "moe"])
+def test_no_frame_is_compiled_again_after_the_first_step(tiny_cfg, combo):
+    """Training steps (forward, backward, AdamW) and no-grad evaluations, with the
+    model switched to eval mode and back as an evaluation loop does: after the first
+    step has seen every mode, Dynamo compiles no frame, graph or guard set again."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = lc.build(tiny_cfg(*COMBOS[combo]))
+    compiled = lc.compile(model, mode="default")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+
+    def snapshot() -> dict[str, object]:
+        """Every Dynamo counter, the frames it converted and its per-frame compile counts."""
+        return {"counters": {k: dict(v) for k, v in counters.items()},
+                "frames_converted": torch._dynamo.utils.curr_frame,
+                "frame_compiles": sum(convert_frame.FRAME_COMPILE_COUNTER.values())}
+
+    seen = []
+    for _ in range(3):
+        x = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+        y = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+        loss = loss_of(compiled(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            compiled(x)
+        model.train()
+        seen.append(snapshot())
+    assert seen[0]["counters"]["stats"]["unique_graphs"] >= 1 and seen[0]["frame_compiles"] >= 1
+    assert seen[1] == seen[0] and seen[2] == seen[0], f"compiled again after the first step: {seen}"
+    assert not counters["graph_break"]

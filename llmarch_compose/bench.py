@@ -1,0 +1,502 @@
+"""How fast a composed model trains and runs, measured against peers on the same weights.
+
+The mechanism behind `task=bench`:
+- variants: our model eager, our model compiled (regional, fullgraph) and, when
+  transformers is installed and the architecture has a Hugging Face mapping, the
+  transformers model loaded from `to_hf`'s folder with SDPA attention (its
+  logits are checked against ours before anything is timed);
+- timing: the variants alternate step by step (round robin, the order rotating
+  each round) so machine noise hits them alike; warm-up steps are not timed and
+  the median is reported;
+- memory of one training step: the variant's resident tensors (weights, buffers,
+  AdamW state) plus the step's peak allocation above them: `max_memory_allocated`
+  on CUDA, the running sum of the torch profiler's allocation events on CPU
+  (tensor memory only, like the CUDA counter; no allocator or interpreter overhead);
+- cold compile time: a child process with an empty inductor cache compiles and
+  runs one training step; the compile time is that step minus a steady step;
+- the machine's dense matmul rate (2048-cube, in the compute dtype), timed in the
+  same rounds as the training steps, as the yardstick for the model's FLOP rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from . import objectives
+from .builder import build, resolve_device
+from .compile_stage import compile_from_config
+from .components import ModelOutput
+from .cost import count_params, forward_flops_per_token
+from .precision import DTYPES, PrecisionConfig
+from .schema import CompileConfig
+from .spec import resolve_spec
+from .typed import to_dataclass
+
+MATMUL_SIZE = 2048
+# Largest logits difference (relative to the logits' scale) at which two
+# implementations count as the same model: far above rounding, far below a bug.
+LOGITS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+# AdamW implementations: one fused kernel, multi-tensor (foreach) ops, or a loop of
+# per-parameter ops (the CPU default of torch.optim.AdamW).
+ADAMW = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for_loop": dict(foreach=False)}
+
+
+@dataclass
+class Variant:
+    """One implementation under test: a forward that returns ModelOutput and its optimizer."""
+
+    name: str
+    module: nn.Module  # owns the parameters
+    forward: Callable[[torch.Tensor], ModelOutput]
+    adamw: str = "fused"
+    optimizer: torch.optim.Optimizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-4, **ADAMW[self.adamw])
+
+
+@dataclass
+class Workload:
+    """What one step does: the batch, the objective and the precision."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    objective: str
+    vocab_size: int
+    precision: PrecisionConfig
+    device: torch.device
+
+    def train_step(self, variant: Variant) -> None:
+        """Forward, loss (cross-entropy in fp32), backward, AdamW step; gradients
+        are dropped last, so a step starts and ends with only the resident tensors."""
+        generator = torch.Generator().manual_seed(0)  # masked objectives: the same masks every step
+        with self.precision.autocast(self.device):
+            loss, _ = objectives.loss(variant.forward, self.objective, self.x, self.y, self.vocab_size, generator)
+        loss.backward()
+        variant.optimizer.step()
+        variant.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def infer(self, variant: Variant) -> None:
+        with self.precision.autocast(self.device):
+            variant.forward(self.x)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin(steps: dict[str, Callable[[], None]], warmup: int, timed: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each timed call; the callables alternate, starting one later each round."""
+    names = list(steps)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + timed):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            if round_ >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def matmul_step(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], None], float]:
+    """A 2048-cube matmul and its FLOPs."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=g).to(device=device, dtype=dtype)
+    return (lambda: torch.mm(a, b)), 2.0 * MATMUL_SIZE ** 3
+
+
+# ------------------------------------------------------------------ memory
+
+def resident_bytes(variant: Variant) -> int:
+    """Weights, buffers and optimizer state, each tensor once."""
+    tensors = {id(t): t for t in [*variant.module.parameters(), *variant.module.buffers()]}
+    for state in variant.optimizer.state.values():
+        tensors.update({id(t): t for t in state.values() if isinstance(t, torch.Tensor)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """The most tensor memory a call holds at once above what was live before it."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "resident tensors + peak of torch.cuda.max_memory_allocated during the step"
+    return "resident tensors + peak of live CPU tensor bytes during the step (torch profiler allocation events)"
+
+
+# ------------------------------------------------------------------ peers
+
+def hf_peer(model: nn.Module, cfg: DictConfig, workdir: Path, dtype: torch.dtype,
+            device: torch.device) -> tuple[Optional[nn.Module], str]:
+    """The transformers model with our weights (SDPA attention), or None and why not."""
+    if importlib.util.find_spec("transformers") is None:
+        return None, "transformers is not installed"
+    if getattr(model, "objective", "causal_lm") != "causal_lm":
+        return None, "not a causal LM: no AutoModelForCausalLM peer"
+    from .errors import LlmarchError
+    from .interop.hf import to_hf
+
+    try:
+        folder = to_hf(model, cfg, workdir / "hf")
+    except LlmarchError as exc:
+        return None, f"no Hugging Face mapping: {exc}"
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype)
+    return hf.to(device).train(), "transformers " + transformers.__version__ + ", SDPA attention"
+
+
+def hf_forward(hf: nn.Module) -> Callable[[torch.Tensor], ModelOutput]:
+    return lambda ids: ModelOutput(hf(input_ids=ids, use_cache=False).logits, None)
+
+
+def litgpt_status() -> str:
+    if importlib.util.find_spec("litgpt") is None:
+        return "litgpt is not installed"
+    return "litgpt is installed, but this project has no weight mapping to it"
+
+
+@torch.no_grad()
+def logits_difference(a: Callable, b: Callable, x: torch.Tensor, precision: PrecisionConfig,
+                      device: torch.device) -> tuple[float, float]:
+    """Largest absolute logits difference, and the largest logit (its scale)."""
+    with precision.autocast(device):
+        la, lb = a(x).logits.float(), b(x).logits.float()
+    return (la - lb).abs().max().item(), la.abs().max().item()
+
+
+# ------------------------------------------------------------------ cold compile in a child process
+
+def cold_compile(cfg: DictConfig, depth: Optional[int], batch_size: int, seq_len: int,
+                 threads: Optional[int], adamw: str, timeout_s: float = 1800) -> dict[str, Any]:
+    """Compile time with an empty inductor cache, in a fresh process, at `depth` layers
+    (None: the config's). A small batch keeps the steps cheap; compile time does not
+    depend on the batch."""
+    request = {"config": OmegaConf.to_yaml(cfg), "depth": depth, "batch_size": batch_size, "seq_len": seq_len,
+               "threads": threads, "adamw": adamw}
+    with tempfile.TemporaryDirectory(prefix="llmarch-inductor-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        done = subprocess.run([sys.executable, "-m", "llmarch_compose.bench"], input=json.dumps(request),
+                              capture_output=True, text=True, env=env, timeout=timeout_s)
+    if done.returncode:
+        raise RuntimeError(f"the cold-compile probe failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def config_at_depth(cfg: DictConfig, depth: Optional[int]) -> DictConfig:
+    """`cfg` with `depth` layers (None: as it is); a scale caps the preset's depth, so both are set."""
+    if depth is None:
+        return cfg
+    cfg = cfg.copy()
+    cfg.model.n_layers = depth
+    if "scale" in cfg:
+        cfg.scale.n_layers = depth
+    return cfg
+
+
+def _cold_compile_child(request: dict[str, Any]) -> dict[str, Any]:
+    if request["threads"]:
+        torch.set_num_threads(request["threads"])
+    cfg = config_at_depth(OmegaConf.create(request["config"]), request["depth"])
+    spec = resolve_spec(cfg)
+    precision = to_dataclass(PrecisionConfig, cfg.precision, "precision")
+    device = resolve_device_of(cfg)
+    torch.manual_seed(0)
+    model = build(spec, device=device, dtype=precision.dtype)
+    compiled = compile_from_config(model, compiled_settings(cfg))
+    workload = make_workload(model, spec.model.vocab_size, request["batch_size"], request["seq_len"],
+                             precision, device)
+    variant = Variant("compiled", model, compiled, request["adamw"])
+    seconds = []
+    for _ in range(3):
+        synchronize(device)
+        start = time.perf_counter()
+        workload.train_step(variant)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    steady = statistics.median(seconds[1:])
+    return {"n_layers": spec.model.n_layers, "first_step_s": seconds[0], "steady_step_s": steady,
+            "compile_s": seconds[0] - steady}
+
+
+# ------------------------------------------------------------------ shared setup
+
+def resolve_device_of(cfg: DictConfig) -> torch.device:
+    return resolve_device(cfg.get("device", "auto"))
+
+
+def compiled_settings(cfg: DictConfig) -> CompileConfig:
+    """The config's compile settings; `compile=eager` still gets a compiled variant (default mode)."""
+    settings = to_dataclass(CompileConfig, cfg.compile, "compile")
+    if settings.mode == "eager":
+        settings.mode = "default"
+    return settings
+
+
+def make_workload(model: nn.Module, vocab_size: int, batch_size: int, seq_len: int, precision: PrecisionConfig,
+                  device: torch.device) -> Workload:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=g).to(device)
+    return Workload(x[:, :-1], x[:, 1:], getattr(model, "objective", "causal_lm"), vocab_size, precision, device)
+
+
+# ------------------------------------------------------------------ the benchmark
+
+@dataclass
+class BenchOptions:
+    steps: int = 5
+    warmup: int = 2
+    batch_size: int = 8
+    seq_len: int = 128
+    variants: Sequence[str] = ("eager", "compiled", "hf")
+    memory: bool = True
+    cold_compile: bool = True
+    compile_depths: Sequence[int] = ()
+    threads: Optional[int] = None
+    adamw: str = "fused"
+
+
+VARIANTS = ("eager", "compiled", "hf")
+
+
+def run_benchmark(cfg: DictConfig, options: BenchOptions, workdir: Path) -> dict[str, Any]:
+    """Every measurement as plain data (JSON-serializable)."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    spec = resolve_spec(cfg)
+    precision = to_dataclass(PrecisionConfig, cfg.precision, "precision")
+    precision.validate()
+    device = resolve_device_of(cfg)
+    torch._dynamo.reset()  # graphs of earlier models must not count against the recompile limit
+    torch.manual_seed(cfg.get("seed", 0))
+    model = build(spec, device=device, dtype=precision.dtype)
+    counts = count_params(model)
+    workload = make_workload(model, spec.model.vocab_size, options.batch_size, options.seq_len, precision, device)
+    tokens = options.batch_size * options.seq_len
+    flops = forward_flops_per_token(model, counts, options.seq_len)
+    compute_dtype = DTYPES[precision.autocast_dtype] if precision.autocast_dtype else precision.dtype
+
+    variants: dict[str, Variant] = {}
+    notes: list[str] = []
+    checks: dict[str, Any] = {}
+    tolerance = LOGITS_TOLERANCE[compute_dtype]
+    if "hf" in options.variants:  # converted first: the other variants get copies of the same weights
+        hf, why = hf_peer(model, cfg, workdir, precision.dtype, device)
+        if hf is None:
+            notes.append(f"Hugging Face peer: {why}")
+        else:
+            diff, scale = logits_difference(model, hf_forward(hf), workload.x, precision, device)
+            checks["hf_logits_max_abs_diff"] = diff
+            checks["hf_logits_match"] = diff <= tolerance * max(1.0, scale)
+            if checks["hf_logits_match"]:
+                notes.append(f"Hugging Face peer: {why}; logits match ours (max |diff| {diff:.2e})")
+                variants["hf"] = Variant("hf", hf, hf_forward(hf), options.adamw)
+            else:
+                notes.append(f"Hugging Face peer: logits differ from ours by {diff:.3g}: not compared")
+    notes.append(litgpt_status())
+    if "eager" in options.variants:
+        eager = copy.deepcopy(model)
+        variants["eager"] = Variant("eager", eager, eager, options.adamw)
+    first_compile_s = None
+    if "compiled" in options.variants:
+        compiled_model = copy.deepcopy(model)
+        compiled = compile_from_config(compiled_model, compiled_settings(cfg))
+        variants["compiled"] = Variant("compiled", compiled_model, compiled, options.adamw)
+        diff, scale = logits_difference(model, compiled, workload.x, precision, device)
+        checks["compiled_logits_max_abs_diff"] = diff
+        checks["compiled_logits_match"] = diff <= tolerance * max(1.0, scale)
+        synchronize(device)
+        start = time.perf_counter()  # the first training step compiles forward and backward
+        workload.train_step(variants["compiled"])
+        synchronize(device)
+        first_compile_s = time.perf_counter() - start
+    del model
+    variants = {name: variants[name] for name in VARIANTS if name in variants}
+
+    matmul, matmul_flops = matmul_step(compute_dtype, device)
+    train_steps: dict[str, Callable[[], None]] = {n: (lambda v=v: workload.train_step(v)) for n, v in variants.items()}
+    train_s = round_robin({**train_steps, "matmul": matmul}, options.warmup, options.steps, device)
+    infer_s = round_robin({n: (lambda v=v: workload.infer(v)) for n, v in variants.items()},
+                          options.warmup, options.steps, device)
+    matmul_rate = matmul_flops / statistics.median(train_s.pop("matmul"))
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, variant in variants.items():
+        train_median, infer_median = statistics.median(train_s[name]), statistics.median(infer_s[name])
+        row = {
+            "train_step_s": train_median, "train_tokens_per_s": tokens / train_median,
+            "infer_step_s": infer_median, "infer_tokens_per_s": tokens / infer_median,
+            "train_model_flops_per_s": 3 * flops["flops_per_token"] * tokens / train_median,
+            "infer_model_flops_per_s": flops["flops_per_token"] * tokens / infer_median,
+        }
+        row["train_fraction_of_matmul"] = row["train_model_flops_per_s"] / matmul_rate
+        row["infer_fraction_of_matmul"] = row["infer_model_flops_per_s"] / matmul_rate
+        if options.memory:
+            resident = resident_bytes(variant)
+            row["train_peak_bytes"] = resident + step_peak_bytes(train_steps[name], device)
+            row["resident_bytes"] = resident
+        results[name] = row
+    if "hf" in results:
+        peer = results["hf"]
+        for row in results.values():
+            row["train_vs_hf"] = row["train_tokens_per_s"] / peer["train_tokens_per_s"]
+            row["infer_vs_hf"] = row["infer_tokens_per_s"] / peer["infer_tokens_per_s"]
+            if options.memory:
+                row["memory_vs_hf"] = row["train_peak_bytes"] / peer["train_peak_bytes"]
+
+    compile_times: dict[str, Any] = {"first_step_in_process_s": first_compile_s}
+    if options.cold_compile and "compiled" in variants:
+        compile_times["cold"] = cold_compile(cfg, None, 1, options.seq_len, options.threads, options.adamw)
+        compile_times["by_depth"] = [cold_compile(cfg, depth, 1, options.seq_len, options.threads, options.adamw)
+                                     for depth in options.compile_depths]
+
+    return {
+        "model": spec.model.name, "components": spec.components, **counts,
+        "device": str(device), "precision": precision.name, "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "batch_size": options.batch_size, "seq_len": options.seq_len,
+        "tokens_per_step": tokens, "steps": options.steps, "warmup": options.warmup, "adamw": options.adamw,
+        "flops_per_token_forward": flops["flops_per_token"], "flops_per_token_train": 3 * flops["flops_per_token"],
+        "matmul": {"size": MATMUL_SIZE, "flops_per_s": matmul_rate},
+        "memory_method": memory_method(device) if options.memory else None,
+        "variants": results, "checks": checks, "compile": compile_times, "notes": notes,
+        "targets": targets(results, compile_times),
+    }
+
+
+def targets(results: dict[str, dict[str, Any]], compile_times: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures the project aims for, each with the measured value (None: not measured)."""
+    compiled = results.get("compiled", {})
+    depths = sorted(compile_times.get("by_depth") or [], key=lambda d: d["n_layers"])
+    flat = None
+    if len(depths) >= 2 and depths[0]["compile_s"] > 0:
+        flat = depths[-1]["compile_s"] / depths[0]["compile_s"]
+    cold = compile_times.get("cold")
+    rows = [
+        ("training tokens/s vs HF", compiled.get("train_vs_hf"), ">=", 1.15),
+        ("inference tokens/s vs HF", compiled.get("infer_vs_hf"), ">=", 1.15),
+        ("peak training memory vs HF", compiled.get("memory_vs_hf"), "<=", 0.8),
+        ("cold compile (s)", cold["compile_s"] if cold else None, "<", 25.0),
+        ("compile time, deepest / shallowest", flat, "<=", 1.2),
+        ("training FLOP rate / matmul rate", compiled.get("train_fraction_of_matmul"), ">=", 0.95),
+    ]
+    out = []
+    for what, value, op, goal in rows:
+        met = None if value is None else (value >= goal if op == ">=" else value <= goal if op == "<=" else value < goal)
+        out.append({"target": what, "value": value, "goal": f"{op} {goal:g}", "met": met})
+    return out
+
+
+# ------------------------------------------------------------------ the report
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Benchmark: {report['model']}",
+        "",
+        f"{report['params_total']:,} parameters; batch {report['batch_size']} x {report['seq_len']} tokens; "
+        f"{report['precision']} ({report['compute_dtype']} compute) on {report['device']}, "
+        f"{report['threads']} threads; AdamW {report['adamw']}; medians of {report['steps']} steps after {report['warmup']} warm-up, "
+        "variants alternating step by step.",
+        "",
+        "| variant | train tokens/s | vs HF | inference tokens/s | vs HF | peak train memory | vs HF "
+        "| train FLOP/s | of matmul rate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {"eager": "ours, eager", "compiled": "ours, compiled", "hf": "Hugging Face (SDPA)"}
+    for name, row in report["variants"].items():
+        peak = row.get("train_peak_bytes")
+        lines.append(
+            f"| {names[name]} | {row['train_tokens_per_s']:,.0f} | {_fmt(row.get('train_vs_hf'), '.2f')}x "
+            f"| {row['infer_tokens_per_s']:,.0f} | {_fmt(row.get('infer_vs_hf'), '.2f')}x "
+            f"| {_fmt(peak / 2**20 if peak is not None else None, ',.1f')} MiB "
+            f"| {_fmt(row.get('memory_vs_hf'), '.2f')}x "
+            f"| {row['train_model_flops_per_s'] / 1e9:,.1f} G | {row['train_fraction_of_matmul']:.0%} |")
+    lines += ["", f"Matmul {report['matmul']['size']}-cube ({report['compute_dtype']}): "
+                  f"{report['matmul']['flops_per_s'] / 1e9:,.1f} GFLOP/s, timed in the same rounds. "
+                  f"Model FLOPs: 3 x {report['flops_per_token_forward'] / 1e6:,.1f} MFLOP per token "
+                  "(2 per weight and token, plus attention scores, forward; backward twice that)."]
+    if report["memory_method"]:
+        lines.append(f"Peak memory: {report['memory_method']}.")
+    c = report["compile"]
+    lines += ["", "Compile (regional, fullgraph):"]
+    if c["first_step_in_process_s"] is None:
+        lines.append("- no compiled variant measured")
+    else:
+        lines.append(f"- first training step in this process (inductor cache as found): "
+                     f"{c['first_step_in_process_s']:.1f} s")
+    if c.get("cold"):
+        lines.append(f"- cold (empty inductor cache, fresh process): {c['cold']['compile_s']:.1f} s "
+                     f"at {c['cold']['n_layers']} layers")
+    for d in c.get("by_depth") or []:
+        lines.append(f"- cold at {d['n_layers']} layers: {d['compile_s']:.1f} s")
+    lines += ["", "Checks:"]
+    lines += [f"- {k}: {v:.3g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report["checks"].items()]
+    lines += [f"- {note}" for note in report["notes"]]
+    lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
+    for t in report["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "no")
+        lines.append(f"| {t['target']} | {_fmt(t['value'], '.3g')} | {t['goal']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """The file appears whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":  # the cold-compile probe: a request on stdin, one JSON line out
+    print(json.dumps(_cold_compile_child(json.loads(sys.stdin.read()))))

@@ -1,0 +1,139 @@
+"""task=bench at test size: the report's structure, the same-weights check against
+transformers, compile-time fields, the memory probe and the round robin. Timings
+are never asserted: they depend on the machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import TINY
+
+import llmarch_compose as lc
+from llmarch_compose import ConfigError, bench
+from llmarch_compose.tasks import run_task
+
+RUN = ["task=bench", "task.steps=2", "task.warmup=1", "task.batch_size=2", "task.seq_len=16", "device=cpu"]
+NUMBERS = ("train_step_s", "train_tokens_per_s", "infer_step_s", "infer_tokens_per_s", "train_model_flops_per_s",
+           "train_fraction_of_matmul", "train_peak_bytes", "resident_bytes")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    returned = run_task(lc.compose([*TINY, *RUN, f"task.output_dir={out}"]))
+    return out, returned
+
+
+def test_writes_json_and_markdown_with_every_variant(report):
+    out, returned = report
+    written = json.loads((out / "bench.json").read_text())
+    assert written == json.loads(json.dumps(returned))  # what run returns is what it wrote
+    assert set(written["variants"]) == {"eager", "compiled", "hf"}
+    for name, row in written["variants"].items():
+        for key in NUMBERS:
+            assert row[key] > 0, (name, key)
+        assert row["train_peak_bytes"] > row["resident_bytes"]  # the step allocates activations and gradients
+        assert {"train_vs_hf", "infer_vs_hf", "memory_vs_hf"} <= set(row)
+    assert written["variants"]["hf"]["train_vs_hf"] == 1.0
+    assert written["tokens_per_step"] == 2 * 16 and written["params_total"] > 0
+    assert written["matmul"]["size"] == 2048 and written["matmul"]["flops_per_s"] > 0
+    assert len(written["targets"]) == 6
+    markdown = (out / "bench.md").read_text()
+    for label in ("ours, eager", "ours, compiled", "Hugging Face (SDPA)", "litgpt is not installed"
+                  if importlib.util.find_spec("litgpt") is None else "litgpt"):
+        assert label in markdown
+
+
+def test_ours_and_transformers_agree_on_the_same_weights(report):
+    checks = report[1]["checks"]
+    assert checks["hf_logits_match"] is True and checks["hf_logits_max_abs_diff"] < 1e-4
+    assert checks["compiled_logits_match"] is True and checks["compiled_logits_max_abs_diff"] < 1e-4
+
+
+def test_compile_times_are_reported(report):
+    compile_times = report[1]["compile"]
+    assert compile_times["first_step_in_process_s"] > 0
+    cold = compile_times["cold"]
+    assert cold["n_layers"] == 2 and cold["first_step_s"] > 0 and "compile_s" in cold
+    assert compile_times["by_depth"] == []  # task.compile_depths is empty
+
+
+@pytest.mark.parametrize("preset", [[], ["model=llama3_8b", "scale=tiny"]])
+def test_compile_probes_change_only_the_depth(preset):
+    cfg = lc.compose([*TINY, *preset])
+    deeper = bench.config_at_depth(cfg, 3)
+    spec, spec3 = lc.resolve_spec(cfg), lc.resolve_spec(deeper)
+    assert spec3.model.n_layers == 3 and spec.model.n_layers != 3
+    assert dataclasses.replace(spec3.model, n_layers=spec.model.n_layers) == spec.model
+    assert bench.config_at_depth(cfg, None) is cfg
+
+
+def test_a_peer_with_other_weights_is_caught_and_left_out(tmp_path, monkeypatch):
+    real = bench.hf_peer
+
+    def perturbed(*args, **kwargs):
+        hf, why = real(*args, **kwargs)
+        with torch.no_grad():
+            hf.lm_head.weight.add_(0.01)
+        return hf, why
+
+    monkeypatch.setattr(bench, "hf_peer", perturbed)
+    options = bench.BenchOptions(steps=1, warmup=1, batch_size=1, seq_len=8, variants=("eager", "hf"),
+                                 memory=False, cold_compile=False)
+    result = bench.run_benchmark(lc.compose(TINY), options, tmp_path)
+    assert result["checks"]["hf_logits_match"] is False
+    assert set(result["variants"]) == {"eager"}
+    assert any("not compared" in note for note in result["notes"])
+
+
+def test_without_transformers_the_report_says_so(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else find_spec(name, *a))
+    options = bench.BenchOptions(steps=1, warmup=1, batch_size=1, seq_len=8, variants=("eager", "hf"),
+                                 memory=False, cold_compile=False)
+    result = bench.run_benchmark(lc.compose(TINY), options, tmp_path)
+    assert set(result["variants"]) == {"eager"}
+    assert "Hugging Face peer: transformers is not installed" in result["notes"]
+    assert "| ours, eager |" in bench.render_markdown(result) and "n/a" in bench.render_markdown(result)
+
+
+def test_step_peak_counts_what_a_step_holds_at_once():
+    def step():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(1 << 20)  # 4 MiB more while `a` lives
+        del a, b
+        torch.ones(1 << 19)  # 2 MiB after both are freed: not a new peak
+
+    peak = bench.step_peak_bytes(step, torch.device("cpu"))
+    assert 8 << 20 <= peak < (8 << 20) + (1 << 20)
+
+
+def test_round_robin_alternates_and_skips_warm_up():
+    calls = []
+    seconds = bench.round_robin({n: (lambda n=n: calls.append(n)) for n in "abc"}, warmup=1, timed=3,
+                                device=torch.device("cpu"))
+    assert calls == list("abc" "bca" "cab" "abc")
+    assert {n: len(s) for n, s in seconds.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+@pytest.mark.parametrize("override, key", [("task.variants=[eager,vllm]", "task.variants"),
+                                           ("task.seq_len=65", "task.seq_len"), ("task.warmup=0", "task.warmup")])
+def test_bad_options_name_their_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        run_task(lc.compose([*TINY, "task=bench", override]))
+    assert info.value.key == key
+
+
+def test_targets_compare_the_deepest_compile_with_the_shallowest():
+    rows = {"compiled": {"train_vs_hf": 1.2, "infer_vs_hf": 1.0, "memory_vs_hf": 0.9, "train_fraction_of_matmul": 0.5}}
+    times = {"cold": {"compile_s": 20.0}, "by_depth": [{"n_layers": 16, "compile_s": 12.0},
+                                                       {"n_layers": 2, "compile_s": 10.0}]}
+    met = {t["target"]: (t["value"], t["met"]) for t in bench.targets(rows, times)}
+    assert met["compile time, deepest / shallowest"] == (pytest.approx(1.2), True)
+    assert met["training tokens/s vs HF"] == (1.2, True) and met["inference tokens/s vs HF"] == (1.0, False)
+    assert met["peak training memory vs HF"] == (0.9, False) and met["cold compile (s)"] == (20.0, True)
