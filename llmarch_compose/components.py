@@ -20,6 +20,10 @@ class PositionInputs(NamedTuple):
     bias: Optional[torch.Tensor] = None  # additive score bias: [heads, q_len, k_len] or [batch, heads, ...]
     prefix_len: Optional[torch.Tensor] = None  # [batch] tokens of the bidirectional prefix (prefix-LM)
     positions: Optional[torch.Tensor] = None  # the positions these were built for (set by the topology)
+    slopes: Optional[torch.Tensor] = None  # [heads]: score - slopes[h] * |q - k| (ALiBi, computed in the kernel)
+    # (MaskSpec, BlockMask) pairs the stack built this forward for FlexAttention (llmarch_compose/masks.py);
+    # a layer whose spec is missing runs SDPA with a dense mask.
+    block_masks: tuple = ()
 
 
 class PreciseBuffers(nn.Module):
@@ -60,6 +64,12 @@ class PositionEncoding(PreciseBuffers):
     def attention_inputs(self, positions: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> PositionInputs:
         return PositionInputs(prefix_len=prefix_len)
 
+    def kernel_inputs(self, positions: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> PositionInputs:
+        """What the model's own attention layers get: `attention_inputs`, unless the plugin can
+        hand its score bias over as a function the attention kernel computes (ALiBi's slopes)
+        instead of a dense table."""
+        return self.attention_inputs(positions, prefix_len)
+
     def rotate(self, q: torch.Tensor, k: torch.Tensor, inputs: PositionInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [batch, heads, seq, head_dim], k: [batch, kv_heads, seq, head_dim]."""
         return q, k
@@ -80,6 +90,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: PositionInputs) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def mask_spec(self):
+        """The `llmarch_compose.masks.MaskSpec` this layer attends with, so the stack builds its
+        FlexAttention block mask once per forward; None (the default) asks for none, and the
+        layer masks by itself."""
+        return None
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int) -> int:
         raise NotImplementedError

@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import SI
 from torch import nn
+from torch.nn.attention.flex_attention import flex_attention
 
 from llmarch_compose import Attention, ConfigError, PositionInputs, register
-from llmarch_compose.masks import allowed, mean_attended
+from llmarch_compose.masks import (MaskSpec, ScoreMod, chain, dense_bias, dense_mask, find_block_mask, index_grid,
+                                   is_plain, mean_attended, position_scores, softcap, spec_mask)
 from llmarch_compose.spec import divisors
 
 
@@ -19,6 +21,7 @@ class GQAParams:
     window: Optional[int] = None  # sliding window (keys per query, its own included)
     scale: Optional[float] = SI("${model.attention_scale}")  # None: 1 / sqrt(head_dim)
     qk_norm: bool = SI("${model.qk_norm}")  # the norm plugin on each head's queries and keys
+    softcap: Optional[float] = None  # Gemma-2's cap on the scaled logits: softcap * tanh(logit / softcap)
 
     def validate(self, model, key):
         if self.num_kv_heads < 1 or model.n_heads % self.num_kv_heads:
@@ -27,21 +30,62 @@ class GQAParams:
         if self.window is not None and self.window < 1:
             raise ConfigError(f"{key}.window", self.window, "a window must hold at least one token",
                               "an integer >= 1, or null for none")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ConfigError(f"{key}.softcap", self.softcap, "the cap on the attention logits must be positive",
+                              "a number > 0 (Gemma-2: 50.0), or null for none")
 
 
-def scaled_dot_product(q, k, v, pos: PositionInputs, causal: bool, window: Optional[int],
-                       scale: Optional[float]) -> torch.Tensor:
-    """SDPA over [batch, heads, seq, dim] with the mask and score bias the inputs ask for.
+def explicit_attention(q, k, v, score: ScoreMod, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Attention with the scores written out, for a score function SDPA cannot take as an
+    additive bias (a softcap). Query heads are grouped over their KV head, so K and V are
+    broadcast, never repeated."""
+    b, h, t, _ = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.unflatten(1, (kv_heads, h // kv_heads))  # [b, kv_heads, group, t, d]
+    scores = (grouped @ k.unsqueeze(2).transpose(-1, -2) * scale).flatten(1, 2)  # [b, h, t, s]
+    scores = score(scores, *index_grid(b, h, t, k.shape[-2], q.device))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).unflatten(1, (kv_heads, h // kv_heads))
+    return (probs @ v.unsqueeze(2)).flatten(1, 2)
 
-    K and V keep their own head count: SDPA broadcasts them over each query group
-    (`enable_gqa`), so they are never repeated in memory.
+
+def scaled_dot_product(q, k, v, pos: PositionInputs, spec: MaskSpec, scale: Optional[float]) -> torch.Tensor:
+    """Attention over [batch, heads, seq, dim] with the mask and score functions that `spec`
+    and the position inputs ask for, through the kernel that fits:
+
+    - nothing but causality (or nothing at all): SDPA's own causal or full attention;
+    - a block mask the stack built this forward (compiled, and on CPU without gradients):
+      FlexAttention, block-sparse, with the score functions fused into its kernel;
+    - otherwise SDPA with the dense mask and additive bias evaluated from the same
+      functions, or the scores written out when a softcap (not additive) is asked for.
+
+    K and V keep their own head count (`enable_gqa`): they are never repeated in memory.
     """
-    mask = allowed(q.shape[-2], k.shape[-2], causal, window, q.device, pos.prefix_len)
-    if pos.bias is not None:
-        bias = pos.bias.to(q.dtype)
+    gqa = q.shape[1] != k.shape[1]
+    b, h, q_len, k_len = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
+    # SDPA's is_causal aligns queries to the first keys; the masks here align them to the last.
+    if is_plain(spec, pos.prefix_len, pos.slopes, pos.bias) and (not spec.causal or q_len == k_len):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=spec.causal, scale=scale, enable_gqa=gqa)
+    biases = position_scores(pos.slopes, pos.bias, k_len - q_len)
+    capped = [softcap(spec.softcap)] if spec.softcap is not None else []
+    block_mask = find_block_mask(pos.block_masks, spec)
+    grads = q.requires_grad or (pos.bias is not None and pos.bias.requires_grad)
+    if block_mask is not None and (q.device.type != "cpu" or not grads):
+        # Contiguous operands: compiled on CPU (torch 2.13), FlexAttention misreads q, k, v that are
+        # transposed views of one projection, computed in the same graph (checked against SDPA).
+        # Inductor writes rotated q and k contiguous at no cost; v is one copy.
+        return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=chain(*biases, *capped),
+                              block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    mask_mod = spec_mask(spec, q_len, k_len, pos.prefix_len)
+    mask = dense_mask(mask_mod, b, q_len, k_len, q.device) if mask_mod is not None else None
+    if capped:
+        return explicit_attention(q, k, v, chain(*biases, *capped), mask,
+                                  scale if scale is not None else q.shape[-1] ** -0.5)
+    if biases:
+        bias = dense_bias(chain(*biases), b, h, q_len, k_len, q.device, q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 @register("attention", "gqa", params=GQAParams)
@@ -56,6 +100,7 @@ class GroupedQueryAttention(Attention):
         m = ctx.model
         self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, params.num_kv_heads, m.head_dim
         self.causal, self.window, self.scale, self.cross = causal and not cross, params.window, params.scale, cross
+        self.softcap = params.softcap
         self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if cross:  # queries from the decoder, keys and values from the encoder's output
             self.q = nn.Linear(m.d_model, self.q_size, bias=params.qkv_bias)
@@ -90,8 +135,13 @@ class GroupedQueryAttention(Attention):
             pos = PositionInputs()
         else:
             q, k = self.rotate(q, k, pos)
-        out = scaled_dot_product(q, k, v, pos, self.causal, self.window, self.scale)
+        spec = MaskSpec(False, softcap=self.softcap) if self.cross else self.mask_spec()
+        out = scaled_dot_product(q, k, v, pos, spec, self.scale)
         return self.out(out.transpose(1, 2).reshape(b, t, self.q_size))
+
+    def mask_spec(self) -> Optional[MaskSpec]:
+        # Cross-attention sees the whole source: no block mask to build for it.
+        return None if self.cross else MaskSpec(self.causal, self.window, self.softcap)
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int) -> int:
         # Only causal self-attention grows a cache while decoding: an encoder runs

@@ -16,11 +16,11 @@ the interleaved layout): the rope code is reused, not copied. DeepSeek's checkpo
 rotate interleaved pairs (transformers' `rope_interleave`): `model.rope_interleaved=true`. `PositionInputs`
 carries the shared tables (at the shared width) but not the positions, so the
 private tables are built from positions 0 .. seq-1, which is what every topology
-passes (and what `masks.allowed` assumes), and the prefix length it carries.
+passes (and what the mask functions in `masks` assume), and the prefix length it carries.
 
 Position encodings without rotary tables (none, learned, sinusoidal, ALiBi, T5 buckets)
 work as with GQA: the rotary parts then simply stay unrotated, and score biases and
-prefix masks go through the shared `scaled_dot_product`.
+prefix masks go through the shared `scaled_dot_product` (SDPA or FlexAttention).
 
 Module names follow transformers' DeepseekV3Attention, so its weights load by name.
 """
@@ -37,7 +37,7 @@ from omegaconf import SI
 from torch import nn
 
 from llmarch_compose import Attention, BuildContext, ConfigError, PositionEncoding, PositionInputs, register
-from llmarch_compose.masks import mean_attended
+from llmarch_compose.masks import MaskSpec, mean_attended
 
 from ..position.rope import RotaryPosition
 from .gqa import scaled_dot_product
@@ -203,8 +203,11 @@ class MultiHeadLatentAttention(Attention):
             q_rope, k_rope = self.rotary.rotate(q_rope, k_rope, tables)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(b, h, t, rope)), dim=-1)  # a broadcast view until the concatenation
-        out = scaled_dot_product(q, k, v, pos, self.causal, self.window, self.scale)  # v keeps its own width
+        out = scaled_dot_product(q, k, v, pos, self.mask_spec(), self.scale)  # v keeps its own width
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * self.v_head_dim))
+
+    def mask_spec(self) -> MaskSpec:
+        return MaskSpec(self.causal, self.window)
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int) -> int:
         # Decoding caches the latent and the shared rotary key, not per-head keys and values

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from llmarch_compose import PositionEncoding, PositionInputs, register
+from llmarch_compose.masks import alibi
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
@@ -34,9 +35,18 @@ class ALiBi(PositionEncoding):
                              persistent=False)
 
     def attention_inputs(self, positions: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> PositionInputs:
+        """The dense bias [(batch,) heads, q, k] at any positions (for readers of the table)."""
         # The distance form -slope * |i - j|, not BLOOM's +slope * j: the two agree under softmax
         # only on causal rows, and |i - j| is also right for a bidirectional stack or prefix.
         # On a causal row it is -slope * (i - j) wherever the mask lets a key through.
-        distance = (positions[..., :, None] - positions[..., None, :]).abs().to(self.slopes.dtype)  # [..., q, k]
-        bias = -self.slopes[:, None, None] * distance.unsqueeze(-3)  # [..., heads, q, k]
+        # It is masks.alibi's own definition, evaluated on the positions given.
+        q, k = positions[..., :, None], positions[..., None, :]  # [..., q, k]
+        h = torch.arange(self.slopes.numel(), device=positions.device)[:, None, None]
+        bias = alibi(self.slopes)(torch.zeros((), dtype=self.slopes.dtype, device=positions.device),
+                                  0, h, q.unsqueeze(-3), k.unsqueeze(-3))  # [..., heads, q, k]
         return PositionInputs(bias=bias, prefix_len=prefix_len)
+
+    def kernel_inputs(self, positions: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> PositionInputs:
+        # The slopes alone: the kernel computes slope * distance per score, never a [heads, q, k]
+        # table. Distances are index differences, as the stacks' positions are 0 .. seq-1.
+        return PositionInputs(slopes=self.slopes, prefix_len=prefix_len)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from omegaconf import SI
 from torch import nn
 
-from llmarch_compose import ConfigError, PositionInputs
+from llmarch_compose import Attention, ConfigError, PositionInputs
+from llmarch_compose.masks import BlockMasks, flex_runs
 
 NORM_POSITIONS = ("pre", "post")
 RESIDUALS = ("standard", "glm")
@@ -55,7 +56,7 @@ class TopologyParams:
 
 def position_inputs(position, positions: torch.Tensor, prefix_len: Optional[torch.Tensor] = None) -> PositionInputs:
     """A stack's per-forward position inputs, carrying the positions they were built for."""
-    return position.attention_inputs(positions, prefix_len)._replace(positions=positions)
+    return position.kernel_inputs(positions, prefix_len)._replace(positions=positions)
 
 
 class Embeddings(nn.Module):
@@ -139,9 +140,35 @@ class Stack(nn.Module):
                                     for i in range(1 if params.share_layers else n))
         final = params.norm_position == "pre" or params.residual == "glm"
         self.final_norm = ctx.build("norm") if final else nn.Identity()
+        # The distinct masks the layers attend with (a per-layer pattern may give some a window).
+        self.mask_specs = tuple(dict.fromkeys(spec for m in self.blocks.modules() if isinstance(m, Attention)
+                                              and (spec := m.mask_spec()) is not None))
+        self.block_masks = BlockMasks()
+
+    def _blocks_compiled(self) -> bool:
+        # Regional compilation wraps each block (nn.Module.compile sets _compiled_call_impl).
+        return any(getattr(block, "_compiled_call_impl", None) is not None for block in self.blocks)
+
+    def _needs_grad(self, x: torch.Tensor, pos: PositionInputs) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        leaves = (x, pos.bias, pos.slopes)
+        return any(t is not None and t.requires_grad for t in leaves) or any(
+            p.requires_grad for p in self.parameters())
+
+    def with_block_masks(self, x: torch.Tensor, pos: PositionInputs) -> PositionInputs:
+        """`pos` with the FlexAttention block masks of this forward, built once for all layers
+        (outside the compiled blocks), where FlexAttention runs; unchanged elsewhere."""
+        if not self.mask_specs or not flex_runs(x.device, self._needs_grad(x, pos), self._blocks_compiled(),
+                                                torch.compiler.is_compiling()):
+            return pos
+        b, t = x.shape[0], x.shape[1]
+        return pos._replace(block_masks=self.block_masks.for_forward(
+            self.mask_specs, b, t, t, x.device, pos.prefix_len, pos.slopes, pos.bias))
 
     def forward(self, x: torch.Tensor, pos: PositionInputs,
                 memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        pos = self.with_block_masks(x, pos)
         aux = None
         for _ in range(self.repeats):
             for block in self.blocks:
