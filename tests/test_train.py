@@ -84,6 +84,14 @@ def test_metrics_and_summary_files(runs, mode):
     assert summary["initial_val_loss"] == records[0]["val_loss"]
     assert summary["components"]["attention"] == "gqa"
     assert summary["checkpoint"] == str(out / "checkpoint")
+    # A corpus asks no questions: no accuracy in the records, null in the summary.
+    assert not any("val_accuracy" in r for r in records) and summary["final_val_accuracy"] is None
+    assert summary["data"] == "pydoc" and summary["seq_len"] == summary["task"]["seq_len"] == 32
+    # 2 layers x (keys + values) x 2 KV heads x 16 dims x 4 bytes (fp32)
+    assert summary["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert summary["peak_memory_bytes"] > 0
+    assert summary["peak_memory_measure"] in ("process_peak_rss_since_run_start", "process_peak_rss_since_process_start")
+    assert not list(out.glob(".summary.json*"))  # the temporary file was renamed into place
 
 
 @pytest.mark.parametrize("mode", ["eager", "default"])
@@ -102,6 +110,23 @@ def test_checkpoint_round_trips(runs, mode):
     # The loaded model is not the trained one with its changes: fresh weights would differ.
     fresh = lc.build(cfg)
     assert not torch.equal(fresh.state_dict()["embed.tokens.weight"], loaded_state["embed.tokens.weight"])
+
+
+def test_seq_len_defaults_to_the_context_for_a_corpus(tmp_path):
+    cfg = lc.compose([*SMALL, "task.steps=1", "task.eval_batches=1", "task.batch_size=1", "task.progress=false",
+                      "task.checkpoint=false", "compile=eager", f"task.output_dir={tmp_path}"])
+    assert cfg.task.seq_len is None
+    assert train.run(cfg)["seq_len"] == 64  # model.max_seq_len
+
+
+def test_peak_memory_on_cpu_counts_this_run():
+    memory = train.PeakMemory(torch.device("cpu"))
+    before = memory.bytes()
+    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+    assert memory.bytes() >= before + block.numel() * 0.9
+    if memory.measure == "process_peak_rss_since_run_start":  # Linux: a new run starts from the present
+        del block
+        assert train.PeakMemory(torch.device("cpu")).bytes() < before + 32 * 2**20
 
 
 def test_invalid_task_fails_before_writing(tmp_path):

@@ -1,0 +1,204 @@
+"""Synthetic tasks on which architecture choices visibly matter (`data=recall`, `copy`, `sort`).
+
+Each problem is a short token sequence with a question part and an answer part;
+only the answers are targets (every other target is IGNORE), so the loss and the
+exact-match accuracy measure the skill alone. Problems are drawn from the
+generator handed to `batch`, so a run is determined by its seed.
+
+Token ids: 0 is the filler (left padding and the gap between pairs and queries),
+1 the separator, and each task's symbols follow from 2 on, so a task's vocabulary
+is a few dozen ids, inside any model's.
+
+- `recall` (multi-query associative recall): `num_pairs` key-value pairs, a gap,
+  then `num_queries` of the keys, each followed by its value. Keys and values are
+  drawn from disjoint ranges; keys are distinct within a problem. A key's query
+  comes at least `min_distance` positions after the key (its value one position
+  less), so attention whose reach is shorter, e.g. a sliding window of w tokens
+  over L layers reaching L * (w - 1) positions back, cannot find the answer:
+  it stays at chance, 1 / num_values. With the defaults on the default model:
+  `llmarch data=recall attention=gqa task.lr=1e-3 task.batch_size=32 task.steps=600`
+  against `attention=swa model.window=4` (4 layers reach 12 positions back; the
+  nearest pair is 15 or 16 positions away).
+- `copy`: `length` random symbols, the separator, then the same symbols.
+- `sort`: `length` random symbols, the separator, then the symbols in ascending order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+
+from .errors import ConfigError
+from .objectives import IGNORE
+
+FILLER, SEPARATOR, FIRST_SYMBOL = 0, 1, 2
+SPLIT_SALT = {"train": 0x5EED_0001, "val": 0x5EED_0002}
+
+
+@dataclass
+class RecallConfig:
+    name: str = "recall"
+    seed: Optional[int] = None  # the seed of the training stream; None: the run's seed
+    num_pairs: int = 6
+    # Each a distinct key of the problem. Fewer queries than pairs keeps a shortcut
+    # small: a model that cannot match keys but sees the pairs guesses among the
+    # values not yet answered (1/6, 1/5, 1/4 here, about 21% on average).
+    num_queries: int = 3
+    min_distance: int = 16  # positions from a key to its query, at least
+    num_keys: int = 16
+    num_values: int = 16
+
+
+@dataclass
+class CopyConfig:
+    name: str = "copy"
+    seed: Optional[int] = None
+    length: int = 16
+    num_symbols: int = 16
+
+
+@dataclass
+class SortConfig:
+    name: str = "sort"
+    seed: Optional[int] = None
+    length: int = 16
+    num_symbols: int = 16
+
+
+def require_at_least(cfg, field: str, minimum: int) -> None:
+    value = getattr(cfg, field)
+    if value < minimum:
+        raise ConfigError(f"data.{field}", value, f"must be at least {minimum}", f"an integer >= {minimum}")
+
+
+class SyntheticTask:
+    """The shared mechanics: problems of one length, left-padded with filler to the
+    asked length, answers as the only targets."""
+
+    has_accuracy = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # A subclass defines these two.
+    vocab_size: int
+    chance_accuracy: float
+
+    @property
+    def problem_len(self) -> int:
+        """Input positions one problem needs (its tokens less the last, which is only a target)."""
+        raise NotImplementedError
+
+    def problems(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`count` problems as token ids [count, problem_len + 1], which of those tokens are answers)."""
+        raise NotImplementedError
+
+    @property
+    def natural_seq_len(self) -> int:
+        return self.problem_len
+
+    def check_seq_len(self, seq_len: int) -> None:
+        if seq_len < self.problem_len:
+            raise ConfigError("task.seq_len", seq_len, f"shorter than one {self.cfg.name} problem "
+                              f"({self.problem_len} positions)", f">= {self.problem_len}, or null")
+
+    def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_seq_len(seq_len)
+        # Each split draws from its own stream, so the held-out problems never
+        # replay a training stream that happens to share the evaluation seed.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) ^ SPLIT_SALT[split]
+        tokens, answers = self.problems(batch_size, torch.Generator().manual_seed(seed))
+        pad = seq_len - self.problem_len
+        tokens = torch.nn.functional.pad(tokens, (pad, 0), value=FILLER)
+        answers = torch.nn.functional.pad(answers, (pad, 0), value=False)
+        targets = tokens[:, 1:].masked_fill(~answers[:, 1:], IGNORE)
+        return tokens[:, :-1], targets
+
+
+class Recall(SyntheticTask):
+    def __init__(self, cfg: RecallConfig):
+        for field in ("num_pairs", "num_queries", "num_keys", "num_values"):
+            require_at_least(cfg, field, 1)
+        require_at_least(cfg, "min_distance", 2)  # a query comes after its own pair
+        if cfg.num_queries > cfg.num_pairs:
+            raise ConfigError("data.num_queries", cfg.num_queries,
+                              f"each query asks a different key of the {cfg.num_pairs} pairs (data.num_pairs)",
+                              f"1..{cfg.num_pairs}")
+        if cfg.num_pairs > cfg.num_keys:
+            raise ConfigError("data.num_pairs", cfg.num_pairs,
+                              f"keys are distinct within a problem and data.num_keys={cfg.num_keys}",
+                              f"1..{cfg.num_keys}")
+        super().__init__(cfg)
+        self.first_value = FIRST_SYMBOL + cfg.num_keys
+        self.vocab_size = self.first_value + cfg.num_values
+        self.chance_accuracy = 1.0 / cfg.num_values
+        # The last key sits two positions before the gap; the first query right after it.
+        self.gap = cfg.min_distance - 2
+
+    @property
+    def problem_len(self) -> int:
+        return 2 * self.cfg.num_pairs + self.gap + 2 * self.cfg.num_queries - 1
+
+    def problems(self, count, generator):
+        c = self.cfg
+        keys = torch.rand(count, c.num_keys, generator=generator).argsort(dim=1)[:, :c.num_pairs] + FIRST_SYMBOL
+        values = torch.randint(self.first_value, self.vocab_size, (count, c.num_pairs), generator=generator)
+        asked = torch.rand(count, c.num_pairs, generator=generator).argsort(dim=1)[:, :c.num_queries]
+        pairs = torch.stack((keys, values), dim=2).flatten(1)
+        queries = torch.stack((keys.gather(1, asked), values.gather(1, asked)), dim=2).flatten(1)
+        gap = torch.full((count, self.gap), FILLER)
+        tokens = torch.cat((pairs, gap, queries), dim=1)
+        answers = torch.zeros_like(tokens, dtype=torch.bool)
+        answers[:, -2 * c.num_queries + 1::2] = True  # the value after each queried key
+        return tokens, answers
+
+
+class SeparatedTask(SyntheticTask):
+    """`length` symbols, the separator, then a function of the symbols (the answers)."""
+
+    def __init__(self, cfg):
+        require_at_least(cfg, "length", 1)
+        require_at_least(cfg, "num_symbols", 2)
+        super().__init__(cfg)
+        self.vocab_size = FIRST_SYMBOL + cfg.num_symbols
+        self.chance_accuracy = 1.0 / cfg.num_symbols
+
+    @property
+    def problem_len(self) -> int:
+        return 2 * self.cfg.length
+
+    @staticmethod
+    def answer(symbols: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def problems(self, count, generator):
+        n = self.cfg.length
+        symbols = torch.randint(FIRST_SYMBOL, self.vocab_size, (count, n), generator=generator)
+        separator = torch.full((count, 1), SEPARATOR)
+        tokens = torch.cat((symbols, separator, self.answer(symbols)), dim=1)
+        answers = torch.zeros_like(tokens, dtype=torch.bool)
+        answers[:, n + 1:] = True
+        return tokens, answers
+
+
+class Copy(SeparatedTask):
+    @staticmethod
+    def answer(symbols):
+        return symbols
+
+
+class Sort(SeparatedTask):
+    @staticmethod
+    def answer(symbols):
+        return symbols.sort(dim=1).values
+
+
+#: data choice -> (its config node, the source it builds)
+SYNTHETIC = {"recall": (RecallConfig, Recall), "copy": (CopyConfig, Copy), "sort": (SortConfig, Sort)}
+
+for _name, (_node, _) in SYNTHETIC.items():
+    ConfigStore.instance().store(group="data", name=_name, node=_node, provider="llmarch_compose")
