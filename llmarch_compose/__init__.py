@@ -35,5 +35,6 @@ __all__ = [
     "BuildContext", "ModelSpec",
     "PositionEncoding", "PositionInputs", "PreciseBuffers", "Activation", "Attention", "FeedForward", "FeedForwardOutput",
     "ModelOutput", "Topology",
+    "export_program", "export_package", "load_compiled",
     "ConfigError", "LlmarchError", "PluginConflictError", "UnknownChoiceError", "UnknownKeyError",
 ]

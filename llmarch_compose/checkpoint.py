@@ -18,6 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .builder import build
+from .files import umask
 from .scale import apply_scale
 
 WEIGHTS = "model.safetensors"
@@ -31,7 +32,7 @@ def save_checkpoint(model: nn.Module, cfg: DictConfig, path: Union[str, Path]) -
     old = path.with_name(f".{path.name}.old")
     moved_old = False
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is not
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; a checkpoint is not
         # save_model stores tied tensors once (safetensors refuses shared storage otherwise).
         save_model(model, str(tmp / WEIGHTS))
         # Scaled first: resolving a `scale=tiny` config alone would freeze the preset's full-size numbers.
@@ -49,12 +50,6 @@ def save_checkpoint(model: nn.Module, cfg: DictConfig, path: Union[str, Path]) -
     if moved_old:
         shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path: Union[str, Path], device: str = "cpu") -> tuple[DictConfig, nn.Module]:

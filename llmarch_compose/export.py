@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -25,6 +24,7 @@ from torch import nn
 
 from .components import ModelOutput
 from .errors import ConfigError, LlmarchError
+from .files import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -173,31 +173,6 @@ def export_program(model: nn.Module, example_input_ids: torch.Tensor, dynamic_se
     `dynamic_batch` the batch size is symbolic too. A dynamic dimension needs an
     example size of at least 2."""
     return _export(model, example_input_ids, dynamic_seq, dynamic_batch, max_seq_len, example_decoder_input_ids)[0]
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary sibling of `path` (same suffix) to write; it replaces `path`
-    only when the block ends without an error, and is removed otherwise."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; an artifact is not
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @dataclass

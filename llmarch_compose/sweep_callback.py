@@ -24,7 +24,8 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .sweep_report import FAILURE, SweepReport, write_atomic, write_report
+from .files import write_atomic
+from .sweep_report import FAILURE, SweepReport, write_report
 
 
 class JobFailed(CompactHydraException):

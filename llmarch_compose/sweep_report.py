@@ -17,8 +17,6 @@ import csv
 import io
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -27,6 +25,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .files import write_atomic
 from .sweep_plots import TITLES, draw_plots
 
 REPORT_MD = "report.md"
@@ -314,18 +313,6 @@ def render_csv(jobs: Sequence[Job], swept: Sequence[str]) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write `path` through a temporary file beside it: a reader sees the old file or the new one."""
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # created with the usual permissions
-    try:
-        tmp.write_bytes(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def label(job: Job, swept: Sequence[str]) -> str:
     return ", ".join(f"{k}={job.settings.get(k, '')}" for k in swept) or f"job {job.number}"
 
@@ -349,4 +336,4 @@ def write_report(sweep_dir: Path) -> SweepReport:
 
 
 __all__ = ["COMPLETED", "FAILED", "INCOMPLETE", "Job", "SweepReport", "collect", "is_sweep", "job_dirs",
-           "write_atomic", "write_report"]
+           "write_report"]

@@ -13,7 +13,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..bench import ADAMW, VARIANTS, BenchOptions, render_markdown, run_benchmark, write_atomic
+from ..bench import ADAMW, VARIANTS, BenchOptions, render_markdown, run_benchmark
+from ..files import write_atomic
 from ..errors import ConfigError
 from ..spec import resolve_spec
 from ..typed import to_dataclass

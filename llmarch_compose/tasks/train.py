@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import resource
 import sys
@@ -33,6 +32,7 @@ from .. import plugins
 from ..cost import count_params, kv_cache
 from ..data import DataSource, data_config, make_source
 from ..errors import ConfigError
+from ..files import write_atomic
 from ..precision import PrecisionConfig
 from ..schema import CompileConfig
 from ..spec import resolve_spec
@@ -144,13 +144,6 @@ class PeakMemory:
             return self._resident_peak_kib() * 1024
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    """A failed write leaves the previous file (or none), never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -281,7 +274,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if task.checkpoint:
         summary["checkpoint"] = str(save_checkpoint(model, cfg, out_dir / "checkpoint"))
-    write_json_atomic(out_dir / "summary.json", summary)
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     accuracy = f", answer accuracy {final['val_accuracy']:.1%}" if "val_accuracy" in final else ""
     print(f"held-out loss {initial_val:.3f} -> {final_val:.3f}{accuracy} after {task.steps} steps "
           f"({summary['tokens_per_s'] or 0:,.0f} tokens/s); outputs in {out_dir}")
