@@ -95,13 +95,16 @@ def output_dir(task: TrainTask) -> Path:
 
 
 def optimizer_for(model: torch.nn.Module, task: TrainTask) -> torch.optim.Optimizer:
-    """AdamW; norms, biases and other vectors take no weight decay."""
+    """AdamW; norms, biases and other vectors take no weight decay. The fused kernel
+    (one pass over all parameters) where it runs: on CPU the default is a loop per
+    parameter, about a fifth of an eager training step at the benchmark's shape."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW([{"params": decay, "weight_decay": task.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=task.lr, betas=(task.beta1, task.beta2))
+                             lr=task.lr, betas=(task.beta1, task.beta2), fused=fused or None)
 
 
 class PeakMemory:
