@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from llmarch_compose import PositionInputs
-from llmarch_compose.masks import BlockMasks, MaskSpec
+from llmarch_compose.model.masks import BlockMasks, MaskSpec
 from llmarch_compose.registry.attention.gqa import scaled_dot_product
 
 

@@ -4,13 +4,13 @@
     model = llmarch_compose.build(cfg, device="meta")
 """
 
-from . import data as _data  # noqa: F401  (stores the data nodes)
-from . import precision as _precision  # noqa: F401  (stores the precision nodes)
-from . import scale as _scale  # noqa: F401  (stores the scale nodes)
-from . import schema as _schema  # noqa: F401  (stores the typed config nodes)
-from .builder import build
-from .compile_stage import compile
-from .components import (
+from .train import data as _data  # noqa: F401  (stores the data nodes)
+from .model import precision as _precision  # noqa: F401  (stores the precision nodes)
+from .config import scale as _scale  # noqa: F401  (stores the scale nodes)
+from .config import schema as _schema  # noqa: F401  (stores the typed config nodes)
+from .model.build import build
+from .model.compiler import compile
+from .plugin.interfaces import (
     Activation,
     Attention,
     FeedForward,
@@ -21,12 +21,12 @@ from .components import (
     PreciseBuffers,
     Topology,
 )
-from .config import compose
-from .export import export_package, export_program, load_compiled
+from .config.compose import compose
+from .artifacts.export import export_package, export_program, load_compiled
 from . import tasks as _tasks  # noqa: F401  (stores the task nodes)
 from .errors import ConfigError, LlmarchError, PluginConflictError, UnknownChoiceError, UnknownKeyError
-from .plugins import register
-from .spec import BuildContext, ModelSpec, resolve_spec
+from .plugin.registry import register
+from .config.spec import BuildContext, ModelSpec, resolve_spec
 
 __version__ = "0.1.0"
 

@@ -23,8 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from . import plugins
-from .config import CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check
+from .plugin import registry as plugins
+from .config.compose import CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check
 from .errors import LlmarchError
 
 EXIT_USAGE = 2
@@ -49,7 +49,7 @@ def sweep_objective(result: Any) -> Any:
 
 @hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base=VERSION_BASE)
 def _app(cfg: DictConfig):
-    from .sweep_callback import JobFailed
+    from .sweep.callback import JobFailed
     from .tasks import run_task
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -66,8 +66,8 @@ def _app(cfg: DictConfig):
 def _run_app() -> None:
     """Run the app; a sweep (`-m`, or hydra.mode=MULTIRUN) ends with its report, and the
     command exits non-zero if a job failed or the sweep was interrupted."""
-    from .sweep_callback import take_reports
-    from .sweep_report import FAILED, INCOMPLETE
+    from .sweep.callback import take_reports
+    from .sweep.report import FAILED, INCOMPLETE
 
     status: Any = 0
     try:

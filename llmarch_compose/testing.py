@@ -46,12 +46,12 @@ from omegaconf import DictConfig
 from torch import nn
 from torch._dynamo.utils import counters
 
-from . import plugins
-from .builder import build
-from .compile_stage import compile as compile_model
-from .components import FeedForwardOutput, ModelOutput, PositionInputs
-from .config import compose
-from .spec import resolve_spec
+from .plugin import registry as plugins
+from .model.build import build
+from .model.compiler import compile as compile_model
+from .plugin.interfaces import FeedForwardOutput, ModelOutput, PositionInputs
+from .config.compose import compose
+from .config.spec import resolve_spec
 
 #: Sizes small enough that every check, compiling included, takes seconds on a CPU.
 TINY_MODEL = ("model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",

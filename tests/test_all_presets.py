@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import llmarch_compose as lc
-from llmarch_compose.config import presets
-from llmarch_compose.cost import architecture_card
-from llmarch_compose.patterns import LAYER_GROUPS, STACKS
+from llmarch_compose.config.compose import presets
+from llmarch_compose.model.card import architecture_card
+from llmarch_compose.config.layer_patterns import LAYER_GROUPS, STACKS
 
 # Published totals: the model with its LM or MLM head, tied tensors once, buffers excluded.
 PUBLISHED = {

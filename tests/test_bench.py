@@ -13,7 +13,8 @@ import torch
 from conftest import TINY
 
 import llmarch_compose as lc
-from llmarch_compose import ConfigError, bench
+from llmarch_compose import ConfigError
+from llmarch_compose.bench import harness as bench
 from llmarch_compose.tasks import run_task
 
 RUN = ["task=bench", "task.steps=2", "task.warmup=1", "task.batch_size=2", "task.seq_len=16", "device=cpu"]

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmarch_compose as lc
 from llmarch_compose import ConfigError, UnknownChoiceError
-from llmarch_compose.spec import resolve_spec
+from llmarch_compose.config.spec import resolve_spec
 
 GROUPS = ("position", "norm", "activation", "attention", "ffn", "topology")
 

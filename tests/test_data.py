@@ -11,9 +11,9 @@ import torch
 
 import llmarch_compose as lc
 from llmarch_compose import ConfigError, UnknownChoiceError
-from llmarch_compose.data import BYTE_VOCAB, data_config, make_source
-from llmarch_compose.objectives import IGNORE, exact_match
-from llmarch_compose.synthetic import FILLER, FIRST_SYMBOL, SEPARATOR
+from llmarch_compose.train.data import BYTE_VOCAB, data_config, make_source
+from llmarch_compose.train.objectives import IGNORE, exact_match
+from llmarch_compose.train.synthetic import FILLER, FIRST_SYMBOL, SEPARATOR
 from llmarch_compose.tasks import train
 
 from conftest import TINY

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import llmarch_compose as lc
-from llmarch_compose.builder import resolve_device
-from llmarch_compose.checkpoint import save_checkpoint
+from llmarch_compose.model.build import resolve_device
+from llmarch_compose.artifacts.checkpoint import save_checkpoint
 from llmarch_compose.errors import ConfigError
-from llmarch_compose.export import ExportMismatchError, check_package, export_package, input_names
-from llmarch_compose.spec import resolve_spec
+from llmarch_compose.artifacts.export import ExportMismatchError, check_package, export_package, input_names
+from llmarch_compose.config.spec import resolve_spec
 from llmarch_compose.tasks import export as export_task
 
 LLAMA = ["model=llama3_8b", "scale=tiny"]

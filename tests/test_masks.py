@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmarch_compose as lc
-import llmarch_compose.masks as masks
+import llmarch_compose.model.masks as masks
 from llmarch_compose import ConfigError, PositionInputs
-from llmarch_compose.masks import BlockMasks, MaskSpec
+from llmarch_compose.model.masks import BlockMasks, MaskSpec
 from llmarch_compose.registry.attention.gqa import scaled_dot_product
 from llmarch_compose.registry.position.alibi import alibi_slopes
 

@@ -27,8 +27,8 @@ import llmarch_compose as lc
 import reference as ref
 from conftest import TINY
 from llmarch_compose import ConfigError
-from llmarch_compose.config import presets
-from llmarch_compose.cost import architecture_card
+from llmarch_compose.config.compose import presets
+from llmarch_compose.model.card import architecture_card
 from test_plugin_numerics import FP32_INSIDE, TIGHT, check_forward_backward, make_ctx, randn, randomize_
 
 F64 = torch.float64

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import llmarch_compose as lc
 import reference as ref
 from llmarch_compose import ConfigError
-from llmarch_compose.cost import count_params
+from llmarch_compose.model.card import count_params
 from llmarch_compose.registry.ffn.moe import MixtureOfExperts, expert_capacity, kept_slots
 from test_plugin_numerics import ACTIVATION_CASES, ROUTER_FP32, check_forward_backward, make_ctx, randn, randomize_
 

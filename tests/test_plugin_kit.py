@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import llmarch_compose as lc
-from llmarch_compose import ConfigError, plugins
+from llmarch_compose import ConfigError
+from llmarch_compose.plugin import registry as plugins
 from llmarch_compose.tasks import plugins as plugins_task
 from llmarch_compose.testing import (PluginCheckError, build_with, check_causal, check_compiled, check_gradients,
                                      check_plugin, check_shapes, run_llmarch, shared_graphs, temporary_plugins,

@@ -22,7 +22,8 @@ from torch import nn
 import llmarch_compose as lc
 import reference as ref
 from conftest import TINY
-from llmarch_compose import ConfigError, plugins
+from llmarch_compose import ConfigError
+from llmarch_compose.plugin import registry as plugins
 from llmarch_compose.registry.position.alibi import alibi_slopes
 from llmarch_compose.registry.position.relative_bias import relative_position_bucket
 

@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import llmarch_compose as lc
-from llmarch_compose.cost import architecture_card
-from llmarch_compose.spec import resolve_spec
+from llmarch_compose.model.card import architecture_card
+from llmarch_compose.config.spec import resolve_spec
 from llmarch_compose.tasks.summary import card_for
 
 PUBLISHED = {

@@ -20,9 +20,10 @@ from hydra.core.config_store import ConfigStore
 from torch import nn
 
 import llmarch_compose as lc
-from llmarch_compose import ConfigError, PluginConflictError, UnknownChoiceError, plugins
-from llmarch_compose.cost import architecture_card
-from llmarch_compose.spec import resolve_spec
+from llmarch_compose import ConfigError, PluginConflictError, UnknownChoiceError
+from llmarch_compose.plugin import registry as plugins
+from llmarch_compose.model.card import architecture_card
+from llmarch_compose.config.spec import resolve_spec
 
 BUILTINS = {
     "position": {"alibi", "learned", "none", "relative_bias", "rope", "rope_2d", "sinusoidal"},

@@ -114,7 +114,7 @@ def test_markdown_keeps_swept_columns_and_notes_the_rest_once(sweep_2x2):
 
 
 def test_loss_curves_come_from_each_jobs_metrics(sweep_2x2):
-    from llmarch_compose.sweep_report import collect
+    from llmarch_compose.sweep.report import collect
 
     jobs, swept = collect(sweep_2x2)
     assert swept == ["attention", "norm"]

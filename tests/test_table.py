@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import llmarch_compose as lc
-from llmarch_compose.cost import architecture_card
+from llmarch_compose.model.card import architecture_card
 from llmarch_compose.errors import ConfigError
-from llmarch_compose.spec import resolve_spec
+from llmarch_compose.config.spec import resolve_spec
 from llmarch_compose.tasks import TASKS, table
 
 

@@ -10,7 +10,8 @@ import torch
 
 import llmarch_compose as lc
 from llmarch_compose.errors import ConfigError, UnknownKeyError
-from llmarch_compose.patterns import LAYER_GROUPS
+from llmarch_compose.config.layer_patterns import LAYER_GROUPS
+from llmarch_compose.model.card import count_params
 
 from conftest import TINY
 
@@ -90,7 +91,7 @@ def test_encoder_decoder_stacks_keep_their_own_position_tables():
     tables = [m for m in model.modules() if type(m).__name__ == "RelativePositionBias"]
     assert len(tables) == 2 and tables[0] is model.encoder_position and tables[1] is model.position
     # One table per stack (computed once per forward), none in the blocks: 2 x buckets x heads.
-    card = lc.cost.count_params(model)
+    card = count_params(model)
     bias_params = sum(p.numel() for t in tables for p in t.parameters())
     assert bias_params == 2 * 32 * 4
     assert card["params_total"] == sum(p.numel() for p in model.parameters())

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmarch_compose as lc
-from llmarch_compose import ConfigError, checkpoint
-from llmarch_compose.checkpoint import load_checkpoint, save_checkpoint
+from llmarch_compose import ConfigError
+from llmarch_compose.artifacts import checkpoint
+from llmarch_compose.artifacts.checkpoint import load_checkpoint, save_checkpoint
 from llmarch_compose.tasks import train
 from llmarch_compose.tasks.train import TrainTask, lr_at
 

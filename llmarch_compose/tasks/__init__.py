@@ -24,7 +24,7 @@ for _name in TASKS:  # store each task's config node
 def run_task(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
 
-    from ..config import with_checkpoint
+    from ..config.compose import with_checkpoint
 
     if HydraConfig.initialized():  # `llmarch model=hf model.path=...`: the checkpoint's own config
         cfg = with_checkpoint(cfg, list(HydraConfig.get().overrides.task))

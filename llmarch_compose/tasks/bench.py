@@ -1,6 +1,6 @@
 """`task=bench`: training and inference throughput, peak training memory and compile
 time of the composed model, eager and compiled, against Hugging Face transformers
-on the same weights; written as bench.md and bench.json (see llmarch_compose.bench)."""
+on the same weights; written as bench.md and bench.json (see llmarch_compose.bench.harness)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..bench import ADAMW, VARIANTS, BenchOptions, render_markdown, run_benchmark
-from ..files import write_atomic
+from ..bench.harness import ADAMW, VARIANTS, BenchOptions, render_markdown, run_benchmark
+from ..artifacts.atomic import write_atomic
 from ..errors import ConfigError
-from ..spec import resolve_spec
-from ..typed import to_dataclass
+from ..config.spec import resolve_spec
+from ..config.structured import to_dataclass
 from .train import output_dir
 
 

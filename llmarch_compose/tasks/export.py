@@ -18,13 +18,13 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..builder import DEVICE_CHOICES, build, resolve_device
-from ..checkpoint import load_checkpoint
+from ..model.build import DEVICE_CHOICES, build, resolve_device
+from ..artifacts.checkpoint import load_checkpoint
 from ..errors import ConfigError
-from ..export import MIN_EXAMPLE_LEN, MIN_SEQ_LEN, export_package, input_names
-from ..precision import PrecisionConfig
-from ..spec import resolve_spec
-from ..typed import to_dataclass
+from ..artifacts.export import MIN_EXAMPLE_LEN, MIN_SEQ_LEN, export_package, input_names
+from ..model.precision import PrecisionConfig
+from ..config.spec import resolve_spec
+from ..config.structured import to_dataclass
 
 SUFFIX = ".pt2"
 PROGRAM_SUFFIX = ".program.pt2"

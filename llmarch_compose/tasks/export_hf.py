@@ -13,11 +13,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..builder import build
-from ..checkpoint import load_checkpoint
+from ..model.build import build
+from ..artifacts.checkpoint import load_checkpoint
 from ..errors import ConfigError
 from ..interop.hf import to_hf
-from ..typed import to_dataclass
+from ..config.structured import to_dataclass
 
 
 @dataclass

@@ -19,10 +19,10 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from .. import plugins
-from ..config import CONFIG_MODULE, VERSION_BASE, compose
+from ..plugin import registry as plugins
+from ..config.compose import CONFIG_MODULE, VERSION_BASE, compose
 from ..errors import ConfigError, LlmarchError, UnknownChoiceError
-from ..typed import to_dataclass
+from ..config.structured import to_dataclass
 
 FORMATS = ("text", "json")
 

@@ -15,8 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..errors import ConfigError
-from ..sweep_report import COMPLETED, FAILED, INCOMPLETE, REPORTED_TASKS, is_sweep, write_report
-from ..typed import to_dataclass
+from ..sweep.report import COMPLETED, FAILED, INCOMPLETE, REPORTED_TASKS, is_sweep, write_report
+from ..config.structured import to_dataclass
 
 WHAT_IS_VALID = "the folder of a sweep (Hydra's hydra.sweep.dir, e.g. multirun/<date>/<time>)"
 

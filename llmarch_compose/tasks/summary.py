@@ -9,10 +9,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..cost import DTYPE_BYTES, architecture_card
+from ..model.card import DTYPE_BYTES, architecture_card
 from ..errors import ConfigError
-from ..spec import resolve_spec
-from ..typed import to_dataclass
+from ..config.spec import resolve_spec
+from ..config.structured import to_dataclass
 
 FORMATS = ("text", "json")
 

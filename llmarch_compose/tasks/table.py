@@ -22,11 +22,11 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from ..config import CONFIG_MODULE, VERSION_BASE, compose, presets
-from ..cost import architecture_card
+from ..config.compose import CONFIG_MODULE, VERSION_BASE, compose, presets
+from ..model.card import architecture_card
 from ..errors import ConfigError
-from ..spec import ModelSpec, resolve_spec
-from ..typed import to_dataclass
+from ..config.spec import ModelSpec, resolve_spec
+from ..config.structured import to_dataclass
 
 FORMATS = ("markdown", "json")
 TEST_PRESET = "tiny"  # the test model: not a row of the table

@@ -24,19 +24,19 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ..builder import build, resolve_device
-from ..checkpoint import save_checkpoint
-from ..compile_stage import compile_from_config
-from .. import objectives
-from .. import plugins
-from ..cost import count_params, kv_cache
-from ..data import DataSource, data_config, make_source
+from ..model.build import build, resolve_device
+from ..artifacts.checkpoint import save_checkpoint
+from ..model.compiler import compile_from_config
+from ..train import objectives
+from ..plugin import registry as plugins
+from ..model.card import count_params, kv_cache
+from ..train.data import DataSource, data_config, make_source
 from ..errors import ConfigError
-from ..files import write_atomic
-from ..precision import PrecisionConfig
-from ..schema import CompileConfig
-from ..spec import resolve_spec
-from ..typed import to_dataclass
+from ..artifacts.atomic import write_atomic
+from ..model.precision import PrecisionConfig
+from ..config.schema import CompileConfig
+from ..config.spec import resolve_spec
+from ..config.structured import to_dataclass
 
 
 @dataclass

@@ -8,9 +8,21 @@ from torch import nn
 from torch.nn.attention.flex_attention import flex_attention
 
 from llmarch_compose import Attention, ConfigError, PositionInputs, register
-from llmarch_compose.masks import (MaskSpec, ScoreMod, chain, dense_bias, dense_mask, find_block_mask, index_grid,
-                                   is_plain, mean_attended, position_scores, softcap, spec_mask)
-from llmarch_compose.spec import divisors
+from llmarch_compose.model.masks import (
+    MaskSpec,
+    ScoreMod,
+    chain,
+    dense_bias,
+    dense_mask,
+    find_block_mask,
+    index_grid,
+    is_plain,
+    mean_attended,
+    position_scores,
+    softcap,
+    spec_mask,
+)
+from llmarch_compose.config.spec import divisors
 
 
 @dataclass

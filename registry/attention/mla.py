@@ -37,7 +37,7 @@ from omegaconf import SI
 from torch import nn
 
 from llmarch_compose import Attention, BuildContext, ConfigError, PositionEncoding, PositionInputs, register
-from llmarch_compose.masks import MaskSpec, mean_attended
+from llmarch_compose.model.masks import MaskSpec, mean_attended
 
 from ..position.rope import RotaryPosition
 from .gqa import scaled_dot_product

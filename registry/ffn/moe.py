@@ -48,7 +48,7 @@ from omegaconf import SI
 from torch import nn
 
 from llmarch_compose import ConfigError, FeedForward, FeedForwardOutput, PreciseBuffers, register
-from llmarch_compose.spec import divisors
+from llmarch_compose.config.spec import divisors
 
 from .dense import DenseFFN, DenseParams, gated_product
 from .grouped_mm import grouped_mm

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from llmarch_compose import PositionEncoding, PositionInputs, register
-from llmarch_compose.masks import alibi
+from llmarch_compose.model.masks import alibi
 
 
 def alibi_slopes(n_heads: int) -> list[float]:

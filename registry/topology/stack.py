@@ -18,7 +18,7 @@ from omegaconf import SI
 from torch import nn
 
 from llmarch_compose import Attention, ConfigError, PositionInputs
-from llmarch_compose.masks import BlockMasks, flex_runs
+from llmarch_compose.model.masks import BlockMasks, flex_runs
 
 NORM_POSITIONS = ("pre", "post")
 RESIDUALS = ("standard", "glm")

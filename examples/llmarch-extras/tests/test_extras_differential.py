@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from llmarch_compose import ConfigError, PositionInputs, build, compose, resolve_spec
-from llmarch_compose.cost import architecture_card
+from llmarch_compose.model.card import architecture_card
 from llmarch_compose.testing import TINY_MODEL, build_with, check_plugin
 from llmarch_extras.differential import DifferentialAttention
 

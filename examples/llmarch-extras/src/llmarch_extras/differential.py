@@ -22,7 +22,7 @@ from omegaconf import SI
 from torch import nn
 
 from llmarch_compose import Attention, ConfigError, PositionInputs, register
-from llmarch_compose.spec import divisors
+from llmarch_compose.config.spec import divisors
 
 #: The PositionInputs fields this layer acts on; any other one a position plugin fills is refused.
 UNDERSTOOD_INPUTS = ("rotary", "prefix_len", "positions")

@@ -92,7 +92,7 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     def mask_spec(self):
-        """The `llmarch_compose.masks.MaskSpec` this layer attends with, so the stack builds its
+        """The `llmarch_compose.model.masks.MaskSpec` this layer attends with, so the stack builds its
         FlexAttention block mask once per forward; None (the default) asks for none, and the
         layer masks by itself."""
         return None

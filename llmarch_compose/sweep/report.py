@@ -25,8 +25,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .files import write_atomic
-from .sweep_plots import TITLES, draw_plots
+from ..artifacts.atomic import write_atomic
+from .plots import TITLES, draw_plots
 
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
@@ -55,7 +55,7 @@ def _seconds(v: float) -> str:
 
 
 def _bytes(v: float) -> str:
-    from .tasks.summary import human_bytes  # here, not above: the tasks package imports this module
+    from ..tasks.summary import human_bytes  # here, not above: the tasks package imports this module
 
     return human_bytes(v)
 

@@ -27,9 +27,9 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from .errors import ConfigError, UnknownChoiceError
+from ..errors import ConfigError, UnknownChoiceError
 from .synthetic import SYNTHETIC
-from .typed import to_dataclass
+from ..config.structured import to_dataclass
 
 BYTE_VOCAB = 256
 

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from hydra.core.config_store import ConfigStore
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .objectives import IGNORE
 
 FILLER, SEPARATOR, FIRST_SYMBOL = 0, 1, 2

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator, Mapping
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from .errors import ConfigError, LlmarchError, PluginConflictError, UnknownChoiceError
-from .typed import to_dataclass
+from ..errors import ConfigError, LlmarchError, PluginConflictError, UnknownChoiceError
+from ..config.structured import to_dataclass
 
 #: The component groups a plugin can belong to, in build order.
 GROUPS = ("position", "norm", "activation", "attention", "ffn", "topology")

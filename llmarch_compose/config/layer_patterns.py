@@ -22,8 +22,8 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import plugins
-from .errors import ConfigError, UnknownKeyError
+from ..plugin import registry as plugins
+from ..errors import ConfigError, UnknownKeyError
 
 #: Groups whose choice may differ from layer to layer.
 LAYER_GROUPS = ("attention", "ffn", "norm")

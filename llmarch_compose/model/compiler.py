@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .schema import COMPILE_MODES, CompileConfig
+from ..errors import ConfigError
+from ..config.schema import COMPILE_MODES, CompileConfig
 
 
 def compile(model: nn.Module, mode: str = "default", fullgraph: bool = True, regional: bool = True,

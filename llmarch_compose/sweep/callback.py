@@ -24,8 +24,8 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .files import write_atomic
-from .sweep_report import FAILURE, SweepReport, write_report
+from ..artifacts.atomic import write_atomic
+from .report import FAILURE, SweepReport, write_report
 
 
 class JobFailed(CompactHydraException):

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional, TypeVar, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from .errors import ConfigError, UnknownKeyError
+from ..errors import ConfigError, UnknownKeyError
 
 T = TypeVar("T")
 

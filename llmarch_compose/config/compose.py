@@ -18,8 +18,8 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
-from . import plugins
-from .errors import ConfigError, UnknownChoiceError, UnknownKeyError
+from ..plugin import registry as plugins
+from ..errors import ConfigError, UnknownChoiceError, UnknownKeyError
 
 CONFIG_MODULE = "llmarch_compose.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -136,7 +136,7 @@ def with_checkpoint(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     path = cfg.model.get("path")
     if not path or str(cfg.model.get("name", "")).startswith("hf:"):
         return cfg
-    from .interop.hf import checkpoint_overrides
+    from ..interop.hf import checkpoint_overrides
 
     mine = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("model", "model.path")]
     return compose([*checkpoint_overrides(path), *mine])

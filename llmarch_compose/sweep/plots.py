@@ -10,7 +10,7 @@ import io
 from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
-    from .sweep_report import Job
+    from .report import Job
 
 VAL_LOSS_CURVES = "val_loss_curves.png"
 FINAL_VAL_LOSS = "final_val_loss.png"

@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from . import plugins
-from .builder import build
-from .components import Attention
-from .spec import ModelSpec
+from ..plugin import registry as plugins
+from .build import build
+from ..plugin.interfaces import Attention
+from ..config.spec import ModelSpec
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1, "fp8": 1}
 

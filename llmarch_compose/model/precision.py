@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from hydra.core.config_store import ConfigStore
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -8,9 +8,9 @@ from typing import Union
 import torch
 from omegaconf import DictConfig
 
-from .components import Topology
-from .errors import ConfigError
-from .spec import BuildContext, ModelSpec, resolve_spec
+from ..plugin.interfaces import Topology
+from ..errors import ConfigError
+from ..config.spec import BuildContext, ModelSpec, resolve_spec
 
 
 #: What the `device` key takes; `meta` (shapes only, no memory) is for building and counting.
@@ -52,7 +52,7 @@ def build(cfg: Union[DictConfig, ModelSpec], device: Union[str, torch.device, No
     with torch.device(device):
         model = ctx.build("topology")
     if spec.model.path and device.type != "meta":  # model=hf: the checkpoint's weights
-        from .interop.hf import load_weights
+        from ..interop.hf import load_weights
 
         load_weights(model, spec, spec.model.path)
     if dtype is not None:

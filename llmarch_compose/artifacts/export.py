@@ -22,9 +22,9 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .components import ModelOutput
-from .errors import ConfigError, LlmarchError
-from .files import atomic_path
+from ..plugin.interfaces import ModelOutput
+from ..errors import ConfigError, LlmarchError
+from .atomic import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -284,7 +284,7 @@ def load_compiled(path: PathLike, device_index: int = -1) -> CompiledModel:
         raise FileNotFoundError(f"no AOTInductor package at {path}")
     # A package may call the plugins' custom ops (the fp32 grouped expert products
     # of MoE layers) through the Python dispatcher: they must be registered first.
-    from .plugins import discover
+    from ..plugin.registry import discover
 
     discover()
     return CompiledModel(path, device_index)

@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .builder import build
-from .files import umask
-from .scale import apply_scale
+from ..model.build import build
+from .atomic import umask
+from ..config.scale import apply_scale
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"

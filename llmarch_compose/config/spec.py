@@ -14,12 +14,12 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import plugins
-from .errors import ConfigError
-from .patterns import LAYER_GROUPS, STACKS, layer_node, parse_rules
+from ..plugin import registry as plugins
+from ..errors import ConfigError
+from .layer_patterns import LAYER_GROUPS, STACKS, layer_node, parse_rules
 from .scale import apply_scale
 from .schema import ModelConfig
-from .typed import to_dataclass
+from .structured import to_dataclass
 
 
 @dataclass(frozen=True)

@@ -37,15 +37,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import objectives
-from .builder import build, resolve_device
-from .compile_stage import compile_from_config
-from .components import ModelOutput
-from .cost import count_params, forward_flops_per_token
-from .precision import DTYPES, PrecisionConfig
-from .schema import CompileConfig
-from .spec import resolve_spec
-from .typed import to_dataclass
+from ..train import objectives
+from ..model.build import build, resolve_device
+from ..model.compiler import compile_from_config
+from ..plugin.interfaces import ModelOutput
+from ..model.card import count_params, forward_flops_per_token
+from ..model.precision import DTYPES, PrecisionConfig
+from ..config.schema import CompileConfig
+from ..config.spec import resolve_spec
+from ..config.structured import to_dataclass
 
 MATMUL_SIZE = 2048
 # Largest logits difference (relative to the logits' scale) at which two
@@ -176,8 +176,8 @@ def hf_peer(model: nn.Module, cfg: DictConfig, workdir: Path, dtype: torch.dtype
         return None, "transformers is not installed"
     if getattr(model, "objective", "causal_lm") != "causal_lm":
         return None, "not a causal LM: no AutoModelForCausalLM peer"
-    from .errors import LlmarchError
-    from .interop.hf import to_hf
+    from ..errors import LlmarchError
+    from ..interop.hf import to_hf
 
     try:
         folder = to_hf(model, cfg, workdir / "hf")
@@ -219,7 +219,7 @@ def cold_compile(cfg: DictConfig, depth: Optional[int], batch_size: int, seq_len
                "threads": threads, "adamw": adamw}
     with tempfile.TemporaryDirectory(prefix="llmarch-inductor-") as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        done = subprocess.run([sys.executable, "-m", "llmarch_compose.bench"], input=json.dumps(request),
+        done = subprocess.run([sys.executable, "-m", "llmarch_compose.bench.harness"], input=json.dumps(request),
                               capture_output=True, text=True, env=env, timeout=timeout_s)
     if done.returncode:
         raise RuntimeError(f"the cold-compile probe failed:\n{done.stderr[-4000:]}")
