@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Union
 
 import torch
+from torch.overrides import TorchFunctionMode
 from omegaconf import DictConfig
 
 from ..plugin.interfaces import Topology
@@ -40,6 +42,27 @@ def resolve_device(device: Union[str, torch.device, None], key: str = "device") 
     return torch.device(name)
 
 
+class _ValuesUnread(TorchFunctionMode):
+    """Building on meta, where no value is ever read: in-place initializers return at once.
+    Their meta kernels are Python references whose first call imports Dynamo, which is
+    most of the start-up time of `task=summary`."""
+
+    SKIPPED = frozenset({
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_, torch.Tensor.copy_,
+        torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.trunc_normal_, torch.nn.init.zeros_,
+        torch.nn.init.ones_, torch.nn.init.constant_, torch.nn.init.kaiming_uniform_, torch.nn.init.kaiming_normal_,
+        torch.nn.init.xavier_uniform_, torch.nn.init.xavier_normal_,
+    })
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:
+            target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by name
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
 def build(cfg: Union[DictConfig, ModelSpec], device: Union[str, torch.device, None] = "cpu",
           dtype: torch.dtype | None = None) -> Topology:
     """Build the model `cfg` describes. Validation runs first, so a bad config
@@ -49,7 +72,7 @@ def build(cfg: Union[DictConfig, ModelSpec], device: Union[str, torch.device, No
     spec = cfg if isinstance(cfg, ModelSpec) else resolve_spec(cfg)
     device = resolve_device(device)
     ctx = BuildContext(spec)
-    with torch.device(device):
+    with torch.device(device), (_ValuesUnread() if device.type == "meta" else contextlib.nullcontext()):
         model = ctx.build("topology")
     if spec.model.path and device.type != "meta":  # model=hf: the checkpoint's weights
         from ..interop.hf import load_weights

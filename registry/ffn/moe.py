@@ -276,8 +276,8 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
         std = ctx.model.init_std
         self.router = nn.Linear(d, e, bias=False)
         width = f * (2 if self.activation.gated else 1)
-        self.w_in = nn.Parameter(torch.randn(e, d, width) * std)
-        self.w_out = nn.Parameter(torch.randn(e, f, d) * std)
+        self.w_in = nn.Parameter(nn.init.normal_(torch.empty(e, d, width), std=std))
+        self.w_out = nn.Parameter(nn.init.normal_(torch.empty(e, f, d), std=std))
         nn.init.normal_(self.router.weight, std=std)
         self._init_balancing(params)
         self._init_shared(params, ctx)

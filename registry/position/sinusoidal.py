@@ -23,8 +23,8 @@ class SinusoidalPosition(PositionEncoding):
     def __init__(self, params: SinusoidalParams, ctx, causal: bool = True):
         super().__init__()
         d = ctx.model.embedding_width
-        inv_freq = params.base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        inv_freq = params.base ** (-torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., seq, d/2]

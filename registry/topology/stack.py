@@ -198,7 +198,7 @@ class LMHead(nn.Module):
             raise ConfigError("topology.mlm_transform", False,
                               f"a head tied to {width}-wide factorized embeddings needs a transform to that width",
                               "true")
-        self.weight = None if self._tied else nn.Parameter(torch.randn(m.vocab_size, width) * m.init_std)
+        self.weight = None if self._tied else nn.Parameter(nn.init.normal_(torch.empty(m.vocab_size, width), std=m.init_std))
         if params.head_bias == "param":
             self.bias = nn.Parameter(torch.zeros(m.vocab_size))
         else:
