@@ -2,39 +2,59 @@
 
     cfg = llmarch_compose.compose(["model=llama3_8b", "attention=mqa"])
     model = llmarch_compose.build(cfg, device="meta")
+
+This module is the facade: the stages' public functions, the plugin interfaces and
+the errors. Importing it registers nothing and imports no task, benchmark or sweep
+module; the registry discovers plugins and named choices on first use.
 """
 
-from .train import data as _data  # noqa: F401  (stores the data nodes)
-from .model import precision as _precision  # noqa: F401  (stores the precision nodes)
-from .config import scale as _scale  # noqa: F401  (stores the scale nodes)
-from .config import schema as _schema  # noqa: F401  (stores the typed config nodes)
+from .config.compose import compose
+from .config.spec import ModelSpec, resolve_spec
+from .errors import ConfigError, LlmarchError, PluginConflictError, UnknownChoiceError, UnknownKeyError
 from .model.build import build
 from .model.compiler import compile
+from .plugin.context import BuildContext
 from .plugin.interfaces import (
     Activation,
     Attention,
+    DataSource,
     FeedForward,
     FeedForwardOutput,
     ModelOutput,
+    ModelSource,
+    Objective,
     PositionEncoding,
     PositionInputs,
     PreciseBuffers,
     Topology,
 )
-from .config.compose import compose
-from .artifacts.export import export_package, export_program, load_compiled
-from . import tasks as _tasks  # noqa: F401  (stores the task nodes)
-from .errors import ConfigError, LlmarchError, PluginConflictError, UnknownChoiceError, UnknownKeyError
+from .plugin.objectives import CAUSAL_LM, MASKED_LM, SEQ2SEQ
 from .plugin.registry import register
-from .config.spec import BuildContext, ModelSpec, resolve_spec
 
 __version__ = "0.1.0"
+
+#: Public names whose modules load on first use (export pulls in torch.export and AOTInductor).
+_LAZY = {
+    "export_program": "llmarch_compose.artifacts.export",
+    "export_package": "llmarch_compose.artifacts.export",
+    "load_compiled": "llmarch_compose.artifacts.export",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llmarch_compose' has no attribute {name!r}")
+
 
 __all__ = [
     "compose", "build", "compile", "register", "resolve_spec",
     "BuildContext", "ModelSpec",
-    "PositionEncoding", "PositionInputs", "PreciseBuffers", "Activation", "Attention", "FeedForward", "FeedForwardOutput",
-    "ModelOutput", "Topology",
+    "PositionEncoding", "PositionInputs", "PreciseBuffers", "Activation", "Attention", "FeedForward",
+    "FeedForwardOutput", "ModelOutput", "Topology", "Objective", "DataSource", "ModelSource",
+    "CAUSAL_LM", "MASKED_LM", "SEQ2SEQ",
     "export_program", "export_package", "load_compiled",
     "ConfigError", "LlmarchError", "PluginConflictError", "UnknownChoiceError", "UnknownKeyError",
 ]

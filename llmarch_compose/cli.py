@@ -52,9 +52,10 @@ def _app(cfg: DictConfig):
     from .sweep.callback import JobFailed
     from .tasks import run_task
 
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        result = run_task(cfg)
+        result = run_task(cfg, list(hydra_cfg.overrides.task))
     except LlmarchError as exc:
         _report(exc)
         if multirun:  # the job fails, the sweep goes on; Hydra prints the message, not a traceback

@@ -222,8 +222,8 @@ def check_gradients(pm: PluginModel, input_ids: torch.Tensor) -> None:
 def check_causal(pm: PluginModel, input_ids: torch.Tensor, max_ratio: float = 1e-4) -> None:
     """In a causal LM, changing the last token leaves every earlier position's logits
     as they were (up to rounding: at most `max_ratio` of the change at the last one)."""
-    if getattr(pm.model, "objective", None) != "causal_lm":
-        raise _fail(pm, "causal", f"the topology is not a causal LM (objective {pm.model.objective!r})")
+    if not pm.model.objective.causal:
+        raise _fail(pm, "causal", f"the topology is not a causal LM (objective {pm.model.objective.name})")
     changed = input_ids.clone()
     changed[:, -1] = (changed[:, -1] + 1) % int(pm.cfg.model.vocab_size)
     with torch.no_grad():
@@ -318,7 +318,7 @@ def check_plugin(group: str, choice: str, overrides: Sequence[str] = (), *, batc
     report.checks.append("shapes")
     check_gradients(pm, ids)
     report.checks.append("gradients")
-    if causal if causal is not None else getattr(pm.model, "objective", None) == "causal_lm":
+    if causal if causal is not None else pm.model.objective.causal:
         check_causal(pm, ids)
         report.checks.append("causal")
     if compiled:

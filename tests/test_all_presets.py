@@ -56,7 +56,7 @@ def layer_kinds(spec) -> set:
 
 def _inputs(model, generator):
     ids = torch.randint(0, 512, (2, 24), generator=generator)
-    if model.objective == "seq2seq":
+    if model.objective is lc.SEQ2SEQ:
         return (ids, torch.randint(0, 512, (2, 16), generator=generator))
     return (ids,)
 

@@ -12,14 +12,15 @@ import torch
 import llmarch_compose as lc
 from llmarch_compose import ConfigError, UnknownChoiceError
 from llmarch_compose.train.data import BYTE_VOCAB, data_config, make_source
-from llmarch_compose.train.objectives import IGNORE, exact_match
+from llmarch_compose.plugin.objectives import CAUSAL_LM, IGNORE, MASKED_LM, SEQ2SEQ
+from llmarch_compose.train.metrics import exact_match
 from llmarch_compose.train.synthetic import FILLER, FIRST_SYMBOL, SEPARATOR
 from llmarch_compose.tasks import train
 
 from conftest import TINY
 
 
-def source(*overrides: str, objective: str = "causal_lm", topology: str = "decoder_only"):
+def source(*overrides: str, objective=CAUSAL_LM, topology: str = "decoder_only"):
     cfg = lc.compose(list(overrides))
     return make_source(data_config(cfg.data), objective, topology)
 
@@ -206,11 +207,11 @@ def test_unknown_choice_and_unknown_key():
     assert "num_pairs" in str(info.value)
 
 
-@pytest.mark.parametrize("topology, objective", [("encoder_only", "masked_lm"), ("t5", "seq2seq")])
+@pytest.mark.parametrize("topology, objective", [("encoder_only", MASKED_LM), ("t5", SEQ2SEQ)])
 def test_synthetic_tasks_need_a_causal_objective(topology, objective):
     with pytest.raises(ConfigError) as info:
         source("data=copy", objective=objective, topology=topology)
-    assert info.value.key == "data" and topology in str(info.value) and objective in str(info.value)
+    assert info.value.key == "data" and topology in str(info.value) and objective.name in str(info.value)
 
 
 def test_train_refuses_what_the_data_cannot_use(tmp_path):

@@ -22,6 +22,7 @@ from torch import nn
 import llmarch_compose as lc
 from llmarch_compose import ConfigError, PluginConflictError, UnknownChoiceError
 from llmarch_compose.plugin import registry as plugins
+from llmarch_compose.config.spec import make_params
 from llmarch_compose.model.card import architecture_card
 from llmarch_compose.config.spec import resolve_spec
 
@@ -225,16 +226,16 @@ def test_builtins_are_declared_as_entry_points():
 
 
 def test_make_params_types_and_names_errors():
-    p = plugins.make_params("norm", {"plugin": "rmsnorm", "name": "rmsnorm", "eps": 1e-6})
+    p = make_params("norm", {"plugin": "rmsnorm", "name": "rmsnorm", "eps": 1e-6})
     assert p.eps == 1e-6 and p.plugin == "rmsnorm"
     with pytest.raises(ConfigError) as info:
-        plugins.make_params("norm", {"plugin": "rmsnorm", "name": "rmsnorm", "eps": "tiny"})
+        make_params("norm", {"plugin": "rmsnorm", "name": "rmsnorm", "eps": "tiny"})
     assert info.value.key == "norm.eps" and "tiny" in str(info.value)
     with pytest.raises(UnknownChoiceError) as info:
-        plugins.make_params("norm", {"plugin": "rmsnrom", "name": "rmsnrom"})
+        make_params("norm", {"plugin": "rmsnrom", "name": "rmsnrom"})
     assert info.value.suggestions == ["rmsnorm"]
     with pytest.raises(ConfigError) as info:
-        plugins.make_params("norm", {"name": "rmsnorm"})
+        make_params("norm", {"name": "rmsnorm"})
     assert info.value.key == "norm.plugin"
 
 

@@ -16,7 +16,8 @@ import llmarch_compose as lc
 from llmarch_compose.model.card import architecture_card
 from llmarch_compose.errors import ConfigError
 from llmarch_compose.config.spec import resolve_spec
-from llmarch_compose.tasks import TASKS, table
+from llmarch_compose.plugin import registry
+from llmarch_compose.tasks import table
 
 
 def run_table(*overrides: str) -> tuple[dict, str]:
@@ -43,7 +44,7 @@ def card(preset: str) -> dict:
 
 
 def test_task_is_registered():
-    assert "table" in TASKS
+    assert "table" in registry.names("task")
     cfg = lc.compose(["task=table"])
     assert (cfg.task.name, cfg.task.format, cfg.task.compare_seed) == ("table", "markdown", False)
 

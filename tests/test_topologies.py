@@ -69,7 +69,7 @@ def test_prefix_len_is_refused_by_a_causal_decoder():
 
 def test_encoder_only_is_bidirectional_and_predicts_every_position():
     model = build("topology=encoder_only", "position=learned", "model.type_vocab_size=2")
-    assert model.objective == "masked_lm"
+    assert model.objective is lc.MASKED_LM
     assert changed_positions(lambda x: model(x).logits, IDS, at=9).all()
     with torch.no_grad():
         plain = model(IDS).logits

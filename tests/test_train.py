@@ -18,6 +18,7 @@ from llmarch_compose import ConfigError
 from llmarch_compose.artifacts import checkpoint
 from llmarch_compose.artifacts.checkpoint import load_checkpoint, save_checkpoint
 from llmarch_compose.tasks import train
+from llmarch_compose.train import loop
 from llmarch_compose.tasks.train import TrainTask, lr_at
 
 STEPS, EVAL_EVERY = 30, 10
@@ -41,12 +42,12 @@ def runs(tmp_path_factory):
         cfg = train_cfg(out, f"compile={mode}")
         captured = {}
 
-        def capturing_save(model, cfg_, path, _orig=train.save_checkpoint):
+        def capturing_save(model, cfg_, path, _orig=loop.save_checkpoint):
             captured["model"] = model
             return _orig(model, cfg_, path)
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(train, "save_checkpoint", capturing_save)
+            mp.setattr(loop, "save_checkpoint", capturing_save)
             summary = train.run(cfg)
         results[mode] = dict(out=out, cfg=cfg, summary=summary, model=captured["model"])
     return results
@@ -121,13 +122,13 @@ def test_seq_len_defaults_to_the_context_for_a_corpus(tmp_path):
 
 
 def test_peak_memory_on_cpu_counts_this_run():
-    memory = train.PeakMemory(torch.device("cpu"))
+    memory = loop.PeakMemory(torch.device("cpu"))
     before = memory.bytes()
     block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
     assert memory.bytes() >= before + block.numel() * 0.9
     if memory.measure == "process_peak_rss_since_run_start":  # Linux: a new run starts from the present
         del block
-        assert train.PeakMemory(torch.device("cpu")).bytes() < before + 32 * 2**20
+        assert loop.PeakMemory(torch.device("cpu")).bytes() < before + 32 * 2**20
 
 
 def test_invalid_task_fails_before_writing(tmp_path):

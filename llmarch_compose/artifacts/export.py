@@ -22,18 +22,11 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..plugin.interfaces import ModelOutput
+from ..plugin.interfaces import ModelOutput, Topology
 from ..errors import ConfigError, LlmarchError
 from .atomic import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-#: The inputs a topology's forward takes, by the objective it declares.
-INPUTS = {
-    "causal_lm": ("input_ids",),
-    "masked_lm": ("input_ids",),
-    "seq2seq": ("input_ids", "decoder_input_ids"),
-}
 
 #: The shortest sequence and the smallest batch a package accepts.
 MIN_SEQ_LEN = MIN_BATCH = 1
@@ -82,14 +75,12 @@ def _span(low: int, high: Optional[int]) -> str:
 
 
 def input_names(model: nn.Module) -> tuple[str, ...]:
-    """The token-id inputs of `model`'s forward; a topology whose objective has
-    no known inputs is refused, naming it."""
-    objective = getattr(model, "objective", None)
-    if objective not in INPUTS:
-        raise ConfigError("topology", type(model).__name__,
-                          f"cannot be exported: its objective {objective!r} has no known inputs",
-                          [f"a topology with objective {name}" for name in INPUTS])
-    return INPUTS[objective]
+    """The token-id inputs of `model`'s forward, as its objective declares them; a model that
+    is no topology is refused, naming it."""
+    if not isinstance(model, Topology):
+        raise ConfigError("model", type(model).__name__, "cannot be exported: not a composed model "
+                          "(a Topology, whose objective declares its inputs)", "a model from llmarch_compose.build")
+    return model.objective.input_names
 
 
 def model_inputs(model: nn.Module, input_ids: torch.Tensor,

@@ -37,13 +37,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..train import objectives
 from ..model.build import build, resolve_device
 from ..model.compiler import compile_from_config
 from ..plugin.interfaces import ModelOutput
+from ..plugin.objectives import Objective
 from ..model.card import count_params, forward_flops_per_token
 from ..model.precision import DTYPES, PrecisionConfig
-from ..config.schema import CompileConfig
+from ..model.compiler import CompileConfig
 from ..config.spec import resolve_spec
 from ..config.structured import to_dataclass
 
@@ -78,7 +78,7 @@ class Workload:
 
     x: torch.Tensor
     y: torch.Tensor
-    objective: str
+    objective: Objective
     vocab_size: int
     precision: PrecisionConfig
     device: torch.device
@@ -88,7 +88,7 @@ class Workload:
         are dropped last, so a step starts and ends with only the resident tensors."""
         generator = torch.Generator().manual_seed(0)  # masked objectives: the same masks every step
         with self.precision.autocast(self.device):
-            loss, _ = objectives.loss(variant.forward, self.objective, self.x, self.y, self.vocab_size, generator)
+            loss, _ = self.objective.loss(variant.forward, self.x, self.y, self.vocab_size, generator)
         loss.backward()
         variant.optimizer.step()
         variant.optimizer.zero_grad(set_to_none=True)
@@ -174,7 +174,7 @@ def hf_peer(model: nn.Module, cfg: DictConfig, workdir: Path, dtype: torch.dtype
     """The transformers model with our weights (SDPA attention), or None and why not."""
     if importlib.util.find_spec("transformers") is None:
         return None, "transformers is not installed"
-    if getattr(model, "objective", "causal_lm") != "causal_lm":
+    if not model.objective.causal:
         return None, "not a causal LM: no AutoModelForCausalLM peer"
     from ..errors import LlmarchError
     from ..interop.hf import to_hf
@@ -280,7 +280,7 @@ def make_workload(model: nn.Module, vocab_size: int, batch_size: int, seq_len: i
                   device: torch.device) -> Workload:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=g).to(device)
-    return Workload(x[:, :-1], x[:, 1:], getattr(model, "objective", "causal_lm"), vocab_size, precision, device)
+    return Workload(x[:, :-1], x[:, 1:], model.objective, vocab_size, precision, device)
 
 
 # ------------------------------------------------------------------ the benchmark

@@ -8,6 +8,7 @@ Hydra's ConfigStore when they are discovered.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Sequence
 
 from hydra import compose as hydra_compose
@@ -18,8 +19,10 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
-from ..plugin import registry as plugins
 from ..errors import ConfigError, UnknownChoiceError, UnknownKeyError
+from ..plugin import registry as plugins
+from ..plugin.interfaces import ModelSource
+from . import schema  # noqa: F401  (stores the root schema the defaults list names)
 
 CONFIG_MODULE = "llmarch_compose.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -127,19 +130,29 @@ def check(overrides: Sequence[str]) -> None:
     GlobalHydra.instance().clear()
 
 
+def model_source(path: str) -> ModelSource:
+    """The registered model source that reads the folder `path` (`model.path`)."""
+    folder = Path(path).expanduser()
+    sources = plugins.entries("model_source")
+    if not folder.is_dir():
+        raise ConfigError("model.path", path, "no such folder", "a checkpoint folder, e.g. one with config.json")
+    for info in sources.values():
+        if info.target.recognizes(folder):
+            return info.target
+    raise ConfigError("model.path", path, "no model source reads this folder", sorted(sources) or None)
+
+
 def with_checkpoint(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """For `model=hf model.path=<dir>`: the config the checkpoint's config.json
-    describes, with the user's other overrides on top. Other configs pass through."""
+    """For `model=hf model.path=<dir>`: the config the checkpoint folder describes, with the
+    user's other overrides on top. Other configs pass through."""
     if cfg.model.get("name") == "hf" and not cfg.model.get("path"):
         raise ConfigError("model.path", None, "model=hf builds from a Hugging Face checkpoint folder",
                           "model.path=<a folder with config.json and *.safetensors>")
     path = cfg.model.get("path")
     if not path or str(cfg.model.get("name", "")).startswith("hf:"):
         return cfg
-    from ..interop.hf import checkpoint_overrides
-
     mine = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("model", "model.path")]
-    return compose([*checkpoint_overrides(path), *mine])
+    return compose([*model_source(path).overrides(Path(path).expanduser()), *mine])
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME) -> DictConfig:

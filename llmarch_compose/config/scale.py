@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..plugin.registry import add
 
 
 @dataclass
@@ -37,9 +38,8 @@ class ScaleConfig:
     rope_head_dim: int = 8  # MLA's decoupled rotary part
 
 
-ConfigStore.instance().store(group="scale", name="full", node=ScaleConfig, provider="llmarch_compose")
-ConfigStore.instance().store(group="scale", name="tiny", node=ScaleConfig(name="tiny", d_model=64),
-                             provider="llmarch_compose")
+add("scale", "full", node=ScaleConfig())
+add("scale", "tiny", node=ScaleConfig(name="tiny", d_model=64))
 
 
 def scaled_numbers(model: dict[str, Any], s: ScaleConfig) -> dict[str, Any]:

@@ -73,19 +73,6 @@ class ModelConfig:
 
 
 @dataclass
-class CompileConfig:
-    """How the built model is compiled: `mode` is eager, default or max-autotune."""
-
-    mode: str = "default"
-    fullgraph: bool = True
-    regional: bool = True  # compile the repeated block once and reuse it
-    dynamic: Optional[bool] = False
-
-
-COMPILE_MODES = ("eager", "default", "max-autotune")
-
-
-@dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     position: Any = None
@@ -103,11 +90,5 @@ class RootConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
-def store_schema() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="llmarch_schema", node=RootConfig, provider="llmarch_compose")
-    for choice, mode in (("eager", "eager"), ("default", "default"), ("max_autotune", "max-autotune")):
-        cs.store(group="compile", name=choice, node=CompileConfig(mode=mode), provider="llmarch_compose")
-
-
-store_schema()
+# The root node the defaults list starts from (its groups' nodes are registered choices).
+ConfigStore.instance().store(name="llmarch_schema", node=RootConfig, provider="llmarch_compose")

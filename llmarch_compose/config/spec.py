@@ -45,6 +45,20 @@ class ModelSpec:
         return {g: self.params[g].name for g in plugins.GROUPS}
 
 
+def make_params(group: str, node: DictConfig | Mapping[str, Any]) -> Any:
+    """A composed component node as its plugin's params dataclass (typed and checked)."""
+    plugin_name = node.get("plugin") if node is not None else None
+    if not plugin_name:
+        raise ConfigError(f"{group}.plugin", plugin_name, "every group node names its plugin", plugins.names(group))
+    return to_dataclass(plugins.get(group, plugin_name).node, node, group)
+
+
+def make_choice(group: str, node: DictConfig | Mapping[str, Any] | None) -> Any:
+    """A composed node of a choice group (task, data, ...) as its registered dataclass."""
+    name = node.get("name") if node is not None else None
+    return to_dataclass(plugins.get(group, name).params, node, group)
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -84,7 +98,7 @@ def resolve_spec(cfg: DictConfig) -> ModelSpec:
         node = cfg.get(group)
         if node is None:
             raise ConfigError(group, None, "no choice made for this group", plugins.names(group))
-        p = plugins.make_params(group, node)
+        p = make_params(group, node)
         hook = getattr(p, "validate", None)
         if hook is not None:
             try:
@@ -120,7 +134,7 @@ def resolve_layers(cfg: DictConfig, model: ModelConfig, params: Mapping[str, Any
                     for i in chain:
                         key = f"{rules[i].key}.{group}"
                         node = layer_node(node, rules[i].changes[group], group, model_numbers, key)
-                    p = plugins.make_params(group, node)
+                    p = make_params(group, node)
                     hook = getattr(p, "validate", None)
                     if hook is not None:
                         hook(model, f"{rules[chain[-1]].key}.{group}")
@@ -144,37 +158,3 @@ def _blame_source(exc: ConfigError, cfg: DictConfig) -> ConfigError:
     if not (source.startswith("${") and source.endswith("}")) or ":" in source:
         return exc
     return ConfigError(source[2:-1], exc.value, f"{exc.problem} (read as {exc.key})", exc.valid)
-
-
-class BuildContext:
-    """What a plugin may know of the model it is built into: the numbers, the
-    other groups' params, and the shared position and activation modules."""
-
-    def __init__(self, spec: ModelSpec):
-        self.spec = spec
-        self.model = spec.model
-        self._shared: dict[str, Any] = {}
-
-    def build(self, group: str, layer: Optional[int] = None, stack: str = "decoder", **kwargs: Any) -> Any:
-        """A new instance of the plugin chosen for `group`, at `layer` of `stack`
-        when a layer pattern may change it there (attention and FFN plugins also
-        receive `layer_idx`)."""
-        params = self.spec.params_for(group, layer, stack)
-        if layer is not None and group in ("attention", "ffn"):
-            kwargs["layer_idx"] = layer
-        return plugins.get(group, params.plugin).cls(params, self, **kwargs)
-
-    def shared(self, group: str) -> Any:
-        """One instance of `group` shared by every layer (position encodings,
-        activations): built on first use, then reused."""
-        if group not in self._shared:
-            self._shared[group] = self.build(group)
-        return self._shared[group]
-
-    @property
-    def position(self):
-        return self.shared("position")
-
-    @property
-    def activation(self):
-        return self.shared("activation")

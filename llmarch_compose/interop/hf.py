@@ -29,6 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ConfigError, LlmarchError
+from ..plugin.interfaces import ModelSource
+from ..plugin.registry import add
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -324,3 +326,19 @@ def _type_for(spec: Any, registry: Mapping[str, ModelType]) -> Optional[ModelTyp
     from .types import guess_type
 
     return registry.get(guess_type(spec))
+
+
+class HuggingFaceFolder(ModelSource):
+    """`model.path=<folder>`: a Hugging Face checkpoint (config.json and *.safetensors)."""
+
+    def recognizes(self, path: Path) -> bool:
+        return (path / "config.json").is_file()
+
+    def overrides(self, path: Path) -> list[str]:
+        return checkpoint_overrides(path)
+
+    def load_weights(self, model: nn.Module, spec: Any, path: Path) -> None:
+        load_weights(model, spec, path)
+
+
+add("model_source", "hf", HuggingFaceFolder())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from pathlib import Path
 from typing import Union
 
 import torch
@@ -12,7 +13,9 @@ from omegaconf import DictConfig
 
 from ..plugin.interfaces import Topology
 from ..errors import ConfigError
-from ..config.spec import BuildContext, ModelSpec, resolve_spec
+from ..config.compose import model_source
+from ..config.spec import ModelSpec, resolve_spec
+from ..plugin.context import BuildContext
 
 
 #: What the `device` key takes; `meta` (shapes only, no memory) is for building and counting.
@@ -75,9 +78,7 @@ def build(cfg: Union[DictConfig, ModelSpec], device: Union[str, torch.device, No
     with torch.device(device), (_ValuesUnread() if device.type == "meta" else contextlib.nullcontext()):
         model = ctx.build("topology")
     if spec.model.path and device.type != "meta":  # model=hf: the checkpoint's weights
-        from ..interop.hf import load_weights
-
-        load_weights(model, spec, spec.model.path)
+        model_source(spec.model.path).load_weights(model, spec, Path(spec.model.path).expanduser())
     if dtype is not None:
         model = model.to(dtype)
     return model

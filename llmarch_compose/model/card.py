@@ -10,7 +10,7 @@ from torch import nn
 
 from ..plugin import registry as plugins
 from .build import build
-from ..plugin.interfaces import Attention
+from ..plugin.interfaces import Attention, FeedForward, LayerStack
 from ..config.spec import ModelSpec
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1, "fp8": 1}
@@ -27,8 +27,8 @@ def count_params(model: nn.Module) -> dict[str, int]:
     embedding_ids = {id(p) for m in model.embedding_modules() for p in m.parameters()}
     embedding = sum(p.numel() for p in params if id(p) in embedding_ids)
     # Mixture-of-experts layers say how many of their parameters one token uses.
-    inactive = sum(sum(p.numel() for p in m.parameters()) - m.active_params()
-                   for m in model.modules() if hasattr(m, "active_params"))
+    inactive = sum(sum(p.numel() for p in m.parameters()) - active
+                   for m in model.modules() if isinstance(m, FeedForward) and (active := m.active_params()) is not None)
     return {
         "params_total": total,
         "params_embedding": embedding,
@@ -39,13 +39,14 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 def runs_per_token(model: nn.Module) -> list[tuple[nn.Module, int]]:
     """Every module with how many times one token passes through it: a stack that
-    runs its shared blocks n times (ALBERT) multiplies everything inside `blocks`."""
+    runs its shared blocks n times (ALBERT) multiplies everything inside its blocks."""
     out: list[tuple[nn.Module, int]] = []
 
     def walk(module: nn.Module, times: int) -> None:
         out.append((module, times))
-        for name, child in module.named_children():
-            walk(child, times * getattr(module, "repeats", 1) if name == "blocks" else times)
+        for child in module.children():
+            repeated = isinstance(module, LayerStack) and child is module.blocks
+            walk(child, times * module.repeats if repeated else times)
 
     walk(model, 1)
     return out
@@ -61,12 +62,13 @@ def forward_flops_per_token(model: nn.Module, counts: dict[str, int], context: i
     for module, times in runs_per_token(model):
         if id(module) in inside_moe or isinstance(module, nn.Embedding):
             continue
-        if hasattr(module, "active_params"):  # a mixture of experts: the experts a token uses
-            matmul += module.active_params() * times
+        active = module.active_params() if isinstance(module, FeedForward) else None
+        if active is not None:  # a mixture of experts: the experts a token uses
+            matmul += active * times
             inside_moe.update(id(m) for m in module.modules())
             continue
         matmul += sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2) * times
-    tied = getattr(getattr(model, "head", None), "tied", None)  # a head that reuses the token table
+    tied = model.tied_embedding()  # a head that reuses the token table
     matmul += tied.weight.numel() if tied is not None else 0
     attention = sum(m.score_flops_per_token(context) * times
                     for m, times in runs_per_token(model) if isinstance(m, Attention))

@@ -7,13 +7,33 @@ Dynamo treats as inputs), so compile time stays flat as depth grows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..config.schema import COMPILE_MODES, CompileConfig
+from ..plugin.interfaces import Topology
+from ..plugin.registry import add
+
+
+@dataclass
+class CompileConfig:
+    """How the built model is compiled: `mode` is eager, default or max-autotune."""
+
+    name: str = "default"
+    mode: str = "default"
+    fullgraph: bool = True
+    regional: bool = True  # compile the repeated block once and reuse it
+    dynamic: Optional[bool] = False
+
+
+COMPILE_MODES = ("eager", "default", "max-autotune")
+
+
+for _choice, _mode in (("eager", "eager"), ("default", "default"), ("max_autotune", "max-autotune")):
+    add("compile", _choice, node=CompileConfig(name=_choice, mode=_mode))
 
 
 def compile(model: nn.Module, mode: str = "default", fullgraph: bool = True, regional: bool = True,
@@ -24,7 +44,7 @@ def compile(model: nn.Module, mode: str = "default", fullgraph: bool = True, reg
     if mode == "eager":
         return model
     options = dict(fullgraph=fullgraph, dynamic=dynamic, mode=None if mode == "default" else mode)
-    regions = model.compile_regions() if hasattr(model, "compile_regions") else []
+    regions = model.compile_regions() if isinstance(model, Topology) else []
     if regional and regions:
         for block in regions:
             block.compile(**options)

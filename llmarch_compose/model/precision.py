@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from hydra.core.config_store import ConfigStore
-
 from ..errors import ConfigError
+from ..plugin.registry import add
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,4 +52,4 @@ PRECISIONS = {
 }
 
 for _name, _node in PRECISIONS.items():
-    ConfigStore.instance().store(group="precision", name=_name, node=_node, provider="llmarch_compose")
+    add("precision", _name, node=_node)

@@ -7,10 +7,13 @@ overrides the ones it needs. Every plugin class is constructed as
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
+
+from .objectives import CAUSAL_LM, Objective
 
 
 class PositionInputs(NamedTuple):
@@ -88,8 +91,14 @@ class Attention(nn.Module):
     Cost hooks let the architecture card count what parameters alone do not show.
     """
 
-    def forward(self, x: torch.Tensor, pos: PositionInputs) -> torch.Tensor:  # pragma: no cover
+    def forward(self, x: torch.Tensor, pos: PositionInputs,
+                memory: Optional[torch.Tensor] = None) -> torch.Tensor:  # pragma: no cover
+        """`memory`: the encoder's output, for cross-attention in an encoder-decoder (keys and values
+        from it, no mask); None for self-attention."""
         raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step; nothing by default."""
 
     def mask_spec(self):
         """The `llmarch_compose.model.masks.MaskSpec` this layer attends with, so the stack builds its
@@ -118,8 +127,19 @@ class FeedForwardOutput(NamedTuple):
 class FeedForward(nn.Module):
     """The position-wise network: dense or a mixture of experts."""
 
+    #: A mixture of experts (the table marks the model MoE).
+    mixture_of_experts: bool = False
+
     def forward(self, x: torch.Tensor) -> FeedForwardOutput:  # pragma: no cover
         raise NotImplementedError
+
+    def active_params(self) -> Optional[int]:
+        """The parameters one token uses, where fewer than all (a mixture of experts: the router,
+        the shared and the top-k routed experts); None: every parameter."""
+        return None
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (auxiliary-loss-free expert balance); nothing by default."""
 
 
 class ModelOutput(NamedTuple):
@@ -127,27 +147,42 @@ class ModelOutput(NamedTuple):
     aux_loss: Optional[torch.Tensor]  # the sum of the layers' auxiliary losses, or None
 
 
+class LayerStack(nn.Module):
+    """A stack of repeated blocks. `blocks` is what the compile stage compiles once and
+    reuses for every layer; the stack runs them `repeats` times (ALBERT's shared layers:
+    one block, run n_layers times), which the card multiplies its figures by."""
+
+    blocks: nn.ModuleList
+    repeats: int = 1
+
+
 class Topology(nn.Module):
-    """The whole model: embeddings, the stack of blocks, and the head.
+    """The whole model: embeddings, its stacks of blocks (`LayerStack`), and the head."""
 
-    Its stacks keep their repeated blocks in ModuleLists named `blocks`: the
-    compile stage compiles each block class once and reuses the graph.
-    """
-
-    #: What `task=train` optimizes: causal_lm, masked_lm or seq2seq (llmarch_compose/objectives.py).
-    objective: str = "causal_lm"
+    #: What the model is trained for, and what its forward takes (llmarch_compose/plugin/objectives.py).
+    objective: Objective = CAUSAL_LM
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError
 
+    def after_optimizer_step(self) -> None:
+        """Run every attention and feed-forward layer's after-step hook (the training loop calls this)."""
+        for module in self.modules():
+            if isinstance(module, (FeedForward, Attention)):
+                module.after_optimizer_step()
+
     def compile_regions(self) -> list[nn.Module]:
-        """The repeated blocks: every module in a ModuleList named `blocks` (a block
-        shared across layers appears once)."""
+        """The repeated blocks of every stack (a block shared across layers appears once)."""
         regions = {}
-        for name, module in self.named_modules():
-            if name.rpartition(".")[2] == "blocks" and isinstance(module, nn.ModuleList):
-                regions.update((id(b), b) for b in module)
+        for module in self.modules():
+            if isinstance(module, LayerStack):
+                regions.update((id(b), b) for b in module.blocks)
         return list(regions.values())
+
+    def tied_embedding(self) -> Optional[nn.Embedding]:
+        """The token table the LM head reuses as its weight, if it does (the card counts
+        that product once more); None for a head of its own."""
+        return None
 
     def embedding_modules(self) -> list[nn.Module]:
         """The lookup tables added to the input (tokens, token types, absolute
@@ -157,3 +192,48 @@ class Topology(nn.Module):
                    if isinstance(m, PositionEncoding) and type(m).embed is PositionEncoding.embed]
         inside = {id(t) for m in biasing for t in m.modules()}
         return [m for m in self.modules() if isinstance(m, nn.Embedding) and id(m) not in inside]
+
+
+class DataSource:
+    """Training data (the `data` group): windows of token ids and their targets.
+
+    A data choice is registered with `@register("data", name, params=ItsConfig)` on a class
+    or function that takes the typed config and returns a DataSource.
+    """
+
+    #: The token ids it uses (the model's vocabulary must hold them).
+    vocab_size: int
+    #: Whether exact-match accuracy on the targets means something (synthetic tasks).
+    has_accuracy: bool = False
+    #: The accuracy of guessing, where it is known (reported beside the measured accuracy).
+    chance_accuracy: Optional[float] = None
+    #: The length it wants when `task.seq_len` is null; None: the model's context.
+    natural_seq_len: Optional[int] = None
+    #: Whether it only makes sense read left to right (answers after questions).
+    causal_only: bool = False
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Refuse, before any training, a length it cannot serve (a ConfigError on task.seq_len)."""
+
+    def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        """(inputs [batch, seq_len], targets: the next tokens, IGNORE where nothing is asked) of `split`."""
+        raise NotImplementedError
+
+
+class ModelSource:
+    """Where a model's description and weights come from when `model.path` names a folder
+    (a Hugging Face checkpoint, say). The core asks the registered sources (group
+    `model_source`); the adapter that provides one sits above the core."""
+
+    def recognizes(self, path: Path) -> bool:  # pragma: no cover
+        """Whether the folder `path` is in this source's format."""
+        raise NotImplementedError
+
+    def overrides(self, path: Path) -> list[str]:  # pragma: no cover
+        """The overrides that compose the model the folder describes (`model.path` included)."""
+        raise NotImplementedError
+
+    def load_weights(self, model: nn.Module, spec: Any, path: Path) -> None:  # pragma: no cover
+        """Fill every tensor of `model` (built from `spec`) from the folder, or raise naming the tensor."""
+        raise NotImplementedError

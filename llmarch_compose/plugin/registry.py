@@ -1,10 +1,21 @@
-"""The plugin registry: how components are registered, discovered and looked up.
+"""The registry of named choices: how plugins, tasks, data sources and the other
+named parts are registered, discovered and looked up.
 
-A plugin is a params dataclass plus the module class it builds, registered with
-`@register(group, name, params=...)`. Registration also stores the params in
-Hydra's ConfigStore as `<group>/<name>`, so `attention=gqa` composes with or
-without a YAML file. Configs select plugins by registry key only: nothing in a
-config is ever imported by path.
+Everything a user selects by name goes through one mechanism:
+- the component groups (`GROUPS`): a params dataclass plus the module class it builds,
+  registered with `@register(group, name, params=...)`; its node carries the reserved
+  keys `plugin` and `name`;
+- the other config groups (`CHOICE_GROUPS`: task, data, precision, scale, compile): a
+  node whose own `name` field is the choice, and what the choice runs (a task's `run`, a
+  data source's factory; nothing for pure settings);
+- named parts that are no config group (`ADAPTER_GROUPS`): Hugging Face model types
+  and model sources, looked up by the adapters above the core.
+
+Registration also stores each config node in Hydra's ConfigStore as `<group>/<name>`,
+so `attention=gqa` or `task=summary` composes with or without a YAML file. Built-in
+and third-party modules are found the same way, through the `llmarch_compose.plugins`
+entry-point group. Configs select by registry key only: nothing in a config is ever
+imported by path.
 """
 
 from __future__ import annotations
@@ -13,36 +24,46 @@ import dataclasses
 import functools
 import importlib.metadata
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
 
-from ..errors import ConfigError, LlmarchError, PluginConflictError, UnknownChoiceError
-from ..config.structured import to_dataclass
+from ..errors import LlmarchError, PluginConflictError, UnknownChoiceError
 
 #: The component groups a plugin can belong to, in build order.
 GROUPS = ("position", "norm", "activation", "attention", "ffn", "topology")
-#: The entry-point group through which built-in and third-party plugins are found.
+#: The other config groups whose choices are registered: each node names itself (`name`).
+CHOICE_GROUPS = ("task", "data", "precision", "scale", "compile")
+#: Named parts that are not config groups: read by the adapters above the core.
+ADAPTER_GROUPS = ("hf_model_type", "model_source")
+ALL_GROUPS = (*GROUPS, *CHOICE_GROUPS, *ADAPTER_GROUPS)
+#: The entry-point group through which built-in and third-party modules are found.
 ENTRY_POINT_GROUP = "llmarch_compose.plugins"
-#: Keys every group node carries besides the plugin's own parameters.
+#: Keys every component node carries besides the plugin's own parameters.
 RESERVED_KEYS = ("plugin", "name")
 
 
 @dataclass(frozen=True)
 class PluginInfo:
+    """One registered choice: a plugin, a task, a data source, a setting or an adapter part."""
+
     group: str
     name: str
-    cls: type
-    params: type
-    node: type  # the params dataclass plus the reserved keys, as stored in ConfigStore
+    target: Any  # the plugin class, the task's run function, the source factory, the part; None for settings
+    params: Optional[type]  # the params dataclass (None for adapter parts)
+    node: Any  # what ConfigStore holds: a dataclass or an instance (None for adapter parts)
     module: str
     package: str
 
     @property
+    def cls(self) -> type:
+        """The module class of a component plugin."""
+        return self.target
+
+    @property
     def doc(self) -> str:
         """The docstring's first paragraph on one line (docstrings here wrap their summary)."""
-        paragraph = (self.cls.__doc__ or "").strip().split("\n\n")[0]
+        paragraph = (getattr(self.target, "__doc__", None) or "").strip().split("\n\n")[0]
         return " ".join(line.strip() for line in paragraph.splitlines())
 
     @property
@@ -59,44 +80,83 @@ class NoParams:
     """Params of a plugin that takes none."""
 
 
-_registry: dict[str, dict[str, PluginInfo]] = {g: {} for g in GROUPS}
+_registry: dict[str, dict[str, PluginInfo]] = {g: {} for g in ALL_GROUPS}
 _loading_package: list[str] = []  # the distribution whose entry point is being loaded
 _discovered = False
 _discovery_error: LlmarchError | None = None  # kept so that every later lookup fails the same way
 
 
-def register(group: str, name: str, params: type | None = None) -> Callable[[type], type]:
-    """Class decorator: make `cls` the plugin `name` of `group`, configured by `params`."""
-    if group not in GROUPS:
-        raise UnknownChoiceError("plugin group", group, GROUPS, what="name")
-    params = params or NoParams
+def _component_node(group: str, name: str, params: type) -> type:
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"params of {group}/{name} must be a dataclass, got {params!r}")
     clash = [f.name for f in dataclasses.fields(params) if f.name in RESERVED_KEYS]
     if clash:
         raise TypeError(f"params of {group}/{name} may not define the reserved keys {clash}")
+    return dataclasses.make_dataclass(
+        f"{params.__name__}Node",
+        [("plugin", str, field(default=name)), ("name", str, field(default=name))],
+        bases=(params,),
+    )
 
-    def decorate(cls: type) -> type:
-        module = cls.__module__
-        package = _loading_package[-1] if _loading_package else distribution_of(module)
-        existing = _registry[group].get(name)
-        if existing is not None and existing.module != module:
-            raise PluginConflictError(
-                f"{group} plugin {name!r} is registered twice: by {existing.package} "
-                f"({existing.module}.{existing.cls.__name__}) and by {package} ({module}.{cls.__name__}); "
-                "uninstall one or rename it"
-            )
-        node = dataclasses.make_dataclass(
-            f"{params.__name__}Node",
-            [("plugin", str, field(default=name)), ("name", str, field(default=name))],
-            bases=(params,),
+
+def _choice_node(group: str, name: str, params: Optional[type], node: Any) -> tuple[type, Any]:
+    """A choice's node is its params dataclass, or an instance of one; its `name` must be the choice's."""
+    node = node if node is not None else params
+    if node is None or not dataclasses.is_dataclass(node):
+        raise TypeError(f"{group}/{name} needs a params dataclass (or a node instance), got {node!r}")
+    params = node if isinstance(node, type) else type(node)
+    own = node.name if not isinstance(node, type) else next(
+        (f.default for f in dataclasses.fields(node) if f.name == "name"), None)
+    if own != name:
+        raise TypeError(f"the node of {group}/{name} must have name={name!r} (its `name` field), got {own!r}")
+    return params, node
+
+
+def add(group: str, name: str, target: Any = None, params: Optional[type] = None, node: Any = None) -> PluginInfo:
+    """Register `target` as the choice `name` of `group`; see the module docstring for what each
+    kind of group takes. A name registered again from another module is a conflict."""
+    if group not in _registry:
+        raise UnknownChoiceError("plugin group", group, ALL_GROUPS, what="name")
+    if group in GROUPS:
+        params = params or NoParams
+        node = _component_node(group, name, params)
+    elif group in CHOICE_GROUPS:
+        params, node = _choice_node(group, name, params, node)
+    # A setting (target None) belongs to the module that defines its node's dataclass.
+    module = getattr(target, "__module__", None) or (params.__module__ if params is not None else "?")
+    package = _loading_package[-1] if _loading_package else distribution_of(module)
+    existing = _registry[group].get(name)
+    if existing is not None and existing.module != module:
+        raise PluginConflictError(
+            f"{group} plugin {name!r} is registered twice: by {existing.package} "
+            f"({existing.module}.{_label(existing.target)}) and by {package} ({module}.{_label(target)}); "
+            "uninstall one or rename it"
         )
-        _registry[group][name] = PluginInfo(group, name, cls, params, node, module, package)
+    info = PluginInfo(group, name, target, params, node, module, package)
+    _registry[group][name] = info
+    if node is not None:
         ConfigStore.instance().store(group=group, name=name, node=node, provider=package)
-        cls.plugin_group, cls.plugin_name, cls.params_class = group, name, params
-        return cls
+    return info
+
+
+def register(group: str, name: str, params: type | None = None, node: Any = None) -> Callable[[Any], Any]:
+    """Decorator: make the class (or function) the choice `name` of `group`, configured by `params`."""
+    if group not in _registry:
+        raise UnknownChoiceError("plugin group", group, ALL_GROUPS, what="name")
+    if group in GROUPS:  # a bad params class fails where it is named, before anything is decorated
+        _component_node(group, name, params or NoParams)
+
+    def decorate(target: Any) -> Any:
+        info = add(group, name, target, params=params, node=node)
+        if group in GROUPS:
+            target.plugin_group, target.plugin_name, target.params_class = group, name, info.params
+        return target
 
     return decorate
+
+
+def _label(target: Any) -> str:
+    return getattr(target, "__qualname__", type(target).__name__)
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,7 +194,7 @@ def discover() -> None:
             raise _discovery_error from exc
         finally:
             _loading_package.pop()
-    if not any(_registry.values()):
+    if not any(_registry[g] for g in GROUPS):
         raise LlmarchError(
             f"no plugins are registered under the entry-point group {ENTRY_POINT_GROUP!r}; "
             "install the package (pip install -e .) so that its entry points exist"
@@ -147,40 +207,43 @@ def names(group: str) -> list[str]:
 
 
 def get(group: str, name: str) -> PluginInfo:
-    """The plugin `name` of `group`; an unknown name raises with the closest registered names."""
+    """The choice `name` of `group`; an unknown name raises with the closest registered names."""
     discover()
     if group not in _registry:
-        raise UnknownChoiceError("plugin group", group, GROUPS, what="name")
+        raise UnknownChoiceError("plugin group", group, ALL_GROUPS, what="name")
     try:
         return _registry[group][name]
     except KeyError:
-        raise UnknownChoiceError(group, name, _registry[group], what="plugin") from None
+        what = "plugin" if group in GROUPS else "choice"
+        raise UnknownChoiceError(group, name, _registry[group], what=what) from None
 
 
-def iter_plugins() -> Iterator[PluginInfo]:
+def entries(group: str) -> dict[str, PluginInfo]:
+    """Every choice of `group`, by name."""
     discover()
-    for group in GROUPS:
+    return dict(sorted(_registry[group].items()))
+
+
+def iter_plugins(groups: tuple[str, ...] = GROUPS) -> Iterator[PluginInfo]:
+    """Every registered choice of `groups` (the component groups by default), group by group."""
+    discover()
+    for group in groups:
         for name in sorted(_registry[group]):
             yield _registry[group][name]
 
 
-def make_params(group: str, node: DictConfig | Mapping[str, Any]) -> Any:
-    """Turn a composed group node into the plugin's params dataclass (typed and checked)."""
-    plugin_name = node.get("plugin") if node is not None else None
-    if not plugin_name:
-        raise ConfigError(f"{group}.plugin", plugin_name, "every group node names its plugin", names(group))
-    info = get(group, plugin_name)
-    return to_dataclass(info.node, node, group)
-
-
 __all__ = [
     "GROUPS",
+    "CHOICE_GROUPS",
+    "ADAPTER_GROUPS",
+    "ALL_GROUPS",
     "ENTRY_POINT_GROUP",
     "PluginInfo",
+    "add",
     "register",
+    "entries",
     "discover",
     "names",
     "get",
     "iter_plugins",
-    "make_params",
 ]

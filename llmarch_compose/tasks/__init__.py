@@ -1,8 +1,10 @@
 """Tasks: what `llmarch` does with a composed config (`task=summary`, `task=train`, ...).
 
-Every public module of this package is a task: it stores its config dataclass
-in Hydra's ConfigStore as `task/<name>` and provides `run(cfg)`. A new task is
-one new file here.
+Every public module of this package is a task: it registers its `run(cfg)` with
+`@register("task", name, params=ItsConfig)`, which also stores the config node as
+`task/<name>`. Tasks are thin: they read their node, call the library and print.
+A third-party package adds a task the same way, from a module its entry point names.
+The registry imports this package when it discovers the entry points, not before.
 """
 
 from __future__ import annotations
@@ -13,22 +15,16 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..errors import UnknownChoiceError
+from ..config.compose import with_checkpoint
+from ..plugin import registry
 
-TASKS = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
-
-for _name in TASKS:  # store each task's config node
-    importlib.import_module(f"{__name__}.{_name}")
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")
 
 
-def run_task(cfg: DictConfig) -> Any:
-    from hydra.core.hydra_config import HydraConfig
-
-    from ..config.compose import with_checkpoint
-
-    if HydraConfig.initialized():  # `llmarch model=hf model.path=...`: the checkpoint's own config
-        cfg = with_checkpoint(cfg, list(HydraConfig.get().overrides.task))
-    name = cfg.task.name
-    if name not in TASKS:
-        raise UnknownChoiceError("task", name, TASKS)
-    return importlib.import_module(f"{__name__}.{name}").run(cfg)
+def run_task(cfg: DictConfig, overrides: list[str] | None = None) -> Any:
+    """Run the task `cfg.task` names. `overrides` are the command line's, for a config
+    built from a checkpoint folder (`model=hf model.path=...`)."""
+    if overrides is not None:
+        cfg = with_checkpoint(cfg, overrides)
+    return registry.get("task", cfg.task.name).target(cfg)

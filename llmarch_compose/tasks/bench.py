@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..bench.harness import ADAMW, VARIANTS, BenchOptions, render_markdown, run_benchmark
@@ -19,6 +18,7 @@ from ..errors import ConfigError
 from ..config.spec import resolve_spec
 from ..config.structured import to_dataclass
 from .train import output_dir
+from ..plugin.registry import register
 
 
 @dataclass
@@ -35,9 +35,6 @@ class BenchTask:
     threads: Optional[int] = None  # torch.set_num_threads; None: as found
     adamw: str = "fused"  # fused | foreach | for_loop (the same for every variant)
     output_dir: Optional[str] = None  # None: Hydra's run directory (or the working directory)
-
-
-ConfigStore.instance().store(group="task", name="bench", node=BenchTask, provider="llmarch_compose")
 
 
 def options_for(task: BenchTask, max_seq_len: int) -> BenchOptions:
@@ -67,6 +64,7 @@ def options_for(task: BenchTask, max_seq_len: int) -> BenchOptions:
                         adamw=task.adamw)
 
 
+@register("task", "bench", params=BenchTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     task: BenchTask = to_dataclass(BenchTask, cfg.task, "task")
     options = options_for(task, resolve_spec(cfg).model.max_seq_len)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..model.build import DEVICE_CHOICES, build, resolve_device
@@ -25,6 +24,7 @@ from ..artifacts.export import MIN_EXAMPLE_LEN, MIN_SEQ_LEN, export_package, inp
 from ..model.precision import PrecisionConfig
 from ..config.spec import resolve_spec
 from ..config.structured import to_dataclass
+from ..plugin.registry import register
 
 SUFFIX = ".pt2"
 PROGRAM_SUFFIX = ".program.pt2"
@@ -42,8 +42,6 @@ class ExportTask:
     max_seq_len: Optional[int] = None  # the longest input the package takes; None: model.max_seq_len
     atol: Optional[float] = None  # allowed |package - eager| on the logits; None: a bound from the dtype
 
-
-ConfigStore.instance().store(group="task", name="export", node=ExportTask, provider="llmarch_compose")
 
 #: The batch sizes of the traced example and of the check input: both dynamic, and different.
 EXAMPLE_BATCH, CHECK_BATCH = 2, 3
@@ -82,6 +80,7 @@ def sequence_lengths(task: ExportTask, model_max: int) -> tuple[int, int, int]:
     return task.example_seq_len, check, longest
 
 
+@register("task", "export", params=ExportTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     task = to_dataclass(ExportTask, cfg.task, "task")
     precision = to_dataclass(PrecisionConfig, cfg.precision, "precision")

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..model.build import build
@@ -18,6 +17,7 @@ from ..artifacts.checkpoint import load_checkpoint
 from ..errors import ConfigError
 from ..interop.hf import to_hf
 from ..config.structured import to_dataclass
+from ..plugin.registry import register
 
 
 @dataclass
@@ -28,9 +28,7 @@ class ExportHFTask:
     model_type: Optional[str] = None  # None: the type the architecture matches
 
 
-ConfigStore.instance().store(group="task", name="export_hf", node=ExportHFTask, provider="llmarch_compose")
-
-
+@register("task", "export_hf", params=ExportHFTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     task = to_dataclass(ExportHFTask, cfg.task, "task")
     if not task.out_dir:

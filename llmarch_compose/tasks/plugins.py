@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from hydra import initialize_config_module
-from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
@@ -23,6 +22,7 @@ from ..plugin import registry as plugins
 from ..config.compose import CONFIG_MODULE, VERSION_BASE, compose
 from ..errors import ConfigError, LlmarchError, UnknownChoiceError
 from ..config.structured import to_dataclass
+from ..plugin.registry import register
 
 FORMATS = ("text", "json")
 
@@ -32,9 +32,6 @@ class PluginsTask:
     name: str = "plugins"
     format: str = "text"  # text | json
     group: Optional[str] = None  # list one group only
-
-
-ConfigStore.instance().store(group="task", name="plugins", node=PluginsTask, provider="llmarch_compose")
 
 
 def _type_name(annotation: Any) -> str:
@@ -138,6 +135,7 @@ def render_text(result: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip()
 
 
+@register("task", "plugins", params=PluginsTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     task = to_dataclass(PluginsTask, cfg.task, "task")
     if task.format not in FORMATS:

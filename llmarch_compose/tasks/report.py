@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..errors import ConfigError
 from ..sweep.report import COMPLETED, FAILED, INCOMPLETE, REPORTED_TASKS, is_sweep, write_report
 from ..config.structured import to_dataclass
+from ..plugin.registry import register
 
 WHAT_IS_VALID = "the folder of a sweep (Hydra's hydra.sweep.dir, e.g. multirun/<date>/<time>)"
 
@@ -27,9 +27,7 @@ class ReportTask:
     path: Optional[str] = None  # the sweep folder
 
 
-ConfigStore.instance().store(group="task", name="report", node=ReportTask, provider="llmarch_compose")
-
-
+@register("task", "report", params=ReportTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     task = to_dataclass(ReportTask, cfg.task, "task")
     if not task.path:

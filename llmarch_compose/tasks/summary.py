@@ -6,13 +6,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..model.card import DTYPE_BYTES, architecture_card
 from ..errors import ConfigError
 from ..config.spec import resolve_spec
 from ..config.structured import to_dataclass
+from ..plugin.registry import register
 
 FORMATS = ("text", "json")
 
@@ -23,9 +23,6 @@ class SummaryTask:
     format: str = "text"  # text | json
     dtype: str = "bfloat16"  # for inference weights and the KV cache
     context: Optional[int] = None  # tokens for attention FLOPs and the full KV cache; None: model.max_seq_len
-
-
-ConfigStore.instance().store(group="task", name="summary", node=SummaryTask, provider="llmarch_compose")
 
 
 def card_for(cfg: DictConfig) -> dict[str, Any]:
@@ -85,6 +82,7 @@ def render_text(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@register("task", "summary", params=SummaryTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     card = card_for(cfg)
     print(json.dumps(card) if cfg.task.format == "json" else render_text(card))

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 from hydra import initialize_config_module
-from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
@@ -27,6 +26,7 @@ from ..model.card import architecture_card
 from ..errors import ConfigError
 from ..config.spec import ModelSpec, resolve_spec
 from ..config.structured import to_dataclass
+from ..plugin.registry import register
 
 FORMATS = ("markdown", "json")
 TEST_PRESET = "tiny"  # the test model: not a row of the table
@@ -41,9 +41,6 @@ class TableTask:
     name: str = "table"
     format: str = "markdown"  # markdown | json
     compare_seed: bool = False  # add the cells where the seed survey says otherwise
-
-
-ConfigStore.instance().store(group="task", name="table", node=TableTask, provider="llmarch_compose")
 
 
 # --------------------------------------------------------------------------- the seed
@@ -363,6 +360,7 @@ def table_for(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+@register("task", "table", params=TableTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     table = table_for(cfg)
     if cfg.task.format == "json":

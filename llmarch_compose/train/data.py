@@ -21,28 +21,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..errors import ConfigError, UnknownChoiceError
-from .synthetic import SYNTHETIC
-from ..config.structured import to_dataclass
+from ..config.spec import make_choice
+from ..errors import ConfigError
+from ..plugin import registry as plugins
+from ..plugin.interfaces import DataSource
+from ..plugin.objectives import Objective
+from ..plugin.registry import register
+from . import synthetic  # noqa: F401  (registers the synthetic tasks beside the text sources)
 
 BYTE_VOCAB = 256
-
-
-class DataSource(Protocol):
-    vocab_size: int
-    has_accuracy: bool
-    natural_seq_len: Optional[int]
-
-    def check_seq_len(self, seq_len: int) -> None: ...  # raises ConfigError("task.seq_len") if unusable
-
-    def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator
-              ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -62,7 +54,7 @@ class TextConfig:
     tokenizer: Optional[str] = None  # a local folder for transformers' AutoTokenizer; None: bytes
 
 
-class TokenCorpus:
+class TokenCorpus(DataSource):
     """A corpus as one stream of token ids, split into a training head and a held-out tail."""
 
     has_accuracy = False
@@ -101,7 +93,9 @@ def pydoc_corpus() -> bytes:
     return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
 
 
+@register("data", "pydoc", params=PydocConfig)
 def pydoc_source(cfg: PydocConfig) -> TokenCorpus:
+    """Python's own documentation (pydoc_data.topics), as bytes: no download."""
     return TokenCorpus(as_bytes(pydoc_corpus()), BYTE_VOCAB, cfg.holdout_fraction)
 
 
@@ -136,7 +130,9 @@ def load_tokenizer(folder: str) -> Any:
                           "a folder written by a tokenizer's save_pretrained, or null for bytes") from None
 
 
+@register("data", "text", params=TextConfig)
 def text_source(cfg: TextConfig) -> TokenCorpus:
+    """A text file or a folder of them, as bytes or as the ids of a local tokenizer."""
     files = text_files(cfg)
     if cfg.tokenizer is None:
         return TokenCorpus(as_bytes(b"\n\n".join(p.read_bytes() for p in files)), BYTE_VOCAB, cfg.holdout_fraction)
@@ -146,33 +142,21 @@ def text_source(cfg: TextConfig) -> TokenCorpus:
     return TokenCorpus(torch.tensor(ids, dtype=torch.long), len(tokenizer), cfg.holdout_fraction)
 
 
-#: data choice -> (its config node, the function or class that builds the source)
-SOURCES: dict[str, tuple[type, Any]] = {"pydoc": (PydocConfig, pydoc_source), "text": (TextConfig, text_source),
-                                        **SYNTHETIC}
-
-for _name in ("pydoc", "text"):
-    ConfigStore.instance().store(group="data", name=_name, node=SOURCES[_name][0], provider="llmarch_compose")
-
-#: Synthetic problems are read left to right: each answer follows its question.
-CAUSAL_ONLY = tuple(SYNTHETIC)
-
-
 def data_config(node: DictConfig) -> Any:
     """The composed `data` node as its source's typed config."""
-    name = node.get("name", "pydoc") if node is not None else "pydoc"
-    if name not in SOURCES:
-        raise UnknownChoiceError("data", name, SOURCES)
-    return to_dataclass(SOURCES[name][0], node, "data")
+    return make_choice("data", node)
 
 
-def make_source(cfg: Any, objective: str, topology: str) -> DataSource:
+def make_source(cfg: Any, objective: Objective, topology: str) -> DataSource:
     """The source a typed data config describes, checked against the objective of
     the topology that will train on it."""
-    if cfg.name in CAUSAL_ONLY and objective != "causal_lm":
-        raise ConfigError("data", cfg.name, f"a synthetic task needs a causal objective; topology={topology} "
-                          f"trains with {objective}", "pydoc, text (or a decoder topology)")
-    return SOURCES[cfg.name][1](cfg)
+    source = plugins.get("data", cfg.name).target(cfg)
+    if source.causal_only and not objective.causal:
+        raise ConfigError("data", cfg.name, f"this task is read left to right and needs a causal objective; "
+                          f"topology={topology} trains with {objective.name}",
+                          "a decoder topology, or a text source such as data=pydoc")
+    return source
 
 
-__all__ = ["DataSource", "TokenCorpus", "PydocConfig", "TextConfig", "SOURCES", "data_config", "make_source",
+__all__ = ["DataSource", "TokenCorpus", "PydocConfig", "TextConfig", "data_config", "make_source",
            "pydoc_corpus", "BYTE_VOCAB"]

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from hydra.core.config_store import ConfigStore
 
 from ..errors import ConfigError
-from .objectives import IGNORE
+from ..plugin.interfaces import DataSource
+from ..plugin.objectives import IGNORE
+from ..plugin.registry import register
 
 FILLER, SEPARATOR, FIRST_SYMBOL = 0, 1, 2
 SPLIT_SALT = {"train": 0x5EED_0001, "val": 0x5EED_0002}
@@ -74,11 +75,12 @@ def require_at_least(cfg, field: str, minimum: int) -> None:
         raise ConfigError(f"data.{field}", value, f"must be at least {minimum}", f"an integer >= {minimum}")
 
 
-class SyntheticTask:
+class SyntheticTask(DataSource):
     """The shared mechanics: problems of one length, left-padded with filler to the
     asked length, answers as the only targets."""
 
     has_accuracy = True
+    causal_only = True  # each answer follows its question
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -197,8 +199,6 @@ class Sort(SeparatedTask):
         return symbols.sort(dim=1).values
 
 
-#: data choice -> (its config node, the source it builds)
-SYNTHETIC = {"recall": (RecallConfig, Recall), "copy": (CopyConfig, Copy), "sort": (SortConfig, Sort)}
-
-for _name, (_node, _) in SYNTHETIC.items():
-    ConfigStore.instance().store(group="data", name=_name, node=_node, provider="llmarch_compose")
+for _name, _config, _task in (("recall", RecallConfig, Recall), ("copy", CopyConfig, Copy),
+                               ("sort", SortConfig, Sort)):
+    register("data", _name, params=_config)(_task)

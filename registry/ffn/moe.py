@@ -261,6 +261,7 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
     plus optional always-on shared experts. Each expert runs on the tokens routed
     to it only (grouped dispatch, see the module docstring)."""
 
+    mixture_of_experts = True
     precise_buffers = ("score_bias",)  # too coarse in bf16 for balancing's small steps
 
     def __init__(self, params: MoEParams, ctx, layer_idx: int = 0):

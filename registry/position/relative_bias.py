@@ -69,10 +69,9 @@ class RelativePositionBias(PositionEncoding):
         # Every distance beyond max_distance shares its direction's last bucket, so the buckets of
         # -max_distance .. max_distance, computed once here, serve any length: no logarithm at run
         # time, whose rounding could move an edge distance between eager and compiled code.
-        # Computed on the CPU and moved: on meta the integer arithmetic would run reference kernels.
-        relative = torch.arange(-params.max_distance, params.max_distance + 1, device="cpu")
-        buckets = relative_position_bucket(relative, self.bidirectional, params.num_buckets, params.max_distance)
-        self.register_buffer("buckets", buckets.to(torch.get_default_device()), persistent=False)
+        relative = torch.arange(-params.max_distance, params.max_distance + 1)
+        self.register_buffer("buckets", relative_position_bucket(relative, self.bidirectional, params.num_buckets,
+                                                                 params.max_distance), persistent=False)
 
     def bucket(self, relative: torch.Tensor) -> torch.Tensor:
         """The bucket of each key-minus-query distance (any integers)."""

@@ -64,9 +64,9 @@ class RopeParams:
 
 
 def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
-    # On the CPU whatever the default device: the table is tiny, and building on meta
-    # would otherwise route arange through its reference kernel (which imports Dynamo).
-    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
+    # From Python floats (doubles, as a float64 tensor would hold): on meta this makes no real
+    # tensor and runs no reference kernel (whose first call imports Dynamo).
+    return torch.tensor([1.0 / theta ** (i / dim) for i in range(0, dim, 2)], dtype=torch.float64)
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
@@ -93,7 +93,7 @@ def yarn_inv_freq(theta: float, dim: int, s: RopeScaling) -> tuple[torch.Tensor,
     high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 where the original frequency is kept
     inv_freq = base_inv_freq(theta, dim)
     inv_freq = inv_freq / s.factor * (1 - extrapolate) + inv_freq * extrapolate
@@ -125,7 +125,7 @@ class RotaryPosition(PositionEncoding):
             inv_freq = llama3_inv_freq(inv_freq, s)
         elif s is not None and s.type == "yarn":
             inv_freq, self.attention_factor = yarn_inv_freq(params.theta, self.rotary_dim, s)
-        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device(), torch.float32), persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
 
     def _inv_freq_for(self, seq_len: int) -> torch.Tensor:
         s = self.params.scaling

@@ -51,7 +51,7 @@ class Rotary2DPosition(RotaryPosition):
         self.attention_factor = 1.0
         # ChatGLM-6B's RotaryEmbedding(head_dim // 2): one frequency per pair of a half.
         inv_freq = base_inv_freq(params.theta, self.rotary_dim // 2)
-        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device(), torch.float32), persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
 
     def _inv_freq_for(self, seq_len: int) -> torch.Tensor:
         return self.inv_freq  # no context-extension scaling

@@ -23,8 +23,10 @@ class SinusoidalPosition(PositionEncoding):
     def __init__(self, params: SinusoidalParams, ctx, causal: bool = True):
         super().__init__()
         d = ctx.model.embedding_width
-        inv_freq = params.base ** (-torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
-        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
+        # From Python floats, rounded to float32 once (as a float32 tensor would compute them):
+        # on meta this makes no real tensor and runs no reference kernel.
+        inv_freq = torch.tensor([params.base ** (-i / d) for i in range(0, d, 2)], dtype=torch.float32)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., seq, d/2]

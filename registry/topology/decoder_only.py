@@ -2,13 +2,13 @@ from typing import Optional
 
 import torch
 
-from llmarch_compose import ModelOutput, Topology, register
+from llmarch_compose import ModelOutput, register
 
-from .stack import Embeddings, LMHead, Stack, TopologyParams, position_inputs
+from .stack import HeadedTopology, Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
 
 @register("topology", "decoder_only", params=TopologyParams)
-class DecoderOnly(Topology):
+class DecoderOnly(HeadedTopology):
     """A causal language model: embeddings, a stack of causal blocks, an LM head."""
 
     prefix_lm = False  # prefix_decoder: a bidirectional prefix before the causal part

@@ -2,18 +2,18 @@ from typing import Optional
 
 import torch
 
-from llmarch_compose import ModelOutput, Topology, register
+from llmarch_compose import SEQ2SEQ, ModelOutput, register
 
-from .stack import Embeddings, LMHead, Stack, TopologyParams, position_inputs
+from .stack import HeadedTopology, Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
 
 @register("topology", "encoder_decoder", params=TopologyParams)
-class EncoderDecoder(Topology):
+class EncoderDecoder(HeadedTopology):
     """A sequence-to-sequence model (T5, BART): a bidirectional encoder, a causal
     decoder with cross-attention to the encoder's output, one shared token table.
     Each stack has its own position module (T5 learns a relative bias per stack)."""
 
-    objective = "seq2seq"
+    objective = SEQ2SEQ
 
     def __init__(self, params: TopologyParams, ctx):
         super().__init__()

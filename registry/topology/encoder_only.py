@@ -4,9 +4,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llmarch_compose import ModelOutput, Topology, register
+from llmarch_compose import MASKED_LM, ModelOutput, register
 
-from .stack import Embeddings, LMHead, Stack, TopologyParams, position_inputs
+from .stack import HeadedTopology, Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
 
 @dataclass
@@ -20,11 +20,11 @@ class EncoderOnlyParams(TopologyParams):
 
 
 @register("topology", "encoder_only", params=EncoderOnlyParams)
-class EncoderOnly(Topology):
+class EncoderOnly(HeadedTopology):
     """A bidirectional encoder with a masked-LM head (BERT, RoBERTa, ALBERT); the
     logits are the MLM predictions at every position."""
 
-    objective = "masked_lm"
+    objective = MASKED_LM
 
     def __init__(self, params: EncoderOnlyParams, ctx):
         super().__init__()

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from omegaconf import SI
 from torch import nn
 
-from llmarch_compose import Attention, ConfigError, PositionInputs
+from llmarch_compose import Attention, ConfigError, PositionInputs, Topology
+from llmarch_compose.plugin.interfaces import LayerStack
 from llmarch_compose.model.masks import BlockMasks, flex_runs
 
 NORM_POSITIONS = ("pre", "post")
@@ -128,7 +129,7 @@ class Block(nn.Module):
         return self._residual(x, h, f.output, self.ffn_norm), f.aux_loss
 
 
-class Stack(nn.Module):
+class Stack(LayerStack):
     """n_layers blocks and, for pre-norm stacks, a final norm. `blocks` is what the
     compile stage compiles once; with shared layers it holds one block, run n_layers times."""
 
@@ -220,3 +221,12 @@ class LMHead(nn.Module):
         if self.normalize:
             weight = F.normalize(weight, dim=-1)
         return F.linear(x, weight, self.bias)
+
+
+class HeadedTopology(Topology):
+    """A topology whose logits come from an `LMHead` (every built-in one)."""
+
+    head: LMHead
+
+    def tied_embedding(self) -> Optional[nn.Embedding]:
+        return self.head.tied
