@@ -30,12 +30,12 @@ from .common import (GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, TOPOLOGY, activati
 # Qwen2MoeConfig() and Qwen3MoeConfig()'s defaults, for fields a config.json leaves out.
 _BASE = {"vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 24, "hidden_act": "silu",
          "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
-         "use_sliding_window": False, "sliding_window": 4096, "decoder_sparse_step": 1, "norm_topk_prob": False,
-         "router_aux_loss_coef": 0.001, "mlp_only_layers": None, "layer_types": None, "bos_token_id": None,
+         "use_sliding_window": False, "decoder_sparse_step": 1, "norm_topk_prob": False,
+         "router_aux_loss_coef": 0.001, "mlp_only_layers": [], "bos_token_id": None,
          "eos_token_id": None, "pad_token_id": None}
 DEFAULTS = {
     "qwen2_moe": {**_BASE, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 16,
-                  "max_window_layers": 28, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                  "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
                   "num_experts_per_tok": 4, "num_experts": 60, "qkv_bias": True},
     "qwen3_moe": {**_BASE, "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4,
                   "attention_bias": False, "moe_intermediate_size": 768, "num_experts_per_tok": 8,
