@@ -24,6 +24,9 @@ CASES = {
     "llama3_rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
                     dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16,
                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0})),
+    # Dynamic NTK past max_position_embeddings=16: IDS is 24 long, so the scaled base is used.
+    "llama_dynamic_rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                           dict(max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "llama_mha_bias": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
                        dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=8)),
