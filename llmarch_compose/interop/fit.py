@@ -202,23 +202,24 @@ def problems(spec: Any, expresses: Expresses, type_name: str, guessing: bool = F
         if not allowed.holds(value, spec):
             out.append((f"model.{name}", value, f"{type_name} cannot express {_phrase(f'model.{name}', allowed)}",
                         allowed.listing(spec)))
-    for (stack, layer), changes in sorted(spec.layer_params.items()):
-        if stack not in expresses.stacks:
-            continue  # a stack the topology does not build
-        for group, params in changes.items():
-            if params == spec.params[group]:
-                continue
-            found: list[Mismatch] = []
-            if group in expresses.layers:
-                _group(f"{group}", params, expresses.layers[group], spec, type_name, found)
-            else:
-                found.append(("", None, f"{type_name} has the same {group} in every layer", None))
-            if found:
-                _, value, why, valid = found[0]
-                where_ = f"{stack} layer {layer}: "
-                out.append(("model.layer_pattern", list(spec.model.layer_pattern),
-                            f"{type_name} cannot express the layer pattern ({where_}{why}"
-                            f"{'' if value is None else f', {show(value)}'})", valid))
+    layers = [(stack, layer, group, params) for (stack, layer), changes in sorted(spec.layer_params.items())
+              if stack in expresses.stacks  # the others are stacks the topology does not build
+              for group, params in changes.items()]
+    for stack, layer, group, params in layers:  # the first layer that does not fit, reported once
+        if params == spec.params[group]:
+            continue
+        found: list[Mismatch] = []
+        if group in expresses.layers:
+            _group(group, params, expresses.layers[group], spec, type_name, found)
+        else:
+            found.append(("", None, f"{type_name} has the same {group} in every layer", None))
+        if found:
+            _, value, why, valid = found[0]
+            detail = "" if value is None else f", {show(value)}"
+            out.append(("model.layer_pattern", list(spec.model.layer_pattern),
+                        f"{type_name} cannot express the layer pattern ({stack} layer {layer}: {why}{detail})",
+                        valid))
+            break
     if plugins_ok:  # relations read params the plugins above must have
         for rule in (*expresses.rules, *(expresses.guess_rules if guessing else ())):
             if not rule.holds(spec):

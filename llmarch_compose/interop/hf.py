@@ -6,6 +6,10 @@ shards with their index). Each model type (`model_type` in config.json) is one
 groups and `model.` numbers and back, and its tensor table as data. The
 mechanism here is shared: reading and writing, fusing and splitting tensors,
 and the checks that make a half-loaded model or a partial output impossible.
+Each type also declares what its modeling code computes (`fit.Expresses`):
+`to_hf` writes only a model that declaration covers, field by field, and only
+when every tensor of the model has a place in the checkpoint; anything else is
+refused by name rather than written as a checkpoint that computes otherwise.
 
 transformers is never imported at run time; an in-memory transformers model is
 accepted through its own `save_pretrained`, so the on-disk layout is the one

@@ -27,7 +27,8 @@ from .common import (LAYERNORM, MHA_BIASED, PLAIN, PLAIN_BACK, SPLIT_HEADS, acti
 # BertConfig's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
             "intermediate_size": 3072, "hidden_act": "gelu", "max_position_embeddings": 512, "type_vocab_size": 2,
-            "layer_norm_eps": 1e-12, "tie_word_embeddings": True, "is_decoder": False, "add_cross_attention": False, "pad_token_id": 0, "bos_token_id": None,
+            "layer_norm_eps": 1e-12, "tie_word_embeddings": True, "is_decoder": False, "add_cross_attention": False,
+            "pad_token_id": 0, "bos_token_id": None,
             "eos_token_id": None}
 NUMBERS = {
     "hidden_size": "model.d_model", "num_hidden_layers": "model.n_layers", "num_attention_heads": "model.n_heads",

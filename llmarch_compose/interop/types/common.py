@@ -3,7 +3,7 @@ building blocks of their declarations (see `..fit`)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from ...errors import ConfigError
 from ..fit import ANY, Allowed, only, where

@@ -9,7 +9,7 @@ is our `ffn.up` as is.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from ...errors import ConfigError
 from ..fit import ANY, Expresses, only
@@ -63,9 +63,11 @@ def hf_config(spec: Any) -> dict[str, Any]:
     rope["rope_parameters"]["partial_rotary_factor"] = spec.params["position"].fraction
     return {
         "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-        "num_key_value_heads": attention.num_kv_heads, "head_dim": m.head_dim, "intermediate_size": spec.params["ffn"].hidden,
+        "num_key_value_heads": attention.num_kv_heads, "head_dim": m.head_dim,
+        "intermediate_size": spec.params["ffn"].hidden,
         "vocab_size": m.vocab_size, "max_position_embeddings": m.max_seq_len, "rms_norm_eps": spec.params["norm"].eps,
-        "tie_word_embeddings": m.tie_embeddings, "hidden_act": activation_back(spec, GATED_BACK), "attention_bias": attention.qkv_bias, **rope,
+        "tie_word_embeddings": m.tie_embeddings, "hidden_act": activation_back(spec, GATED_BACK),
+        "attention_bias": attention.qkv_bias, **rope,
     }
 
 

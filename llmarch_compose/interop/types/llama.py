@@ -80,11 +80,12 @@ def hf_config(spec: Any) -> dict[str, Any]:
     m, attention = spec.model, spec.params["attention"]
     out = {
         "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-        "num_key_value_heads": attention.num_kv_heads, "head_dim": m.head_dim, "intermediate_size": spec.params["ffn"].hidden,
+        "num_key_value_heads": attention.num_kv_heads, "head_dim": m.head_dim,
+        "intermediate_size": spec.params["ffn"].hidden,
         "vocab_size": m.vocab_size, "max_position_embeddings": m.max_seq_len, "rms_norm_eps": spec.params["norm"].eps,
         "tie_word_embeddings": m.tie_embeddings, "hidden_act": activation_back(spec, GATED_BACK),
         "attention_bias": attention.out_bias,
-        "mlp_bias": m.mlp_bias, "sliding_window": attention.window, **rope_back(spec),
+        "mlp_bias": getattr(spec.params["ffn"], "bias", False), "sliding_window": attention.window, **rope_back(spec),
     }
     if spec.params["ffn"].plugin == "moe":
         ffn = spec.params["ffn"]
@@ -116,7 +117,7 @@ def tensors(spec: Any) -> list[TensorRule]:
                              (ffn.hidden, ffn.hidden)),
                   TensorRule(BLOCK + "ffn.w_out", (experts + "w2.weight",), "experts")]
     else:
-        for kind in ("weight", "bias") if m.mlp_bias else ("weight",):
+        for kind in ("weight", "bias") if ffn.bias else ("weight",):
             rules += [TensorRule(BLOCK + f"ffn.up.{kind}", (LAYER + f"mlp.gate_proj.{kind}", LAYER + f"mlp.up_proj.{kind}"),
                                  "cat", (ffn.hidden, ffn.hidden)),
                       TensorRule(BLOCK + f"ffn.down.{kind}", (LAYER + f"mlp.down_proj.{kind}",))]

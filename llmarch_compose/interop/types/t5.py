@@ -91,7 +91,8 @@ def t5_overrides(hf: Mapping[str, Any]) -> list[str]:
 # position table per stack, a head tied and scaled (v1.0) or of its own (v1.1).
 EXPRESSES = Expresses(
     groups={"position": {"relative_bias": {"num_buckets": ANY, "max_distance": ANY}}, "norm": RMSNORM,
-            "activation": {"relu": {}, "reglu": {}, "silu": {}, "swiglu": {}, "gelu": {"approximate": only("none", "tanh")},
+            "activation": {"relu": {}, "reglu": {}, "silu": {}, "swiglu": {},
+                           "gelu": {"approximate": only("none", "tanh")},
                            # transformers reads "gated-gelu" as the tanh GELU: an exact gated GELU has no spelling
                            "geglu": {"approximate": only("tanh")}},
             "attention": gqa(num_kv_heads=where(lambda v, spec: v == spec.model.n_heads, "model.n_heads",
