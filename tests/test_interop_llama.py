@@ -24,6 +24,9 @@ CASES = {
     "llama3_rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
                     dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16,
                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0})),
+    # Dynamic NTK past max_position_embeddings=16: IDS is 24 long, so the scaled base is used.
+    "llama_dynamic_rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                           dict(max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "llama_mha_bias": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
                        dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=8)),
@@ -213,3 +216,43 @@ def test_model_hf_without_a_path_is_refused():
     with pytest.raises(ConfigError) as info:
         lc.compose(["model=hf"])
     assert info.value.key == "model.path"
+
+
+def test_a_model_tensor_no_rule_writes_is_refused(tmp_path, monkeypatch):
+    """A tensor the table would leave out (here the FFN norms) is named, and nothing is written."""
+    import dataclasses
+
+    from llmarch_compose.interop.types import MODEL_TYPES
+
+    cfg, model = from_hf(hf_model("llama"))
+    kind = MODEL_TYPES["llama"]
+    partial = dataclasses.replace(kind, tensors=lambda spec: [r for r in kind.tensors(spec)
+                                                               if "ffn_norm" not in r.ours])
+    monkeypatch.setitem(MODEL_TYPES, "llama", partial)
+    with pytest.raises(InteropError, match=r"decoder\.blocks\.0\.ffn_norm\.weight"):
+        to_hf(model, cfg, tmp_path / "out", model_type="llama")
+    assert not (tmp_path / "out").exists()
+
+
+def test_token_ids_dtype_and_generation_config_are_written(tmp_path):
+    hf = hf_model("llama")  # LlamaConfig's bos 1 and eos 2
+    hf.config.pad_token_id = 0
+    cfg, model = from_hf(hf)
+    m = lc.resolve_spec(cfg).model
+    assert (m.bos_token_id, m.eos_token_id, m.pad_token_id) == (1, 2, 0)
+    out = to_hf(model, cfg, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 0)
+    assert config["torch_dtype"] == config["dtype"] == "float32"
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2,
+                                                                          "pad_token_id": 0}
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert (back.generation_config.bos_token_id, back.generation_config.pad_token_id) == (1, 0)
+    assert back.dtype == torch.float32
+    half = to_hf(model.to(torch.bfloat16), cfg, tmp_path / "bf16")
+    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # Stating none: no generation_config.json, and null ids rather than LlamaConfig's defaults.
+    cfg = lc.compose(["model=tiny", "scale=tiny"])
+    plain = to_hf(lc.build(cfg), cfg, tmp_path / "plain")
+    assert not (plain / "generation_config.json").exists()
+    assert json.loads((plain / "config.json").read_text())["bos_token_id"] is None

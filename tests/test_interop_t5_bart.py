@@ -199,7 +199,7 @@ def test_guesses_are_conservative():
     ("bart", ["model=t5_small"], "position"),
     ("t5", ["model=bart_base"], "position"),
     ("t5", ["model=t5_small", "model.mlp_bias=true"], "ffn.bias"),
-    ("t5", ["model=flan_t5_base", "activation=geglu"], "activation"),
+    ("t5", ["model=flan_t5_base", "activation=geglu"], "activation.approximate"),
     ("bart", ["model=bart_base", "norm.eps=1e-6"], "norm.eps"),
     ("bart", ["model=bart_base", "model.tie_embeddings=false"], "model.tie_embeddings"),
 ])

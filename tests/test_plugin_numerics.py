@@ -664,3 +664,24 @@ def test_decoder_only(case):
     want = torch.autograd.grad(loss(*reference_decoder(model, ids, norm_position, parallel, tied)), params)
     for (name, _), a, e in zip(model.named_parameters(), got, want):
         torch.testing.assert_close(a, e, **TIGHT, msg=lambda m, name=name: f"gradient of {name}:\n{m}")
+
+
+@pytest.mark.parametrize("start, length", [(0, 64), (0, 65), (60, 10), (200, 8)])
+def test_rope_dynamic_ntk_threshold_is_the_highest_position(start, length):
+    """transformers scales once the highest position + 1 passes max_position_embeddings
+    (its dynamic rope update), whatever the number of positions: offset positions too."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    pe = make_ctx("model.head_dim=64", "model.rope_scaling={type:dynamic,factor:4,original_max_seq_len:64}"
+                  ).shared("position")
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                         max_position_embeddings=64,
+                         rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": pe.params.theta})
+    positions = torch.arange(start, start + length)
+    theirs, _ = LlamaRotaryEmbedding(config)(torch.zeros(1, length, 64), positions[None])  # fresh: no cached growth
+    ours, _ = pe.attention_inputs(positions).rotary
+    torch.testing.assert_close(ours, theirs[0], rtol=0, atol=1e-4)  # float32 angles of positions ~200
+    scaled = start + length > 64
+    unscaled, _ = make_ctx("model.head_dim=64").shared("position").attention_inputs(positions).rotary
+    assert torch.allclose(ours, unscaled, atol=1e-6) != scaled

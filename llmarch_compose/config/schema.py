@@ -65,6 +65,10 @@ class ModelConfig:
     # Per-layer rules for hybrids, applied in order; see llmarch_compose/patterns.py.
     layer_pattern: List[Any] = field(default_factory=list)
     init_std: float = 0.02
+    # Special token ids, as a Hugging Face checkpoint states them (generation reads them).
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None  # an id, or a list of ids (GLM-4 stops at any of three)
+    pad_token_id: Optional[int] = None
 
     @property
     def embedding_width(self) -> int:

@@ -6,6 +6,10 @@ shards with their index). Each model type (`model_type` in config.json) is one
 groups and `model.` numbers and back, and its tensor table as data. The
 mechanism here is shared: reading and writing, fusing and splitting tensors,
 and the checks that make a half-loaded model or a partial output impossible.
+Each type also declares what its modeling code computes (`fit.Expresses`):
+`to_hf` writes only a model that declaration covers, field by field, and only
+when every tensor of the model has a place in the checkpoint; anything else is
+refused by name rather than written as a checkpoint that computes otherwise.
 
 transformers is never imported at run time; an in-memory transformers model is
 accepted through its own `save_pretrained`, so the on-disk layout is the one
@@ -31,9 +35,12 @@ from torch import nn
 from ..errors import ConfigError, LlmarchError
 from ..plugin.interfaces import ModelSource
 from ..plugin.registry import add
+from .fit import Expresses, ensure_fits
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+GENERATION_NAME = "generation_config.json"
+TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")  # config.json fields, model.* fields alike
 
 
 class InteropError(LlmarchError):
@@ -78,6 +85,10 @@ class ModelType:
     renames: tuple[tuple[str, str], ...] = ()
     # The base model's prefix (GPT-2's "transformer."), which some uploads omit.
     prefix: str = ""
+    # What the type's modeling code computes (see `fit`): to_hf writes nothing else.
+    expresses: Optional[Expresses] = None
+    # The transformers config class's defaults, for config.json files that leave a field out.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def normalize(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Checkpoint names as the tensor table spells them."""
@@ -125,7 +136,9 @@ def config_overrides(hf: Mapping[str, Any], registry: Mapping[str, ModelType]) -
     if model_type not in registry:
         raise ConfigError("model_type", model_type, "no mapping for this Hugging Face model type", sorted(registry))
     kind = registry[model_type]
-    return kind, kind.overrides(hf)
+    hf = {**kind.defaults, **hf}  # a field left out is the config class's default, as transformers reads it
+    tokens = [override(f"model.{key}", hf[key]) for key in TOKENS if key in hf]
+    return kind, [*kind.overrides(hf), *tokens]
 
 
 def override(key: str, value: Any) -> str:
@@ -201,24 +214,47 @@ def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_e
 
 
 def to_theirs(ours: Mapping[str, torch.Tensor], rules: Sequence[TensorRule]) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors from ours: the inverse of `to_ours`."""
-    out = {}
+    """Checkpoint tensors from ours: the inverse of `to_ours`. Every one of our tensors is
+    consumed by exactly one rule and every checkpoint name written once (or, for one table
+    under two of our names, twice with the same values): a tensor left over is a part of
+    the model the checkpoint would silently drop."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def put(name: str, tensor: torch.Tensor, source: str) -> None:
+        if name in out and not torch.equal(out[name], tensor):
+            raise InteropError(f"checkpoint tensor {name!r} would be written twice with different values "
+                               f"(the second time from {source!r})")
+        out[name] = tensor
+
     for rule in rules:
+        if rule.ours not in ours:
+            raise InteropError(f"the model has no tensor {rule.ours!r} for checkpoint tensor(s) "
+                               f"{list(rule.theirs)}")
+        if rule.ours in used:
+            raise InteropError(f"tensor {rule.ours!r} is written by two rules of the mapping")
+        used.add(rule.ours)
         tensor = ours[rule.ours]
         if rule.join == "copy":
-            out[rule.theirs[0]] = tensor
+            put(rule.theirs[0], tensor, rule.ours)
         elif rule.join == "t":
-            out[rule.theirs[0]] = tensor.t()
+            put(rule.theirs[0], tensor.t(), rule.ours)
         elif rule.join == "row":
-            out[rule.theirs[0]] = tensor.unsqueeze(0)
+            put(rule.theirs[0], tensor.unsqueeze(0), rule.ours)
         elif rule.join == "cat":
-            out.update(zip(rule.theirs, tensor.split(list(rule.sizes), dim=0)))
+            for name, part in zip(rule.theirs, tensor.split(list(rule.sizes), dim=0)):
+                put(name, part, rule.ours)
         elif rule.join == "experts":
             for e, expert in enumerate(tensor.transpose(1, 2).unbind(0)):
                 parts = expert.split(list(rule.sizes), dim=0) if len(rule.theirs) > 1 else (expert,)
-                out.update((name.format(e=e), part) for name, part in zip(rule.theirs, parts))
+                for name, part in zip(rule.theirs, parts):
+                    put(name.format(e=e), part, rule.ours)
         else:  # pragma: no cover - a mapping table bug must not write a partial checkpoint
             raise ValueError(f"unknown join {rule.join!r}")
+    left = sorted(set(ours) - used)
+    if left:
+        raise InteropError(f"{len(left)} tensor(s) of the model have no place in the checkpoint, e.g. "
+                           f"{left[:3]}: writing it would drop them")
     # One tensor written under two names (a tied copy) must be two tensors for safetensors.
     seen: set[int] = set()
     written = {}
@@ -294,25 +330,45 @@ def from_hf(path_or_model: Union[str, Path, nn.Module], overrides: Sequence[str]
 
 
 def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_type: Optional[str] = None) -> Path:
-    """Write `config.json` and `model.safetensors` that transformers loads with
-    `from_pretrained`. The folder appears whole or not at all."""
+    """Write `config.json`, `model.safetensors` (and `generation_config.json` when the model
+    states token ids) that transformers loads with `from_pretrained` and computes with as
+    ours does. A model the type cannot express is refused naming the field, before
+    anything is written; without `model_type`, the first type that fits is chosen (see
+    `fit.guess`). The folder appears whole or not at all."""
     from .. import resolve_spec
+    from .types import choose_type
 
     spec = resolve_spec(cfg)
     registry = _registry()
-    kind = registry.get(model_type) if model_type else _type_for(spec, registry)
-    if kind is None:
-        raise ConfigError("model_type", model_type, "no mapping for this Hugging Face model type", sorted(registry))
-    hf_config = {"architectures": [kind.architecture], "model_type": kind.name, **kind.hf_config(spec)}
-    rules = _expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
+    if model_type:
+        if model_type not in registry:
+            raise ConfigError("model_type", model_type, "no mapping for this Hugging Face model type",
+                              sorted(registry))
+        kind = registry[model_type]
+        ensure_fits(spec, kind)
+    else:
+        kind = choose_type(spec)
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    rules = _expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
     theirs = to_theirs(ours, rules)
+    tokens = {key: getattr(spec.model, key, None) for key in TOKENS}
+    sizes: dict[str, int] = {}  # the weights' dtype as written: the one most of their elements have
+    for t in theirs.values():
+        if t.is_floating_point():
+            name = str(t.dtype).removeprefix("torch.")
+            sizes[name] = sizes.get(name, 0) + t.numel()
+    hf_config = {"architectures": [kind.architecture], "model_type": kind.name, **kind.hf_config(spec), **tokens}
+    if sizes:  # "dtype" for transformers 5, "torch_dtype" for the readers before it
+        hf_config["dtype"] = hf_config["torch_dtype"] = max(sizes, key=sizes.__getitem__)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file(theirs, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        stated = {k: v for k, v in tokens.items() if v is not None}
+        if stated:
+            (tmp / GENERATION_NAME).write_text(json.dumps(stated, indent=2) + "\n")
         if out.exists():
             raise InteropError(f"{out} exists: choose a new folder (nothing is overwritten)")
         os.replace(tmp, out)
@@ -320,12 +376,6 @@ def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_ty
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _type_for(spec: Any, registry: Mapping[str, ModelType]) -> Optional[ModelType]:
-    from .types import guess_type
-
-    return registry.get(guess_type(spec))
 
 
 class HuggingFaceFolder(ModelSource):

@@ -127,19 +127,29 @@ class RotaryPosition(PositionEncoding):
             inv_freq, self.attention_factor = yarn_inv_freq(params.theta, self.rotary_dim, s)
         self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
 
-    def _inv_freq_for(self, seq_len: int) -> torch.Tensor:
+    def _inv_freq_for(self, seq_len) -> torch.Tensor:
+        """The frequencies for a forward whose highest position is seq_len - 1 (an int or a
+        0-dim tensor). Dynamic NTK raises the base once seq_len outgrows the pre-training
+        context, as transformers decides it: on the highest position + 1, not the number of
+        positions, so offset positions scale as theirs do. Computed with tensors and
+        `torch.where`, it neither specializes nor breaks the graph under torch.compile."""
         s = self.params.scaling
-        if s is not None and s.type == "dynamic" and seq_len > s.original_max_seq_len:
-            # Dynamic NTK: raise the base once the sequence outgrows the pre-training context.
-            # `seq_len` is a static shape, so this branch specializes under torch.compile.
-            dim = self.rotary_dim
-            base = self.params.theta * ((s.factor * seq_len / s.original_max_seq_len) - (s.factor - 1)) ** (
-                dim / (dim - 2))
-            return base_inv_freq(base, dim).to(device=self.inv_freq.device, dtype=torch.float32)
-        return self.inv_freq
+        if s is None or s.type != "dynamic":
+            return self.inv_freq
+        device = self.inv_freq.device
+        original = s.original_max_seq_len
+        seq = torch.as_tensor(seq_len, device=device).to(torch.float64)
+        grown = seq.clamp(min=original)  # the unselected branch stays finite
+        dim = self.rotary_dim
+        base = self.params.theta * (s.factor * grown / original - (s.factor - 1)) ** (dim / (dim - 2))
+        exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
+        scaled = (1.0 / base ** exponents).to(torch.float32)
+        return torch.where(seq > original, scaled, self.inv_freq)
 
     def attention_inputs(self, positions: torch.Tensor, prefix_len=None) -> PositionInputs:
-        inv_freq = self._inv_freq_for(positions.shape[-1])
+        s = self.params.scaling
+        dynamic = s is not None and s.type == "dynamic"
+        inv_freq = self._inv_freq_for(positions.max() + 1) if dynamic else self.inv_freq
         angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., seq, rotary_dim / 2]
         if self.interleaved:
             angles = angles.repeat_interleave(2, dim=-1)

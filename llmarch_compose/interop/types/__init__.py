@@ -1,8 +1,10 @@
 """The Hugging Face model types we map, one module per family, each a table.
 
-Adding a model type: write a module here with `TYPES` (its `ModelType`s: config
-both ways and the tensor table) and `guess(spec)` (the type name `to_hf` writes
-for a spec of that family, or None); every module but `common` is a family.
+Adding a model type: write a module here with `TYPES`, its `ModelType`s: config both
+ways, the tensor table, the transformers config class's DEFAULTS and the declaration
+of what the type can express (`..fit.Expresses`); every module but `common` is a
+family. `to_hf` without a model type takes the first type, in this registry's order
+(families alphabetically, each family's types in its own order), that fits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib
 import pkgutil
 from typing import Any, Optional
 
+from ...errors import ConfigError
+from .. import fit
 from ..hf import ModelType
 
 FAMILIES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "common"))
@@ -27,10 +31,15 @@ def _load() -> dict[str, ModelType]:
 MODEL_TYPES = _load()
 
 
+def choose_type(spec: Any) -> ModelType:
+    """The first model type that expresses `spec`; none doing so, a ConfigError naming the
+    closest type and the field that stops it."""
+    return fit.guess(spec, MODEL_TYPES.values())
+
+
 def guess_type(spec: Any) -> Optional[str]:
-    """The model type whose architecture `spec` is, or None."""
-    for family in FAMILIES:
-        found = importlib.import_module(f"{__name__}.{family}").guess(spec)
-        if found:
-            return found
-    return None
+    """The name of the model type `to_hf` writes `spec` as, or None when none fits."""
+    try:
+        return choose_type(spec).name
+    except ConfigError:
+        return None

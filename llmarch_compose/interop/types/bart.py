@@ -21,17 +21,20 @@ tables of their own, `model.shared` goes unused; ours is one table).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from ...errors import ConfigError
+from ..fit import ANY, Expresses, only, where
 from ..hf import ModelType, TensorRule, override
-from .common import activation, ensure_fits, first_failed, numbers, refuse, wrong_plugin_or_topology
+from .common import (MHA_BIASED, PLAIN, PLAIN_BACK, SPLIT_HEADS, activation, activation_back, dense, family_guess,
+                     numbers, refuse, topology)
 
 # BartConfig's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 50265, "max_position_embeddings": 1024, "encoder_layers": 12, "encoder_ffn_dim": 4096,
             "encoder_attention_heads": 16, "decoder_layers": 12, "decoder_ffn_dim": 4096,
             "decoder_attention_heads": 16, "activation_function": "gelu", "d_model": 1024,
-            "tie_word_embeddings": True}
+            "tie_word_embeddings": True, "scale_embedding": False, "pad_token_id": 1, "bos_token_id": 0,
+            "eos_token_id": 2}
 NUMBERS = {
     "d_model": "model.d_model", "encoder_layers": "model.n_layers", "encoder_attention_heads": "model.n_heads",
     "encoder_ffn_dim": "model.ffn_dim", "vocab_size": "model.vocab_size",
@@ -42,21 +45,12 @@ TWINS = {"decoder_layers": "encoder_layers", "decoder_attention_heads": "encoder
          "decoder_ffn_dim": "encoder_ffn_dim"}
 OFFSET = 2  # rows of each position table before position 0
 EPS = 1e-5  # BART's LayerNorms are nn.LayerNorm's default
-# Our (activation plugin, GELU approximation) -> HF activation_function
-ACTIVATIONS_BACK = {("gelu", "none"): "gelu", ("gelu", "tanh"): "gelu_new", ("relu", None): "relu",
-                    ("silu", None): "silu"}
 STACKS = {"encoder": "model.encoder.", "decoder": "model.decoder."}
 # Why an untied BART is refused both ways: transformers 5 then unties every token table,
 # so the encoder and the decoder each embed with their own (besides an unused `shared`).
 UNTIED = ("transformers then gives each stack a token table of its own besides an unused model.shared; "
           "our stacks share one")
-# Post-norm stacks, a norm on the embeddings and the final_logits_bias buffer.
-TOPOLOGY = {"norm_position": "post", "parallel_residual": False, "residual": "standard", "share_layers": False,
-            "embedding_norm": True, "mlm_transform": False, "head_bias": "buffer", "normalize_head": False}
-
-
 def bart_overrides(hf: Mapping[str, Any]) -> list[str]:
-    hf = {**DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
     refuse(hf, "scale_embedding", "token embeddings multiplied by sqrt(d_model)")
     refuse(hf, "normalize_before", "pre-norm layers (mBART)")
     refuse(hf, "add_final_layer_norm", "a final LayerNorm on each stack (mBART)")
@@ -80,51 +74,30 @@ def bart_overrides(hf: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
-    """The first part of `spec` BART cannot hold, as (key, value, why), or None."""
-    m, p = spec.model, spec.params
-    wanted = {"topology": "encoder_decoder", "position": "learned", "norm": "layernorm", "attention": "gqa",
-              "ffn": "dense"}
-    problem = wrong_plugin_or_topology(spec, "BART", wanted, TOPOLOGY)
-    if problem:
-        return problem
-    attention, act, topology = p["attention"], p["activation"], p["topology"]
-    checks = [
-        ("model.layer_pattern", list(m.layer_pattern), not spec.layer_params, "BART has the same layer throughout"),
-        ("model.tie_embeddings", m.tie_embeddings, m.tie_embeddings, f"in BART {UNTIED}"),
-        ("topology.scale_tied_head", topology.scale_tied_head, not topology.scale_tied_head,
-         "BART's head is not scaled"),
-        ("activation", act.name, (act.plugin, getattr(act, "approximate", None)) in ACTIVATIONS_BACK,
-         f"BART's activation_function is one of {sorted(ACTIVATIONS_BACK.values())}"),
-        ("position.offset", p["position"].offset, p["position"].offset == OFFSET,
-         f"BART's position tables start {OFFSET} rows in"),
-        ("norm.bias", p["norm"].bias, p["norm"].bias, "BART's LayerNorms have a bias"),
-        ("norm.eps", p["norm"].eps, p["norm"].eps == EPS, f"BART's LayerNorms have eps={EPS}"),
-        ("attention.num_kv_heads", attention.num_kv_heads, attention.num_kv_heads == m.n_heads,
-         "BART has multi-head attention"),
-        ("attention.qkv_bias", attention.qkv_bias, attention.qkv_bias, "BART biases every projection"),
-        ("attention.out_bias", attention.out_bias, attention.out_bias, "BART biases every projection"),
-        ("attention.window", attention.window, attention.window is None, "BART attends to every allowed token"),
-        ("attention.qk_norm", attention.qk_norm, not attention.qk_norm, "BART has no QK-norm"),
-        ("attention.scale", attention.scale, attention.scale in (None, m.head_dim ** -0.5),
-         "BART scales scores by 1/sqrt(head_dim)"),
-        ("model.head_dim", m.head_dim, m.head_dim * m.n_heads == m.d_model, "BART has head_dim = d_model / n_heads"),
-        ("ffn.bias", p["ffn"].bias, p["ffn"].bias, "BART biases the FFN"),
-        ("model.type_vocab_size", m.type_vocab_size, m.type_vocab_size == 0, "BART has no token types"),
-        ("model.embedding_dim", m.embedding_dim, m.embedding_width == m.d_model, "BART has no factorized embeddings"),
-    ]
-    return first_failed(checks)
+# Post-norm stacks with biases everywhere, LayerNorms of eps 1e-5, a norm on each stack's
+# embeddings, position tables starting 2 rows in, the final_logits_bias buffer, one tied table.
+EXPRESSES = Expresses(
+    groups={"position": {"learned": {"max_positions": ANY, "offset": only(OFFSET)}},
+            "norm": {"layernorm": {"eps": only(EPS), "bias": only(True)}}, "activation": PLAIN,
+            "attention": {"gqa": {**MHA_BIASED["gqa"],
+                                  "scale": where(lambda v, spec: v is None or v == spec.model.head_dim ** -0.5,
+                                                 "null (1/sqrt(head_dim))")}},
+            "ffn": dense(bias=only(True)),
+            "topology": {"encoder_decoder": topology(norm_position=only("post"), embedding_norm=only(True),
+                                                     head_bias=only("buffer"))}},
+    model={"head_dim": SPLIT_HEADS, "tie_embeddings": only(True, why=f"an untied head: {UNTIED}"),
+           "embedding_dim": only(None), "type_vocab_size": only(0)},
+    stacks=("encoder", "decoder"))
 
 
 def hf_config(spec: Any) -> dict[str, Any]:
-    ensure_fits(_mismatch(spec), "bart")
-    m, act = spec.model, spec.params["activation"]
+    m, ffn = spec.model, spec.params["ffn"]
     return {
         "d_model": m.d_model, "encoder_layers": m.n_layers, "decoder_layers": m.n_layers,
         "encoder_attention_heads": m.n_heads, "decoder_attention_heads": m.n_heads,
-        "encoder_ffn_dim": m.ffn_dim, "decoder_ffn_dim": m.ffn_dim, "vocab_size": m.vocab_size,
+        "encoder_ffn_dim": ffn.hidden, "decoder_ffn_dim": ffn.hidden, "vocab_size": m.vocab_size,
         "max_position_embeddings": spec.params["position"].max_positions,
-        "activation_function": ACTIVATIONS_BACK[act.plugin, getattr(act, "approximate", None)],
+        "activation_function": activation_back(spec, PLAIN_BACK),
         "scale_embedding": False, "tie_word_embeddings": m.tie_embeddings, "is_encoder_decoder": True,
     }
 
@@ -165,8 +138,7 @@ def tensors(spec: Any) -> list[TensorRule]:
 # drop a head that may differ (transformers itself unties when they differ).
 IGNORE = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
 
-TYPES = (ModelType("bart", "BartForConditionalGeneration", bart_overrides, hf_config, tensors, IGNORE),)
+TYPES = (ModelType("bart", "BartForConditionalGeneration", bart_overrides, hf_config, tensors, IGNORE,
+                   expresses=EXPRESSES, defaults=DEFAULTS),)
 
-
-def guess(spec: Any) -> str | None:
-    return "bart" if _mismatch(spec) is None else None
+guess = family_guess(TYPES)

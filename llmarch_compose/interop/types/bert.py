@@ -17,34 +17,28 @@ read into our `pooler` (and then required), and to_hf writes it back.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
+from ..fit import ANY, Expresses, only, where
 from ..hf import ModelType, TensorRule, override
-from .common import activation, ensure_fits, first_failed, numbers, refuse, wrong_plugin_or_topology
+from .common import (LAYERNORM, MHA_BIASED, PLAIN, PLAIN_BACK, SPLIT_HEADS, activation, activation_back, dense,
+                     family_guess, numbers, refuse, topology)
 
 # BertConfig's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
             "intermediate_size": 3072, "hidden_act": "gelu", "max_position_embeddings": 512, "type_vocab_size": 2,
-            "layer_norm_eps": 1e-12, "tie_word_embeddings": True}
+            "layer_norm_eps": 1e-12, "tie_word_embeddings": True, "is_decoder": False, "add_cross_attention": False,
+            "pad_token_id": 0, "bos_token_id": None,
+            "eos_token_id": None}
 NUMBERS = {
     "hidden_size": "model.d_model", "num_hidden_layers": "model.n_layers", "num_attention_heads": "model.n_heads",
     "intermediate_size": "model.ffn_dim", "vocab_size": "model.vocab_size",
     "max_position_embeddings": "model.max_seq_len", "type_vocab_size": "model.type_vocab_size",
     "layer_norm_eps": "model.norm_eps",
 }
-# Our (activation plugin, GELU approximation) -> HF hidden_act
-ACTIVATIONS_BACK = {("gelu", "none"): "gelu", ("gelu", "tanh"): "gelu_new", ("relu", None): "relu",
-                    ("silu", None): "silu"}
 LAYER = "bert.encoder.layer.{i}."
 BLOCK = "encoder.blocks.{i}."
-# BERT's layout is encoder_only's default; any other option changes the maths.
-TOPOLOGY = {"norm_position": "post", "parallel_residual": False, "residual": "standard", "share_layers": False,
-            "embedding_norm": True, "mlm_transform": True, "head_bias": "param", "scale_tied_head": False,
-            "normalize_head": False}
-
-
 def bert_overrides(hf: Mapping[str, Any]) -> list[str]:
-    hf = {**DEFAULTS, **hf}
     refuse(hf, "position_embedding_type", "relative position embeddings (only absolute ones map)",
            allowed=(None, "absolute"))
     refuse(hf, "is_decoder", "a causal BERT (BertLMHeadModel); encoder_only attends both ways")
@@ -58,46 +52,27 @@ def bert_overrides(hf: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
-    """The first part of `spec` BERT cannot hold, as (key, value, why), or None."""
-    m, p = spec.model, spec.params
-    wanted = {"topology": "encoder_only", "position": "learned", "norm": "layernorm", "attention": "gqa",
-              "ffn": "dense"}
-    problem = wrong_plugin_or_topology(spec, "BERT", wanted, TOPOLOGY)
-    if problem:
-        return problem
-    attention, act = p["attention"], p["activation"]
-    checks = [
-        ("model.layer_pattern", list(m.layer_pattern), not spec.layer_params, "BERT has the same layer throughout"),
-        ("activation", act.name, (act.plugin, getattr(act, "approximate", None)) in ACTIVATIONS_BACK,
-         f"BERT has one of {sorted(set(ACTIVATIONS_BACK.values()))}"),
-        ("position.offset", p["position"].offset, p["position"].offset == 0,
-         "BERT has no offset (RoBERTa's offset positions are another model type)"),
-        ("norm.bias", p["norm"].bias, p["norm"].bias, "BERT's LayerNorms have a bias"),
-        ("attention.num_kv_heads", attention.num_kv_heads, attention.num_kv_heads == m.n_heads,
-         "BERT has multi-head attention"),
-        ("attention.qkv_bias", attention.qkv_bias, attention.qkv_bias and attention.out_bias,
-         "BERT biases every projection"),
-        ("attention.window", attention.window, attention.window is None, "BERT attends to every token"),
-        ("attention.qk_norm", attention.qk_norm, not attention.qk_norm, "BERT has no QK-norm"),
-        ("attention.scale", attention.scale, attention.scale is None, "BERT scales by 1/sqrt(head_dim)"),
-        ("model.head_dim", m.head_dim, m.head_dim * m.n_heads == m.d_model, "BERT has head_dim = d_model / n_heads"),
-        ("ffn.bias", p["ffn"].bias, p["ffn"].bias, "BERT biases the FFN"),
-        ("model.type_vocab_size", m.type_vocab_size, m.type_vocab_size >= 1, "BERT has token-type embeddings"),
-        ("model.embedding_dim", m.embedding_dim, m.embedding_width == m.d_model,
-         "BERT has no factorized embeddings (ALBERT is another model type)"),
-    ]
-    return first_failed(checks)
+# encoder_only's own layout (post-norm, embedding norm, the MLM transform and its bias),
+# LayerNorms with biases, absolute positions from row 0, token types, multi-head attention.
+EXPRESSES = Expresses(
+    groups={"position": {"learned": {"max_positions": ANY, "offset": only(0, why="positions offset by some rows "
+                                                                                 "(RoBERTa is another model type)")}},
+            "norm": LAYERNORM, "activation": PLAIN, "attention": MHA_BIASED, "ffn": dense(bias=only(True)),
+            "topology": {"encoder_only": topology(norm_position=only("post"), embedding_norm=only(True),
+                                                  mlm_transform=only(True), head_bias=only("param"), pooler=ANY)}},
+    model={"head_dim": SPLIT_HEADS, "tie_embeddings": ANY,
+           "embedding_dim": only(None, why="factorized embeddings (ALBERT is another model type)"),
+           "type_vocab_size": where(lambda v, spec: v >= 1, "an integer >= 1", "a BERT without token types")},
+    stacks=("encoder",))
 
 
 def hf_config(spec: Any) -> dict[str, Any]:
-    ensure_fits(_mismatch(spec), "bert")
-    m, act = spec.model, spec.params["activation"]
+    m = spec.model
     return {
         "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-        "intermediate_size": m.ffn_dim, "vocab_size": m.vocab_size, "max_position_embeddings": m.max_seq_len,
-        "type_vocab_size": m.type_vocab_size, "layer_norm_eps": m.norm_eps,
-        "hidden_act": ACTIVATIONS_BACK[act.plugin, getattr(act, "approximate", None)],
+        "intermediate_size": spec.params["ffn"].hidden, "vocab_size": m.vocab_size,
+        "max_position_embeddings": spec.params["position"].max_positions, "type_vocab_size": m.type_vocab_size,
+        "layer_norm_eps": spec.params["norm"].eps, "hidden_act": activation_back(spec, PLAIN_BACK),
         "tie_word_embeddings": m.tie_embeddings, "is_decoder": False, "add_cross_attention": False,
     }
 
@@ -147,8 +122,7 @@ IGNORE = ("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.pred
 
 # Google's original BERT checkpoints name LayerNorm tensors gamma and beta.
 RENAMES = (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias"))
-TYPES = (ModelType("bert", "BertForMaskedLM", bert_overrides, hf_config, tensors, IGNORE, renames=RENAMES),)
+TYPES = (ModelType("bert", "BertForMaskedLM", bert_overrides, hf_config, tensors, IGNORE, renames=RENAMES,
+                   expresses=EXPRESSES, defaults=DEFAULTS),)
 
-
-def guess(spec: Any) -> str | None:
-    return "bert" if _mismatch(spec) is None else None
+guess = family_guess(TYPES)

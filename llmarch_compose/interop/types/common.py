@@ -1,10 +1,12 @@
-"""Helpers the model-type tables share: reading HF config fields and writing overrides."""
+"""What the model-type tables share: reading HF config fields, writing overrides, and the
+building blocks of their declarations (see `..fit`)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from ...errors import ConfigError
+from ..fit import ANY, Allowed, only, where
 from ..hf import override
 
 # HF activation names -> (our activation for a gated FFN, for a plain one)
@@ -40,7 +42,8 @@ def rope(hf: Mapping[str, Any]) -> list[str]:
                           ["default", "linear", "dynamic", "llama3", "yarn"])
     ours: dict[str, Any] = {"type": kind, "factor": float(merged.get("factor", 1.0))}
     original = merged.get("original_max_position_embeddings")
-    if original is None and kind != "linear":
+    if kind == "dynamic" or (original is None and kind != "linear"):
+        # transformers' dynamic NTK scales past max_position_embeddings, whatever else is stated.
         original = hf.get("max_position_embeddings")
     if original is not None:
         ours["original_max_seq_len"] = int(original)
@@ -54,11 +57,12 @@ def rope(hf: Mapping[str, Any]) -> list[str]:
 
 
 def rope_back(spec: Any) -> dict[str, Any]:
-    """The HF rope fields of our spec (both spellings, so old and new readers agree)."""
-    m = spec.model
-    out: dict[str, Any] = {"rope_theta": m.rope_theta}
-    s = spec.params["position"].scaling if hasattr(spec.params["position"], "scaling") else None
-    params: dict[str, Any] = {"rope_theta": m.rope_theta, "rope_type": "default"}
+    """The HF rope fields of our spec (both spellings, so old and new readers agree); with
+    dynamic scaling also max_position_embeddings, the length past which it scales."""
+    position = spec.params["position"]
+    out: dict[str, Any] = {"rope_theta": position.theta}
+    s = position.scaling
+    params: dict[str, Any] = {"rope_theta": position.theta, "rope_type": "default"}
     if s is not None:
         scaling = {"rope_type": s.type, "factor": s.factor}
         if s.original_max_seq_len:
@@ -70,11 +74,14 @@ def rope_back(spec: Any) -> dict[str, Any]:
             for key in ("attention_factor", "mscale", "mscale_all_dim"):
                 if getattr(s, key) is not None:
                     scaling[key] = getattr(s, key)
+        if s.type == "dynamic":  # transformers' dynamic NTK starts past max_position_embeddings
+            scaling.pop("original_max_position_embeddings", None)
+            out["max_position_embeddings"] = s.original_max_seq_len
         out["rope_scaling"] = scaling
         params.update(scaling)
     out["rope_parameters"] = params
-    if m.rotary_fraction != 1.0:
-        out["partial_rotary_factor"] = m.rotary_fraction
+    if position.fraction != 1.0:
+        out["partial_rotary_factor"] = position.fraction
     return out
 
 
@@ -83,35 +90,107 @@ def numbers(hf: Mapping[str, Any], table: Mapping[str, str]) -> list[str]:
     return [override(ours, hf[theirs]) for theirs, ours in table.items() if hf.get(theirs) is not None]
 
 
-Mismatch = tuple[str, Any, str]  # (key, value, what the model type has instead)
-
-
-def wrong_plugin_or_topology(spec: Any, model: str, plugins: Mapping[str, str],
-                             topology: Mapping[str, Any]) -> Optional[Mismatch]:
-    """The first group whose plugin, or topology option whose value, `model` cannot hold."""
-    p = spec.params
-    for group, plugin in plugins.items():
-        if p[group].plugin != plugin:
-            return group, p[group].name, f"{model} has {plugin}"
-    for key, value in topology.items():
-        if getattr(p["topology"], key) != value:
-            return f"topology.{key}", getattr(p["topology"], key), f"{model} has {value!r}"
-    return None
-
-
-def first_failed(checks: Sequence[tuple[str, Any, bool, str]]) -> Optional[Mismatch]:
-    """The first (key, value, holds, why) check that does not hold, as a Mismatch."""
-    return next(((key, value, why) for key, value, ok, why in checks if not ok), None)
-
-
-def ensure_fits(problem: Optional[Mismatch], model_type: str) -> None:
-    """Refuse to write a model the type cannot express, naming the key."""
-    if problem:
-        raise ConfigError(problem[0], problem[1], f"cannot be written as model_type {model_type}: {problem[2]}")
-
-
 def refuse(hf: Mapping[str, Any], field: str, why: str, allowed: Any = (None, False)) -> None:
     """A field we cannot represent: a clear error naming it and why."""
     value = hf.get(field)
     if value not in allowed:
         raise ConfigError(field, value, f"cannot be represented: {why}", [repr(a) for a in allowed])
+
+
+# ------------------------------------------------------------------ declaration building blocks
+
+def _with(base: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**base, **changes}
+
+
+#: Every TopologyParams option, at the value that leaves a plain pre-norm stack and head.
+TOPOLOGY = {
+    "norm_position": only("pre"), "parallel_residual": only(False), "residual": only("standard"),
+    "share_layers": only(False), "embedding_norm": only(False),
+    "tie_embeddings": where(lambda v, spec: v == spec.model.tie_embeddings, "model.tie_embeddings",
+                            "a head tied otherwise than model.tie_embeddings says"),
+    "mlm_transform": only(False), "head_bias": only("none"), "scale_tied_head": only(False),
+    "normalize_head": only(False),
+}
+
+
+def topology(**changes: Allowed) -> dict[str, Allowed]:
+    """TOPOLOGY with the options a type has otherwise."""
+    return _with(TOPOLOGY, **changes)
+
+
+#: Every RopeScaling field; the scaling types transformers' rope utilities compute as ours do.
+ROPE_SCALINGS = ("linear", "dynamic", "llama3", "yarn")
+
+
+def rope_position(fraction: Allowed = only(1.0), interleaved: Allowed = only(False)) -> dict[str, dict[str, Allowed]]:
+    scaling = {f"scaling.{k}": ANY for k in ("factor", "original_max_seq_len", "low_freq_factor",
+                                              "high_freq_factor", "beta_fast", "beta_slow", "attention_factor",
+                                              "mscale", "mscale_all_dim")}
+    return {"rope": {"theta": ANY, "fraction": fraction, "interleaved": interleaved, "scaling": ANY,
+                     "scaling.type": only(*ROPE_SCALINGS), **scaling}}
+
+
+RMSNORM = {"rmsnorm": {"eps": ANY}}
+LAYERNORM = {"layernorm": {"eps": ANY, "bias": only(True)}}
+
+#: Gated activations and the hidden_act that a gated (LLaMA-style) MLP applies to its gate.
+GATED_BACK = {("swiglu", None): "silu", ("geglu", "none"): "gelu", ("geglu", "tanh"): "gelu_pytorch_tanh",
+              ("reglu", None): "relu"}
+GATED = {"swiglu": {}, "geglu": {"approximate": only("none", "tanh")}, "reglu": {}}
+#: Plain activations and their HF names (GPT-2, BERT, BART's activation_function).
+PLAIN_BACK = {("gelu", "tanh"): "gelu_new", ("gelu", "none"): "gelu", ("relu", None): "relu", ("silu", None): "silu"}
+PLAIN = {"gelu": {"approximate": only("none", "tanh")}, "relu": {}, "silu": {}}
+
+
+def activation_back(spec: Any, table: Mapping[tuple[str, Any], str]) -> str:
+    act = spec.params["activation"]
+    return table[act.plugin, getattr(act, "approximate", None)]
+
+
+def gqa(**changes: Allowed) -> dict[str, dict[str, Allowed]]:
+    """attention=gqa as LLaMA has it (any KV heads, one bias flag for all four projections,
+    no window, QK-norm, custom scale or softcap), with a type's differences."""
+    base = {"num_kv_heads": ANY,
+            "qkv_bias": where(lambda v, spec: v == spec.params["attention"].out_bias, "attention.out_bias",
+                              "biases on q, k and v but not on the output (or the reverse)"),
+            "out_bias": ANY, "window": only(None), "scale": only(None), "qk_norm": only(False), "softcap": only(None)}
+    return {"gqa": _with(base, **changes)}
+
+
+#: Multi-head attention with every projection biased (GPT-2, BERT, BART).
+MHA_BIASED = gqa(num_kv_heads=where(lambda v, spec: v == spec.model.n_heads, "model.n_heads",
+                                    "grouped key/value heads"),
+                 qkv_bias=only(True), out_bias=only(True))
+
+PLAIN_MODEL = {"head_dim": ANY, "tie_embeddings": ANY, "embedding_dim": only(None), "type_vocab_size": only(0)}
+SPLIT_HEADS = where(lambda v, spec: v * spec.model.n_heads == spec.model.d_model, "model.d_model / model.n_heads",
+                    "a head_dim other than d_model / n_heads")
+
+
+def dense(bias: Allowed = only(False)) -> dict[str, dict[str, Allowed]]:
+    return {"dense": {"hidden": ANY, "bias": bias}}
+
+
+def moe(**changes: Allowed) -> dict[str, dict[str, Allowed]]:
+    """ffn=moe as Mixtral routes (softmax top-k, renormalized or not, dropless, no groups,
+    shared experts or selection bias), with a type's differences. The loss weights only
+    train, so any value is written."""
+    base = {"num_experts": ANY, "top_k": ANY, "hidden": ANY, "normalize_top_k": only(True), "aux_loss_coef": ANY,
+            "router": only("softmax"), "n_groups": ANY,
+            "topk_groups": where(lambda v, spec: v == spec.params["ffn"].n_groups, "ffn.n_groups",
+                                 "group-limited routing"),
+            "routed_scaling": only(1.0), "bias_update_rate": only(0.0), "shared_experts": only(0),
+            "shared_gate": only(False), "capacity_factor": only(None), "capacity": only(None),
+            "dropped": ANY, "z_loss_coef": ANY}
+    return {"moe": _with(base, **changes)}
+
+
+def family_guess(types: Any):
+    """A family module's `guess(spec)`: the first of its types that fits, or None."""
+    from ..fit import fits
+
+    def guess(spec: Any) -> Optional[str]:
+        return next((t.name for t in types if fits(spec, t, guessing=True)), None)
+
+    return guess

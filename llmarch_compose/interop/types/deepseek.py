@@ -21,15 +21,29 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from ...errors import ConfigError
+from ..fit import ANY, Expresses, Rule, only, where
 from ..hf import ModelType, TensorRule, override
 from . import llama
-from .common import activation, numbers, refuse, rope, rope_back
-from .qwen_moe import dense_layers, dense_width, expert_rules, group_problem, mlp_rules, rope_truncate, shared_rules
+from .common import (GATED, GATED_BACK, PLAIN_MODEL, TOPOLOGY, activation, activation_back, dense, family_guess,
+                     moe, numbers, refuse, rope, rope_back, rope_position)
+from .qwen_moe import (ONE_DENSE_WIDTH, dense_layers, dense_width, expert_rules, mlp_rules, rope_truncate,
+                       shared_rules)
 
 LAYER, BLOCK = llama.LAYER, llama.BLOCK
 #: transformers builds q_a_layernorm and kv_a_layernorm with DeepseekV3RMSNorm's default
 #: epsilon, whatever rms_norm_eps says; ours use one epsilon for every norm.
 LATENT_NORM_EPS = 1e-6
+
+# DeepseekV3Config()'s defaults, for fields a config.json leaves out.
+DEFAULTS = {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+            "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+            "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536,
+            "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4,
+            "num_experts_per_tok": 8, "first_k_dense_replace": 3, "norm_topk_prob": True, "hidden_act": "silu",
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "pad_token_id": None, "bos_token_id": 0,
+            "eos_token_id": 1, "pretraining_tp": 1, "tie_word_embeddings": False, "rope_interleave": True,
+            "attention_bias": False, "rope_theta": 10000.0}
+AUX_LOSS_ALPHA = 0.0001  # DeepSeek's own config.json field, which DeepseekV3Config does not define
 
 NUMBERS = {
     "hidden_size": "model.d_model", "num_hidden_layers": "model.n_layers", "num_attention_heads": "model.n_heads",
@@ -54,7 +68,7 @@ def _refusals(hf: Mapping[str, Any]) -> None:
     refuse(hf, "moe_layer_freq", "every layer from first_k_dense_replace on has experts", allowed=(None, 1))
     heads = hf["num_attention_heads"]
     refuse(hf, "num_key_value_heads", "MLA expands keys and values for every head", allowed=(None, heads))
-    eps = hf.get("rms_norm_eps", 1e-6)
+    eps = hf["rms_norm_eps"]
     if eps != LATENT_NORM_EPS:
         raise ConfigError("rms_norm_eps", eps, "cannot be represented: transformers normalizes the MLA latents "
                           f"with epsilon {LATENT_NORM_EPS} whatever rms_norm_eps says, and ours use one epsilon "
@@ -72,7 +86,7 @@ def _refusals(hf: Mapping[str, Any]) -> None:
 
 def overrides(hf: Mapping[str, Any]) -> list[str]:
     _refusals(hf)
-    n_layers, first_dense = hf["num_hidden_layers"], hf.get("first_k_dense_replace") or 0
+    n_layers, first_dense = hf["num_hidden_layers"], hf["first_k_dense_replace"] or 0
     out = [
         "position=rope", "norm=rmsnorm", f"activation={activation(hf, 'hidden_act', gated=True)}",
         "topology=decoder_only", "attention=mla", "ffn=deepseek_moe", override("model.name", "hf:deepseek_v3"),
@@ -80,14 +94,13 @@ def overrides(hf: Mapping[str, Any]) -> list[str]:
         # MLA's own rotary width; the shared rope plugin then rotates that same width.
         override("model.head_dim", hf["qk_rope_head_dim"]), "model.rotary_fraction=1.0",
         override("model.n_kv_heads", hf["num_attention_heads"]),
-        override("model.norm_eps", hf.get("rms_norm_eps", LATENT_NORM_EPS)),  # DeepseekV3Config's default
-        override("model.q_lora_rank", hf.get("q_lora_rank")),
-        override("model.tie_embeddings", bool(hf.get("tie_word_embeddings", False))),
-        override("model.rope_interleaved", bool(hf.get("rope_interleave", True))),
-        override("model.n_expert_groups", hf.get("n_group") or 1),
-        override("model.topk_expert_groups", hf.get("topk_group") or 1),
-        override("model.router_aux_loss_coef", hf.get("aux_loss_alpha", 0.0001)),
-        override("ffn.normalize_top_k", bool(hf.get("norm_topk_prob", True))),
+        override("model.q_lora_rank", hf["q_lora_rank"]),
+        override("model.tie_embeddings", bool(hf["tie_word_embeddings"])),
+        override("model.rope_interleaved", bool(hf["rope_interleave"])),
+        override("model.n_expert_groups", hf["n_group"] or 1),
+        override("model.topk_expert_groups", hf["topk_group"] or 1),
+        override("model.router_aux_loss_coef", hf.get("aux_loss_alpha", AUX_LOSS_ALPHA)),
+        override("ffn.normalize_top_k", bool(hf["norm_topk_prob"])),
     ]
     if first_dense:
         out.append(override("model.layer_pattern", [{"stop": min(first_dense, n_layers), "ffn": "dense"}]))
@@ -96,62 +109,54 @@ def overrides(hf: Mapping[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------ config: ours -> HF
 
-GROUPS = {"topology": "decoder_only", "position": "rope", "norm": "rmsnorm", "attention": "mla", "ffn": "moe",
-          "activation": "swiglu"}
-
-
 def _first_dense(spec: Any) -> Optional[int]:
     """k when exactly the layers 0 .. k-1 are made dense by the layer pattern, else None."""
-    dense = dense_layers(spec)
-    if dense is None or sorted(dense) != list(range(len(dense))):
-        return None
-    return len(dense)
+    dense = sorted(dense_layers(spec))
+    return len(dense) if dense == list(range(len(dense))) else None
 
 
-def _problem(spec: Any) -> Optional[tuple[str, Any, str]]:
-    """The first part of `spec` DeepseekV3ForCausalLM cannot express: (key, value, why), or None."""
-    problem = group_problem(spec, GROUPS)
-    if problem:
-        return problem
-    m, attention, ffn = spec.model, spec.params["attention"], spec.params["ffn"]
-    if _first_dense(spec) is None:
-        return "model.layer_pattern", m.layer_pattern, "only the first layers may be dense (first_k_dense_replace)"
-    _, why = dense_width(spec, dense_layers(spec))
-    if why:
-        return "model.layer_pattern", m.layer_pattern, why
-    checks = (
-        ("model.norm_eps", m.norm_eps, LATENT_NORM_EPS, "transformers normalizes the MLA latents with epsilon 1e-6"),
-        ("attention.window", attention.window, None, "DeepSeek-V3 has no sliding window"),
-        ("model.attention_scale", attention.scale, None, "DeepSeek-V3 scales scores by 1/sqrt(qk_head_dim)"),
-        ("ffn.router", ffn.router, "sigmoid", "DeepSeek-V3 scores experts by sigmoid"),
-        ("ffn.shared_experts", ffn.shared_experts >= 1, True, "DeepSeek-V3 always has shared experts"),
-        ("ffn.shared_gate", ffn.shared_gate, False, "DeepSeek-V3 does not gate its shared experts"),
-        ("ffn.capacity", (ffn.capacity, ffn.capacity_factor), (None, None), "DeepSeek-V3 drops no tokens"),
-    )
-    for key, value, want, why in checks:
-        if value != want:
-            return key, value, why
-    if ffn.num_experts // ffn.n_groups < 2:
-        return "ffn.n_groups", ffn.n_groups, "DeepSeek-V3 rates a group by its best two experts"
-    return None
+# MLA, sigmoid-scored experts chosen within groups, always-on shared experts, and
+# (first_k_dense_replace) a dense MLP in the first layers, all of one width.
+EXPRESSES = Expresses(
+    groups={
+        "position": rope_position(interleaved=ANY), "activation": GATED,
+        # One epsilon for every norm, and transformers gives the MLA latents' norms 1e-6.
+        "norm": {"rmsnorm": {"eps": only(LATENT_NORM_EPS, why="norms with another epsilon than the MLA "
+                                                               "latents' (transformers fixes those at 1e-6)")}},
+        "attention": {"mla": {"q_lora_rank": ANY, "kv_lora_rank": ANY, "qk_rope_head_dim": ANY,
+                              "qk_nope_head_dim": ANY, "v_head_dim": ANY, "bias": ANY, "window": only(None),
+                              "scale": only(None)}},
+        "ffn": moe(router=only("sigmoid"), normalize_top_k=ANY, topk_groups=ANY, routed_scaling=ANY,
+                   bias_update_rate=ANY,
+                   shared_experts=where(lambda v, spec: v >= 1, "an integer >= 1",
+                                        "DeepSeek-V3 without shared experts")),
+        "topology": {"decoder_only": TOPOLOGY},
+    },
+    model=PLAIN_MODEL, layers={"ffn": dense()},
+    rules=(Rule("model.layer_pattern", lambda spec: list(spec.model.layer_pattern),
+                lambda spec: _first_dense(spec) is not None, "dense layers 0 .. k-1 (first_k_dense_replace)",
+                "dense layers other than the first ones"),
+           ONE_DENSE_WIDTH,
+           Rule("ffn.n_groups", lambda spec: spec.params["ffn"].n_groups,
+                lambda spec: spec.params["ffn"].num_experts // spec.params["ffn"].n_groups >= 2,
+                "at most num_experts / 2", "groups of one expert (a group is rated by its best two)")),
+)
 
 
 def hf_config(spec: Any) -> dict[str, Any]:
-    problem = _problem(spec)
-    if problem:
-        raise ConfigError(problem[0], problem[1], f"cannot be written as model_type deepseek_v3: {problem[2]}")
     m, attention, ffn = spec.model, spec.params["attention"], spec.params["ffn"]
     d = attention.dims(m)
-    width, _ = dense_width(spec, dense_layers(spec))
+    width = dense_width(spec)
     rope_fields = rope_back(spec)
     rope_fields.pop("partial_rotary_factor", None)  # MLA rotates all of qk_rope_head_dim
     return {
         "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
         "num_key_value_heads": m.n_heads, "intermediate_size": width, "vocab_size": m.vocab_size,
-        "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
-        "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_bias": attention.bias,
+        "max_position_embeddings": m.max_seq_len, "rms_norm_eps": spec.params["norm"].eps,
+        "tie_word_embeddings": m.tie_embeddings, "hidden_act": activation_back(spec, GATED_BACK),
+        "attention_bias": attention.bias,
         "q_lora_rank": d.q_lora, "kv_lora_rank": d.kv_lora, "qk_rope_head_dim": d.rope,
-        "qk_nope_head_dim": d.nope, "v_head_dim": d.v, "rope_interleave": m.rope_interleaved,
+        "qk_nope_head_dim": d.nope, "v_head_dim": d.v, "rope_interleave": spec.params["position"].interleaved,
         "n_routed_experts": ffn.num_experts, "num_experts_per_tok": ffn.top_k, "moe_intermediate_size": ffn.hidden,
         "n_shared_experts": ffn.shared_experts, "n_group": ffn.n_groups, "topk_group": ffn.topk_groups,
         "routed_scaling_factor": ffn.routed_scaling, "norm_topk_prob": ffn.normalize_top_k,
@@ -193,8 +198,7 @@ def tensors(spec: Any) -> list[TensorRule]:
 # DeepSeek-V3 stores its multi-token-prediction layer as layer 61; transformers skips it the same way.
 IGNORE = (*llama.IGNORE, "model.layers.61.")
 
-TYPES = (ModelType("deepseek_v3", "DeepseekV3ForCausalLM", overrides, hf_config, tensors, IGNORE),)
+TYPES = (ModelType("deepseek_v3", "DeepseekV3ForCausalLM", overrides, hf_config, tensors, IGNORE, expresses=EXPRESSES,
+                  defaults=DEFAULTS),)
 
-
-def guess(spec: Any) -> str | None:
-    return "deepseek_v3" if _problem(spec) is None else None
+guess = family_guess(TYPES)

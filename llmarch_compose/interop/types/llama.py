@@ -9,8 +9,27 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..fit import ANY, Expresses, only
 from ..hf import ModelType, TensorRule, override
-from .common import activation, numbers, refuse, rope, rope_back
+from .common import (GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, TOPOLOGY, activation, activation_back, dense,
+                     family_guess, gqa, moe, numbers, refuse, rope, rope_back, rope_position)
+
+# The transformers config classes' defaults (LlamaConfig() etc.), for fields a config.json leaves out.
+_BASE = {"vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+         "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "head_dim": None,
+         "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
+DEFAULTS = {
+    "llama": {**_BASE, "intermediate_size": 11008, "num_key_value_heads": None, "max_position_embeddings": 2048,
+              "pretraining_tp": 1, "attention_bias": False, "mlp_bias": False},
+    "mistral": {**_BASE, "intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                "sliding_window": 4096},
+    "qwen2": {**_BASE, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+              "max_position_embeddings": 32768, "use_sliding_window": False, "bos_token_id": None,
+              "eos_token_id": None},
+    "mixtral": {**_BASE, "intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5, "sliding_window": None, "num_experts_per_tok": 2, "num_local_experts": 8,
+                "router_aux_loss_coef": 0.001, "rope_theta": 1e6},
+}
 
 NUMBERS = {
     "hidden_size": "model.d_model", "num_hidden_layers": "model.n_layers", "num_attention_heads": "model.n_heads",
@@ -23,7 +42,7 @@ LAYER = "model.layers.{i}."
 BLOCK = "decoder.blocks.{i}."
 
 
-def _overrides(hf: Mapping[str, Any], name: str, window_key: str = "sliding_window") -> list[str]:
+def _overrides(hf: Mapping[str, Any], name: str, window_key: str = "_never") -> list[str]:
     refuse(hf, "pretraining_tp", "tensor-parallel slicing of the projections", allowed=(None, 1))
     out = [
         "position=rope", "norm=rmsnorm", f"activation={activation(hf, 'hidden_act', gated=True)}",
@@ -38,7 +57,11 @@ def _overrides(hf: Mapping[str, Any], name: str, window_key: str = "sliding_wind
 
 
 def llama_overrides(hf: Mapping[str, Any]) -> list[str]:
-    return _overrides(hf, hf.get("model_type", "llama"))
+    return _overrides(hf, "llama")  # LlamaForCausalLM has no window, whatever sliding_window says
+
+
+def mistral_overrides(hf: Mapping[str, Any]) -> list[str]:
+    return _overrides(hf, "mistral", window_key="sliding_window")
 
 
 def qwen2_overrides(hf: Mapping[str, Any]) -> list[str]:
@@ -47,20 +70,22 @@ def qwen2_overrides(hf: Mapping[str, Any]) -> list[str]:
 
 
 def mixtral_overrides(hf: Mapping[str, Any]) -> list[str]:
-    out = [o for o in _overrides(hf, "mixtral") if not o.startswith("ffn=")]
+    out = [o for o in _overrides(hf, "mixtral", window_key="sliding_window") if not o.startswith("ffn=")]
     return [*out, "ffn=moe", override("model.n_experts", hf["num_local_experts"]),
             override("model.experts_per_token", hf["num_experts_per_tok"]),
-            override("model.router_aux_loss_coef", hf.get("router_aux_loss_coef", 0.02))]
+            override("model.router_aux_loss_coef", hf["router_aux_loss_coef"])]
 
 
 def hf_config(spec: Any) -> dict[str, Any]:
     m, attention = spec.model, spec.params["attention"]
     out = {
         "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-        "num_key_value_heads": attention.num_kv_heads, "head_dim": m.head_dim, "intermediate_size": m.ffn_dim,
-        "vocab_size": m.vocab_size, "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
-        "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_bias": attention.out_bias,
-        "mlp_bias": m.mlp_bias, "sliding_window": attention.window, **rope_back(spec),
+        "num_key_value_heads": attention.num_kv_heads, "head_dim": m.head_dim,
+        "intermediate_size": spec.params["ffn"].hidden,
+        "vocab_size": m.vocab_size, "max_position_embeddings": m.max_seq_len, "rms_norm_eps": spec.params["norm"].eps,
+        "tie_word_embeddings": m.tie_embeddings, "hidden_act": activation_back(spec, GATED_BACK),
+        "attention_bias": attention.out_bias,
+        "mlp_bias": getattr(spec.params["ffn"], "bias", False), "sliding_window": attention.window, **rope_back(spec),
     }
     if spec.params["ffn"].plugin == "moe":
         ffn = spec.params["ffn"]
@@ -92,7 +117,7 @@ def tensors(spec: Any) -> list[TensorRule]:
                              (ffn.hidden, ffn.hidden)),
                   TensorRule(BLOCK + "ffn.w_out", (experts + "w2.weight",), "experts")]
     else:
-        for kind in ("weight", "bias") if m.mlp_bias else ("weight",):
+        for kind in ("weight", "bias") if ffn.bias else ("weight",):
             rules += [TensorRule(BLOCK + f"ffn.up.{kind}", (LAYER + f"mlp.gate_proj.{kind}", LAYER + f"mlp.up_proj.{kind}"),
                                  "cat", (ffn.hidden, ffn.hidden)),
                       TensorRule(BLOCK + f"ffn.down.{kind}", (LAYER + f"mlp.down_proj.{kind}",))]
@@ -104,27 +129,34 @@ def tensors(spec: Any) -> list[TensorRule]:
 # A tied checkpoint may still store lm_head.weight (a copy of the embeddings).
 IGNORE = ("rotary_emb.inv_freq", "lm_head.weight")
 
+
+def _expresses(attention: Any, ffn: Any) -> Expresses:
+    groups = {"position": rope_position(), "norm": RMSNORM, "activation": GATED, "attention": attention,
+              "ffn": ffn, "topology": {"decoder_only": TOPOLOGY}}
+    return Expresses(groups=groups, model=PLAIN_MODEL)
+
+
+NO_BIAS = dict(qkv_bias=only(False), out_bias=only(False))
+EXPRESSES = {
+    # One attention_bias flag for q, k, v and o; mlp_bias; no window.
+    "llama": _expresses(gqa(), dense(bias=ANY)),
+    "mistral": _expresses(gqa(**NO_BIAS, window=ANY), dense()),
+    # Biases on q, k and v, never on o; a window only on some layers (refused on reading).
+    "qwen2": _expresses(gqa(qkv_bias=only(True), out_bias=only(False)), dense()),
+    "mixtral": _expresses(gqa(**NO_BIAS, window=ANY), moe()),
+}
+
+
+def _type(name: str, architecture: str, overrides: Any) -> ModelType:
+    return ModelType(name, architecture, overrides, hf_config, tensors, IGNORE, expresses=EXPRESSES[name],
+                     defaults=DEFAULTS[name])
+
+
 TYPES = (
-    ModelType("llama", "LlamaForCausalLM", llama_overrides, hf_config, tensors, IGNORE),
-    ModelType("mistral", "MistralForCausalLM", llama_overrides, hf_config, tensors, IGNORE),
-    ModelType("qwen2", "Qwen2ForCausalLM", qwen2_overrides, hf_config, tensors, IGNORE),
-    ModelType("mixtral", "MixtralForCausalLM", mixtral_overrides, hf_config, tensors, IGNORE),
+    _type("llama", "LlamaForCausalLM", llama_overrides),
+    _type("mistral", "MistralForCausalLM", mistral_overrides),
+    _type("qwen2", "Qwen2ForCausalLM", qwen2_overrides),
+    _type("mixtral", "MixtralForCausalLM", mixtral_overrides),
 )
 
-
-def guess(spec: Any) -> str | None:
-    p = {g: spec.params[g].plugin for g in spec.params}
-    if (p["topology"], p["position"], p["norm"], p["attention"]) != ("decoder_only", "rope", "rmsnorm", "gqa"):
-        return None
-    m, attention, ffn = spec.model, spec.params["attention"], spec.params["ffn"]
-    if (spec.params["activation"].plugin != "swiglu" or spec.layer_params or m.rotary_fraction != 1.0
-            or m.rope_interleaved or attention.qk_norm or attention.scale is not None):
-        return None
-    if ffn.plugin == "moe":
-        plain_routing = (ffn.router, ffn.shared_experts, ffn.normalize_top_k, ffn.n_groups, ffn.routed_scaling,
-                         ffn.bias_update_rate, ffn.capacity, ffn.capacity_factor) == (
-                             "softmax", 0, True, ffn.topk_groups, 1.0, 0.0, None, None)
-        return "mixtral" if plain_routing else None
-    if attention.qkv_bias and not attention.out_bias:
-        return "qwen2"
-    return "mistral" if attention.window else "llama"
+guess = family_guess(TYPES)

@@ -21,9 +21,26 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from ...errors import ConfigError
+from ..fit import ANY, Expresses, Rule, only, where
 from ..hf import ModelType, TensorRule, override
 from . import llama
-from .common import refuse, rope_back
+from .common import (GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, TOPOLOGY, activation_back, dense, family_guess, gqa,
+                     moe, refuse, rope_back, rope_position)
+
+# Qwen2MoeConfig() and Qwen3MoeConfig()'s defaults, for fields a config.json leaves out.
+_BASE = {"vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 24, "hidden_act": "silu",
+         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
+         "use_sliding_window": False, "decoder_sparse_step": 1, "norm_topk_prob": False,
+         "router_aux_loss_coef": 0.001, "mlp_only_layers": [], "bos_token_id": None,
+         "eos_token_id": None, "pad_token_id": None}
+DEFAULTS = {
+    "qwen2_moe": {**_BASE, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 16,
+                  "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                  "num_experts_per_tok": 4, "num_experts": 60, "qkv_bias": True},
+    "qwen3_moe": {**_BASE, "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4,
+                  "attention_bias": False, "moe_intermediate_size": 768, "num_experts_per_tok": 8,
+                  "num_local_experts": 128},  # Qwen3MoeConfig stores num_experts under this name
+}
 
 LAYER, BLOCK = llama.LAYER, llama.BLOCK
 
@@ -38,27 +55,22 @@ def rope_truncate(hf: Mapping[str, Any]) -> None:
                           "its correction range to whole dimensions", [None, True])
 
 
-def dense_layers(spec: Any) -> Optional[dict[int, Any]]:
-    """The decoder layers a layer_pattern gives a dense FFN ({layer: its ffn params}), or
-    None when a rule changes anything else (another group, or the experts themselves)."""
-    out = {}
-    for (stack, layer), changes in spec.layer_params.items():
-        if stack != "decoder" or not changes:
-            continue
-        if set(changes) != {"ffn"} or changes["ffn"].plugin != "dense":
-            return None
-        out[layer] = changes["ffn"]
-    return out
+def dense_layers(spec: Any) -> dict[int, Any]:
+    """The decoder layers a layer_pattern gives a dense FFN: {layer: its ffn params}."""
+    return {layer: changes["ffn"] for (stack, layer), changes in spec.layer_params.items()
+            if stack == "decoder" and "ffn" in changes and changes["ffn"].plugin == "dense"}
 
 
-def dense_width(spec: Any, dense: Mapping[int, Any]) -> tuple[Optional[int], Optional[str]]:
-    """The one hidden width of the dense layers (the checkpoint's intermediate_size), or a reason why not."""
-    widths = {p.hidden for p in dense.values()}
-    if len(widths) > 1:
-        return None, f"the dense layers differ in width ({sorted(widths)}); the checkpoint has one intermediate_size"
-    if any(p.bias for p in dense.values()):
-        return None, "the dense MLP layers have no biases"
-    return (widths.pop() if widths else spec.model.ffn_dim), None
+def dense_width(spec: Any) -> Optional[int]:
+    """The one hidden width of the dense layers (the checkpoint's intermediate_size), or None."""
+    widths = {p.hidden for p in dense_layers(spec).values()}
+    return None if len(widths) > 1 else widths.pop() if widths else spec.model.ffn_dim
+
+
+#: The dense layers share one intermediate_size.
+ONE_DENSE_WIDTH = Rule("model.layer_pattern", lambda spec: list(spec.model.layer_pattern),
+                       lambda spec: dense_width(spec) is not None, "dense layers of one width",
+                       "dense layers of different widths: the checkpoint has one intermediate_size")
 
 
 def mlp_rules(layer: int, hidden: int, mlp: str = "mlp.") -> list[TensorRule]:
@@ -85,14 +97,6 @@ def shared_rules(layer: int, ffn: Any, name: str) -> list[TensorRule]:
             for r in mlp_rules(layer, ffn.shared_experts * ffn.hidden, f"mlp.{name}.")]
 
 
-def group_problem(spec: Any, want: Mapping[str, str]) -> Optional[tuple[str, Any, str]]:
-    p = {g: spec.params[g].plugin for g in spec.params}
-    for group, plugin in want.items():
-        if p[group] != plugin:
-            return group, p[group], f"the checkpoint's {group} is {plugin}"
-    return None
-
-
 # ------------------------------------------------------------------ config: HF -> ours
 
 def _overrides(hf: Mapping[str, Any], name: str) -> list[str]:
@@ -102,7 +106,7 @@ def _overrides(hf: Mapping[str, Any], name: str) -> list[str]:
         raise ConfigError("layer_types", hf["layer_types"], f"cannot be represented: layers {sliding} are "
                           "not full attention", ["full_attention in every layer"])
     rope_truncate(hf)
-    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    experts = hf.get("num_experts") or hf.get("num_local_experts")
     if not experts or experts < 1:
         raise ConfigError("num_experts", experts, "cannot be represented: a model without experts is a dense "
                           "Qwen (model_type qwen2/qwen3)", "an integer >= 1")
@@ -110,14 +114,13 @@ def _overrides(hf: Mapping[str, Any], name: str) -> list[str]:
     step = 1 if step is None else step
     if step < 1:
         raise ConfigError("decoder_sparse_step", step, "must be positive", "an integer >= 1")
-    n, only = hf["num_hidden_layers"], set(hf.get("mlp_only_layers") or [])
-    dense = [i for i in range(n) if i in only or (i + 1) % step]
+    n, mlp_only = hf["num_hidden_layers"], set(hf.get("mlp_only_layers") or [])
+    dense = [i for i in range(n) if i in mlp_only or (i + 1) % step]
     out = [o for o in llama._overrides(hf, name, window_key="_never") if not o.startswith("ffn=")]
-    out += [override("model.norm_eps", hf.get("rms_norm_eps", 1e-6)),  # the configs' default, not our preset's
-            override("model.n_experts", experts), override("model.experts_per_token", hf["num_experts_per_tok"]),
+    out += [override("model.n_experts", experts), override("model.experts_per_token", hf["num_experts_per_tok"]),
             override("model.expert_ffn_dim", hf["moe_intermediate_size"]),
-            override("model.router_aux_loss_coef", hf.get("router_aux_loss_coef", 0.001)),
-            override("ffn.normalize_top_k", bool(hf.get("norm_topk_prob", False)))]
+            override("model.router_aux_loss_coef", hf["router_aux_loss_coef"]),
+            override("ffn.normalize_top_k", bool(hf["norm_topk_prob"]))]
     if dense:
         out.append(override("model.layer_pattern", [{"layers": dense, "ffn": "dense"}]))
     return out
@@ -130,7 +133,7 @@ def qwen2_moe_overrides(hf: Mapping[str, Any]) -> list[str]:
                           f"cannot be represented: our shared experts are a whole number of "
                           f"moe_intermediate_size={width} wide experts", f"a positive multiple of {width}")
     return [*_overrides(hf, "qwen2_moe"), "ffn=qwen_moe", override("model.n_shared_experts", shared // width),
-            override("model.qkv_bias", bool(hf.get("qkv_bias", True))), "model.attention_bias=false"]
+            override("model.qkv_bias", bool(hf["qkv_bias"])), "model.attention_bias=false"]
 
 
 def qwen3_moe_overrides(hf: Mapping[str, Any]) -> list[str]:
@@ -139,65 +142,35 @@ def qwen3_moe_overrides(hf: Mapping[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------ config: ours -> HF
 
-GROUPS = {"topology": "decoder_only", "position": "rope", "norm": "rmsnorm", "attention": "gqa", "ffn": "moe",
-          "activation": "swiglu"}
+def _expresses(attention: Any, ffn: Any) -> Expresses:
+    # Some decoder layers may have a dense MLP instead (mlp_only_layers), all of one width.
+    return Expresses(groups={"position": rope_position(), "norm": RMSNORM, "activation": GATED,
+                             "attention": attention, "ffn": ffn, "topology": {"decoder_only": TOPOLOGY}},
+                     model=PLAIN_MODEL, layers={"ffn": dense()}, rules=(ONE_DENSE_WIDTH,))
 
 
-def _problem(spec: Any, name: str) -> Optional[tuple[str, Any, str]]:
-    """The first part of `spec` model type `name` cannot express: (key, value, why), or None."""
-    problem = group_problem(spec, GROUPS)
-    if problem:
-        return problem
-    m, attention, ffn = spec.model, spec.params["attention"], spec.params["ffn"]
-    dense = dense_layers(spec)
-    if dense is None:
-        return "model.layer_pattern", m.layer_pattern, "only whole dense-MLP layers (mlp_only_layers) differ"
-    _, why = dense_width(spec, dense)
-    if why:
-        return "model.layer_pattern", m.layer_pattern, why
-    qwen2 = name == "qwen2_moe"
-    checks = [
-        ("model.rotary_fraction", m.rotary_fraction, 1.0, "Qwen rotates the whole head"),
-        ("model.rope_interleaved", m.rope_interleaved, False, "Qwen rotates the two halves of each head"),
-        ("attention.window", attention.window, None, "the sliding window of a Qwen checkpoint skips layers"),
-        ("model.attention_scale", attention.scale, None, "Qwen scales scores by 1/sqrt(head_dim)"),
-        ("ffn.router", ffn.router, "softmax", "Qwen routes by softmax"),
-        ("ffn.routed_scaling", ffn.routed_scaling, 1.0, "Qwen does not scale the routed experts"),
-        ("ffn.capacity", (ffn.capacity, ffn.capacity_factor), (None, None), "Qwen drops no tokens"),
-        ("ffn.bias_update_rate", ffn.bias_update_rate, 0.0, "Qwen has no selection bias"),
-        ("ffn.shared_gate", ffn.shared_gate, qwen2, "qwen2_moe gates its shared expert, qwen3_moe has none"),
-        ("model.qk_norm", attention.qk_norm, not qwen2, "qwen3_moe has QK-norm, qwen2_moe has not"),
-    ]
-    if ffn.topk_groups != ffn.n_groups:
-        return "ffn.topk_groups", ffn.topk_groups, "Qwen's routing is not group-limited"
-    if qwen2:
-        checks += [("ffn.shared_experts", ffn.shared_experts >= 1, True, "qwen2_moe has a shared expert"),
-                   ("model.attention_bias", attention.out_bias, False, "qwen2_moe's o_proj has no bias")]
-    else:
-        checks += [("ffn.shared_experts", ffn.shared_experts, 0, "qwen3_moe has no shared expert"),
-                   ("model.qkv_bias", attention.qkv_bias, attention.out_bias,
-                    "qwen3_moe's attention_bias covers q, k, v and o alike")]
-    for key, value, want, why in checks:
-        if value != want:
-            return key, value, why
-    return None
+EXPRESSES = {
+    # Biases on q, k, v (qkv_bias) but not o; one shared expert MLP gated by sigmoid(x w).
+    "qwen2_moe": _expresses(gqa(qkv_bias=ANY, out_bias=only(False)),
+                            moe(normalize_top_k=ANY, shared_gate=only(True),
+                                shared_experts=where(lambda v, spec: v >= 1, "an integer >= 1",
+                                                     "a Qwen2-MoE without its shared expert"))),
+    # QK-norm always; attention_bias on all four projections; no shared expert.
+    "qwen3_moe": _expresses(gqa(qk_norm=only(True)), moe(normalize_top_k=ANY)),
+}
 
 
 def _hf_config(spec: Any, name: str) -> dict[str, Any]:
-    problem = _problem(spec, name)
-    if problem:
-        raise ConfigError(problem[0], problem[1], f"cannot be written as model_type {name}: {problem[2]}")
     m, attention, ffn = spec.model, spec.params["attention"], spec.params["ffn"]
-    dense = dense_layers(spec)
-    width, _ = dense_width(spec, dense)
     return {
         "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-        "num_key_value_heads": attention.num_kv_heads, "head_dim": m.head_dim, "intermediate_size": width,
-        "vocab_size": m.vocab_size, "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
-        "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "use_sliding_window": False,
+        "num_key_value_heads": attention.num_kv_heads, "head_dim": m.head_dim, "intermediate_size": dense_width(spec),
+        "vocab_size": m.vocab_size, "max_position_embeddings": m.max_seq_len, "rms_norm_eps": spec.params["norm"].eps,
+        "tie_word_embeddings": m.tie_embeddings, "hidden_act": activation_back(spec, GATED_BACK),
+        "use_sliding_window": False, "sliding_window": None,
         "num_experts": ffn.num_experts, "num_experts_per_tok": ffn.top_k, "moe_intermediate_size": ffn.hidden,
         "norm_topk_prob": ffn.normalize_top_k, "router_aux_loss_coef": ffn.aux_loss_coef,
-        "decoder_sparse_step": 1, "mlp_only_layers": sorted(dense), **rope_back(spec),
+        "decoder_sparse_step": 1, "mlp_only_layers": sorted(dense_layers(spec)), **rope_back(spec),
     }
 
 
@@ -233,14 +206,14 @@ def tensors(spec: Any) -> list[TensorRule]:
     return rules
 
 
+def _type(name: str, architecture: str, overrides: Any, config: Any) -> ModelType:
+    return ModelType(name, architecture, overrides, config, tensors, llama.IGNORE, expresses=EXPRESSES[name],
+                     defaults=DEFAULTS[name])
+
+
 TYPES = (
-    ModelType("qwen2_moe", "Qwen2MoeForCausalLM", qwen2_moe_overrides, qwen2_moe_config, tensors, llama.IGNORE),
-    ModelType("qwen3_moe", "Qwen3MoeForCausalLM", qwen3_moe_overrides, qwen3_moe_config, tensors, llama.IGNORE),
+    _type("qwen2_moe", "Qwen2MoeForCausalLM", qwen2_moe_overrides, qwen2_moe_config),
+    _type("qwen3_moe", "Qwen3MoeForCausalLM", qwen3_moe_overrides, qwen3_moe_config),
 )
 
-
-def guess(spec: Any) -> str | None:
-    for name in ("qwen2_moe", "qwen3_moe"):
-        if _problem(spec, name) is None:
-            return name
-    return None
+guess = family_guess(TYPES)

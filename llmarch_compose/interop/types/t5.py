@@ -23,20 +23,22 @@ from_hf names the missing `lm_head.weight`; load it with the override
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from ...errors import ConfigError
+from ..fit import ANY, Expresses, Rule, only, where
 from ..hf import ModelType, TensorRule, override
-from .common import ACTIVATIONS, ensure_fits, first_failed, numbers, refuse, wrong_plugin_or_topology
+from .common import ACTIVATIONS, RMSNORM, activation_back, dense, family_guess, gqa, numbers, refuse, topology
 
 # T5Config's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_heads": 8,
             "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-            "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu", "n_positions": 512}
+            "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu", "num_decoder_layers": None,
+            "pad_token_id": 0, "eos_token_id": 1}
 NUMBERS = {
     "d_model": "model.d_model", "num_layers": "model.n_layers", "num_heads": "model.n_heads",
     "d_kv": "model.head_dim", "d_ff": "model.ffn_dim", "vocab_size": "model.vocab_size",
-    "layer_norm_epsilon": "model.norm_eps", "n_positions": "model.max_seq_len",
+    "layer_norm_epsilon": "model.norm_eps", "n_positions": "model.max_seq_len",  # no T5Config field: kept if stated
     "relative_attention_num_buckets": "position.num_buckets",
     "relative_attention_max_distance": "position.max_distance",
 }
@@ -46,11 +48,6 @@ ACTIVATIONS_BACK = {("relu", None): "relu", ("reglu", None): "gated-relu", ("gel
                     ("gelu", "tanh"): "gelu_new", ("geglu", "tanh"): "gated-gelu", ("silu", None): "silu",
                     ("swiglu", None): "gated-silu"}
 STACKS = {"encoder": "encoder.block.{i}.", "decoder": "decoder.block.{i}."}
-# Pre-norm stacks and a plain head: every other topology option at its default.
-TOPOLOGY = {"norm_position": "pre", "parallel_residual": False, "residual": "standard", "share_layers": False,
-            "embedding_norm": False, "mlm_transform": False, "head_bias": "none", "normalize_head": False}
-
-
 def feed_forward(hf: Mapping[str, Any]) -> tuple[str, bool]:
     """Our activation for `feed_forward_proj` ("relu", "gated-gelu", ...), and whether it is gated;
     parsed as transformers does ("gated-gelu" is the tanh GELU)."""
@@ -72,8 +69,7 @@ def scaled_head(hf: Mapping[str, Any]) -> bool:
 
 
 def t5_overrides(hf: Mapping[str, Any]) -> list[str]:
-    hf = {**DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
-    decoder_layers = hf.get("num_decoder_layers", hf["num_layers"])
+    decoder_layers = hf["num_decoder_layers"] or hf["num_layers"]  # T5Config: None means num_layers
     if decoder_layers != hf["num_layers"]:
         raise ConfigError("num_decoder_layers", decoder_layers, "cannot be represented: our encoder and "
                           f"decoder have one depth, num_layers={hf['num_layers']}", [hf["num_layers"]])
@@ -91,48 +87,42 @@ def t5_overrides(hf: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _mismatch(spec: Any) -> Optional[tuple[str, Any, str]]:
-    """The first part of `spec` T5 cannot hold, as (key, value, why), or None."""
-    m, p = spec.model, spec.params
-    wanted = {"topology": "encoder_decoder", "position": "relative_bias", "norm": "rmsnorm", "attention": "gqa",
-              "ffn": "dense"}
-    problem = wrong_plugin_or_topology(spec, "T5", wanted, TOPOLOGY)
-    if problem:
-        return problem
-    attention, act = p["attention"], p["activation"]
-    checks = [
-        ("model.layer_pattern", list(m.layer_pattern), not spec.layer_params, "T5 has the same layer throughout"),
-        ("activation", act.name, (act.plugin, getattr(act, "approximate", None)) in ACTIVATIONS_BACK,
-         f"T5's feed_forward_proj is one of {sorted(ACTIVATIONS_BACK.values())}"),
-        ("attention.num_kv_heads", attention.num_kv_heads, attention.num_kv_heads == m.n_heads,
-         "T5 has multi-head attention"),
-        ("attention.qkv_bias", attention.qkv_bias, not attention.qkv_bias, "T5's projections have no bias"),
-        ("attention.out_bias", attention.out_bias, not attention.out_bias, "T5's projections have no bias"),
-        ("attention.window", attention.window, attention.window is None, "T5 attends to every allowed token"),
-        ("attention.qk_norm", attention.qk_norm, not attention.qk_norm, "T5 has no QK-norm"),
-        ("attention.scale", attention.scale, attention.scale == 1.0, "T5 does not scale attention scores"),
-        ("ffn.bias", p["ffn"].bias, not p["ffn"].bias, "T5's FFN has no bias"),
-        ("model.type_vocab_size", m.type_vocab_size, m.type_vocab_size == 0, "T5 has no token types"),
-        ("model.embedding_dim", m.embedding_dim, m.embedding_width == m.d_model, "T5 has no factorized embeddings"),
-    ]
-    return first_failed(checks)
+# Pre-norm stacks without biases or score scaling (folded into the weights), a relative
+# position table per stack, a head tied and scaled (v1.0) or of its own (v1.1).
+EXPRESSES = Expresses(
+    groups={"position": {"relative_bias": {"num_buckets": ANY, "max_distance": ANY}}, "norm": RMSNORM,
+            "activation": {"relu": {}, "reglu": {}, "silu": {}, "swiglu": {},
+                           "gelu": {"approximate": only("none", "tanh")},
+                           # transformers reads "gated-gelu" as the tanh GELU: an exact gated GELU has no spelling
+                           "geglu": {"approximate": only("tanh")}},
+            "attention": gqa(num_kv_heads=where(lambda v, spec: v == spec.model.n_heads, "model.n_heads",
+                                                "grouped key/value heads"),
+                             qkv_bias=only(False), out_bias=only(False), scale=only(1.0)),
+            "ffn": dense(), "topology": {"encoder_decoder": topology(scale_tied_head=ANY)}},
+    model={"head_dim": ANY, "tie_embeddings": ANY, "embedding_dim": only(None), "type_vocab_size": only(0)},
+    stacks=("encoder", "decoder"),
+    # Written exactly, but a tied head without v1.0's scaling reads back as a head of its own.
+    guess_rules=(Rule("topology.scale_tied_head", lambda spec: spec.params["topology"].scale_tied_head,
+                      lambda spec: not spec.model.tie_embeddings or spec.params["topology"].scale_tied_head,
+                      [True], "a tied head without scaling as a guess (it reads back as untied; name "
+                      "model_type=t5 to write it)"),))
 
 
 def hf_config(spec: Any) -> dict[str, Any]:
-    ensure_fits(_mismatch(spec), "t5")
-    m, act, position = spec.model, spec.params["activation"], spec.params["position"]
+    m, position = spec.model, spec.params["position"]
     tied = m.tie_embeddings
     return {
-        "d_model": m.d_model, "d_kv": m.head_dim, "d_ff": m.ffn_dim, "num_layers": m.n_layers,
+        "d_model": m.d_model, "d_kv": m.head_dim, "d_ff": spec.params["ffn"].hidden, "num_layers": m.n_layers,
         "num_decoder_layers": m.n_layers, "num_heads": m.n_heads, "vocab_size": m.vocab_size,
         "relative_attention_num_buckets": position.num_buckets,
-        "relative_attention_max_distance": position.max_distance, "layer_norm_epsilon": m.norm_eps,
-        "feed_forward_proj": ACTIVATIONS_BACK[act.plugin, getattr(act, "approximate", None)],
+        "relative_attention_max_distance": position.max_distance, "layer_norm_epsilon": spec.params["norm"].eps,
+        "feed_forward_proj": activation_back(spec, ACTIVATIONS_BACK),
         "is_encoder_decoder": True, "tie_word_embeddings": tied,
         # transformers 5 reads the head's scaling here (and ties the head regardless, unless the
         # stored lm_head differs); older versions read it from tie_word_embeddings.
         "scale_decoder_outputs": bool(tied and spec.params["topology"].scale_tied_head),
-        "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
+        # T5 starts decoding from its padding id.
+        "decoder_start_token_id": 0 if m.pad_token_id is None else m.pad_token_id,
     }
 
 
@@ -163,7 +153,7 @@ def tensors(spec: Any) -> list[TensorRule]:
         if gated:  # wi_0 is the activated gate, wi_1 the linear half: our [gate | up]
             rules.append(TensorRule(block + "ffn.up.weight", (ffn + "DenseReluDense.wi_0.weight",
                                                               ffn + "DenseReluDense.wi_1.weight"),
-                                    "cat", (m.ffn_dim, m.ffn_dim)))
+                                    "cat", (spec.params["ffn"].hidden,) * 2))
         else:
             rules.append(TensorRule(block + "ffn.up.weight", (ffn + "DenseReluDense.wi.weight",)))
     cross, block = STACKS["decoder"] + "layer.1.", "decoder.blocks.{i}."
@@ -186,11 +176,7 @@ def tensors(spec: Any) -> list[TensorRule]:
 IGNORE = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
           "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
 
-TYPES = (ModelType("t5", "T5ForConditionalGeneration", t5_overrides, hf_config, tensors, IGNORE),)
+TYPES = (ModelType("t5", "T5ForConditionalGeneration", t5_overrides, hf_config, tensors, IGNORE, expresses=EXPRESSES,
+                   defaults=DEFAULTS),)
 
-
-def guess(spec: Any) -> str | None:
-    if _mismatch(spec) is not None:
-        return None
-    # A tied, unscaled head is written correctly, but reads back as untied (see above): not a guess.
-    return None if spec.model.tie_embeddings and not spec.params["topology"].scale_tied_head else "t5"
+guess = family_guess(TYPES)

@@ -1,0 +1,160 @@
+"""Every preset (at scale=tiny) written with `to_hf` under every mapped model type, and with
+the type left to the guess: either transformers loads the folder with no missing or
+unexpected key and computes our logits (fp32, within 1e-4), or `to_hf` refuses with a
+ConfigError naming a field. No third outcome.
+
+Besides the presets, a few specs cover the types no preset is (Qwen-MoE) and the shapes
+that were once written silently wrong (a GELU or a parallel residual as LLaMA).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import llmarch_compose as lc  # noqa: E402
+from llmarch_compose import plugins  # noqa: E402
+from llmarch_compose.config import presets  # noqa: E402
+from llmarch_compose.errors import ConfigError  # noqa: E402
+from llmarch_compose.interop.hf import to_hf  # noqa: E402
+from llmarch_compose.interop.types import MODEL_TYPES  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-4
+EXTRA = {
+    # 16 experts in DeepSeek's 8 groups: two per group, as DeepSeek rates a group by its best two.
+    "deepseek_v3+16_experts": ["model=deepseek_v3", "scale.n_experts=16"],
+    "qwen2_moe-like": ["model=mixtral_8x7b", "ffn=qwen_moe", "model.n_shared_experts=1", "model.qkv_bias=true",
+                       "model.attention_bias=false"],
+    "qwen3_moe-like": ["model=mixtral_8x7b", "model.qk_norm=true", "ffn.normalize_top_k=false",
+                       "model.layer_pattern=[{layers:[1],ffn:dense}]"],
+    "tiny+gelu": ["model=tiny", "activation=gelu"],
+    "tiny+geglu": ["model=tiny", "activation=geglu"],
+    "tiny+parallel_residual": ["model=tiny", "topology.parallel_residual=true"],
+    "tiny+post_norm": ["model=tiny", "topology.norm_position=post"],
+    "tiny+dynamic_rope": ["model=tiny", "model.rope_scaling={type:dynamic,factor:2.0,original_max_seq_len:8}"],
+}
+CASES = {**{p: [f"model={p}"] for p in presets()}, **EXTRA}
+TYPES = [*MODEL_TYPES, None]
+SRC = torch.randint(0, 10_000, (2, 16), generator=torch.Generator().manual_seed(0))
+TGT = torch.randint(0, 10_000, (2, 12), generator=torch.Generator().manual_seed(1))
+FIELD = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)*$")
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Weights large enough that a wrong mapping shows: norms near 1, routers wide (no
+    near ties in top-k), biases, buffers and position tables away from 0."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not t.is_floating_point() or "inv_freq" in name:
+                continue
+            noise = torch.randn(t.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                t.copy_(1 + 0.1 * noise)
+            elif "router" in name:
+                t.copy_(0.5 * noise)
+            else:
+                t.copy_(0.1 * noise)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def built(case: str):
+    cfg = lc.compose([*CASES[case], "scale=tiny"])
+    torch.manual_seed(0)
+    return cfg, randomize(lc.build(cfg, device="cpu"))
+
+
+def run_ours(model, spec):
+    vocab, objective = spec.model.vocab_size, getattr(model, "objective", "causal")
+    with torch.no_grad():
+        if objective == "seq2seq":
+            return model(SRC % vocab, TGT % vocab).logits
+        return model(SRC % vocab).logits
+
+
+def run_theirs(model, spec):
+    vocab = spec.model.vocab_size
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=SRC % vocab, decoder_input_ids=TGT % vocab).logits
+        return model(SRC % vocab).logits
+
+
+@functools.lru_cache(maxsize=None)
+def _written(case: str, model_type: str, folder: str) -> float:
+    """Load a written folder with the class config.json names; the max logit difference."""
+    cfg, model = built(case)
+    spec = lc.resolve_spec(cfg)
+    architecture = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
+    back, info = getattr(transformers, architecture).from_pretrained(
+        folder, output_loading_info=True, attn_implementation="eager", experts_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return (run_theirs(back.eval(), spec) - run_ours(model, spec)).abs().max().item()
+
+
+@functools.lru_cache(maxsize=None)
+def outcome(case: str, model_type, root: str) -> tuple[str, object]:
+    """("written", (type, max diff)) or ("refused", the key)."""
+    cfg, model = built(case)
+    out = f"{root}/{case}-{model_type or 'guess'}"
+    try:
+        to_hf(model, cfg, out, model_type=model_type)
+    except ConfigError as exc:
+        return "refused", exc.key
+    written_as = json.loads(Path(out, "config.json").read_text())["model_type"]
+    if model_type is None:  # the guess writes what naming that type writes: checked once
+        kind, value = outcome(case, written_as, root)
+        assert kind == "written", f"the guess wrote {written_as}, which refuses this model by name"
+        return "written", value
+    return "written", (written_as, _written(case, model_type, out))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("to_hf"))
+
+
+@pytest.mark.parametrize("model_type", TYPES, ids=[t or "guess" for t in TYPES])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_written_exactly_or_refused_by_field(case, model_type, root):
+    kind, value = outcome(case, model_type, root)
+    if kind == "refused":
+        assert FIELD.match(value) and value.split(".")[0] in (*plugins.GROUPS, "model"), value
+    else:
+        written_as, diff = value
+        assert model_type in (None, written_as)
+        assert diff <= TOL, f"{case} as {written_as}: logits differ by {diff:.3g}"
+
+
+def test_matrix_counts(root):
+    written = {t: 0 for t in MODEL_TYPES}
+    refused = {t: 0 for t in MODEL_TYPES}
+    guessed, worst = {}, 0.0
+    for case in sorted(CASES):
+        for model_type in TYPES:
+            kind, value = outcome(case, model_type, root)
+            if model_type is None:
+                guessed[case] = value[0] if kind == "written" else f"refused ({value})"
+            elif kind == "written":
+                written[model_type] += 1
+                worst = max(worst, value[1])
+            else:
+                refused[model_type] += 1
+    print("\nmodel type       written  refused")
+    for t in MODEL_TYPES:
+        print(f"{t:16} {written[t]:7} {refused[t]:8}")
+    print(f"max logit difference written: {worst:.3g}")
+    print("guesses:", guessed)
+    assert worst <= TOL  # zero silent ones: every written pair computes our logits
+    assert all(written.values()), written  # each type's own family round-trips
+    assert guessed["baichuan2_7b"].startswith("refused") and guessed["tiny+parallel_residual"].startswith("refused")
