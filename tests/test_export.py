@@ -169,13 +169,17 @@ def test_encoder_decoder_exports_with_two_dynamic_lengths():
         torch.testing.assert_close(logits, eager_logits(model, src, tgt), rtol=1e-5, atol=1e-5)
 
 
-def test_a_topology_without_known_inputs_is_refused():
-    class Denoiser(torch.nn.Module):
-        objective = "diffusion"
+def test_inputs_come_from_the_objective_and_other_modules_are_refused():
+    class Denoising(lc.Objective):
+        name, input_names = "denoising", ("input_ids", "noise_ids")
 
+    class Denoiser(lc.Topology):
+        objective = Denoising()
+
+    assert input_names(Denoiser()) == ("input_ids", "noise_ids")
     with pytest.raises(ConfigError) as err:
-        input_names(Denoiser())
-    assert err.value.key == "topology" and err.value.value == "Denoiser" and "seq2seq" in str(err.value)
+        input_names(torch.nn.Linear(2, 2))
+    assert err.value.key == "model" and err.value.value == "Linear" and "Topology" in str(err.value)
 
 
 @pytest.mark.parametrize("value", ["gpu", "cuda:x", "cpu:0", "tpu"])

@@ -222,13 +222,13 @@ def test_a_model_tensor_no_rule_writes_is_refused(tmp_path, monkeypatch):
     """A tensor the table would leave out (here the FFN norms) is named, and nothing is written."""
     import dataclasses
 
-    from llmarch_compose.interop.types import MODEL_TYPES
+    from llmarch_compose.plugin import registry
 
     cfg, model = from_hf(hf_model("llama"))
-    kind = MODEL_TYPES["llama"]
-    partial = dataclasses.replace(kind, tensors=lambda spec: [r for r in kind.tensors(spec)
-                                                               if "ffn_norm" not in r.ours])
-    monkeypatch.setitem(MODEL_TYPES, "llama", partial)
+    info = registry.get("hf_model_type", "llama")
+    partial = dataclasses.replace(info.target, tensors=lambda spec: [r for r in info.target.tensors(spec)
+                                                                      if "ffn_norm" not in r.ours])
+    monkeypatch.setitem(registry._registry["hf_model_type"], "llama", dataclasses.replace(info, target=partial))
     with pytest.raises(InteropError, match=r"decoder\.blocks\.0\.ffn_norm\.weight"):
         to_hf(model, cfg, tmp_path / "out", model_type="llama")
     assert not (tmp_path / "out").exists()

@@ -20,8 +20,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import llmarch_compose as lc  # noqa: E402
-from llmarch_compose import plugins  # noqa: E402
-from llmarch_compose.config import presets  # noqa: E402
+from llmarch_compose.plugin import registry as plugins  # noqa: E402
+from llmarch_compose.config.compose import presets  # noqa: E402
 from llmarch_compose.errors import ConfigError  # noqa: E402
 from llmarch_compose.interop.hf import to_hf  # noqa: E402
 from llmarch_compose.interop.types import MODEL_TYPES  # noqa: E402
@@ -75,9 +75,9 @@ def built(case: str):
 
 
 def run_ours(model, spec):
-    vocab, objective = spec.model.vocab_size, getattr(model, "objective", "causal")
+    vocab = spec.model.vocab_size
     with torch.no_grad():
-        if objective == "seq2seq":
+        if model.objective is lc.SEQ2SEQ:
             return model(SRC % vocab, TGT % vocab).logits
         return model(SRC % vocab).logits
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ..errors import ConfigError
-from ..schema import ModelConfig
+from ..config.schema import ModelConfig
 
 _SKIP = ("plugin", "name")  # the group node's own keys, not the plugin's params
 _NO_DEFAULT = object()

@@ -22,9 +22,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from omegaconf import DictConfig
@@ -32,74 +31,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import ConfigError, LlmarchError
+from ..config.compose import compose
+from ..config.spec import resolve_spec
+from ..errors import ConfigError
+from ..model.build import build
+from ..plugin import registry as plugins
 from ..plugin.interfaces import ModelSource
 from ..plugin.registry import add
-from .fit import Expresses, ensure_fits
+from .fit import ensure_fits
+from .mapping import InteropError, ModelType, expand, override, to_ours, to_theirs
+from .types import choose_type
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 GENERATION_NAME = "generation_config.json"
 TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")  # config.json fields, model.* fields alike
-
-
-class InteropError(LlmarchError):
-    """A checkpoint that cannot be represented, loaded or written; names the tensor or field."""
-
-
-@dataclass(frozen=True)
-class TensorRule:
-    """How one of our tensors is made of checkpoint tensors.
-
-    `theirs` holds one or more names (`{i}`: layer, `{e}`: expert). `join`:
-    - copy: one tensor as is;
-    - cat: several concatenated along dim 0 (fused q|k|v, gate|up);
-    - t: one transposed (GPT-2's Conv1D stores [in, out]);
-    - row: one [1, n] tensor held as our [n] (BART's final_logits_bias);
-    - experts: per-expert tensors (each `cat` of `theirs`) stacked and transposed to
-      our [experts, in, out] layout.
-    """
-
-    ours: str
-    theirs: tuple[str, ...]
-    join: str = "copy"
-    sizes: tuple[int, ...] = ()  # dim-0 sizes of the parts, for splitting a fused tensor back
-
-    def names(self, **index: int) -> tuple[str, tuple[str, ...]]:
-        return self.ours.format(**index), tuple(t.format(**index) for t in self.theirs)
-
-
-@dataclass(frozen=True)
-class ModelType:
-    """One Hugging Face model type: config both ways and the tensor table."""
-
-    name: str
-    architecture: str  # the class name config.json lists under "architectures"
-    overrides: Callable[[Mapping[str, Any]], list[str]]  # HF config -> our overrides
-    hf_config: Callable[[Any], dict[str, Any]]  # our ModelSpec -> HF config fields
-    tensors: Callable[[Any], list[TensorRule]]  # our ModelSpec -> the tensor table
-    # Checkpoint tensors that carry nothing we need (buffers a framework stores).
-    ignore: tuple[str, ...] = ()
-    stacks: Callable[[Any], dict[str, int]] = field(default=lambda spec: {"i": spec.model.n_layers})
-    # Older spellings of checkpoint names, rewritten before matching: (old part, new part).
-    renames: tuple[tuple[str, str], ...] = ()
-    # The base model's prefix (GPT-2's "transformer."), which some uploads omit.
-    prefix: str = ""
-    # What the type's modeling code computes (see `fit`): to_hf writes nothing else.
-    expresses: Optional[Expresses] = None
-    # The transformers config class's defaults, for config.json files that leave a field out.
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-
-    def normalize(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Checkpoint names as the tensor table spells them."""
-        out = {}
-        for name, tensor in tensors.items():
-            for old, new in self.renames:
-                name = name.replace(old, new)
-            out[name] = tensor
-        if self.prefix and not any(k.startswith(self.prefix) for k in out):
-            out = {(k if k.startswith("lm_head") else self.prefix + k): v for k, v in out.items()}
-        return out
 
 
 # ------------------------------------------------------------------ reading and writing
@@ -141,138 +87,10 @@ def config_overrides(hf: Mapping[str, Any], registry: Mapping[str, ModelType]) -
     return kind, [*kind.overrides(hf), *tokens]
 
 
-def override(key: str, value: Any) -> str:
-    """`key=value` in Hydra's override grammar (nested dicts and lists included)."""
-    return f"{key}={_literal(value)}"
-
-
-def _literal(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    if isinstance(value, Mapping):
-        return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, Sequence):
-        return "[" + ",".join(_literal(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as an override")
-
-
-# ------------------------------------------------------------------ tensors both ways
-
-def _expand(rules: Iterable[TensorRule], stacks: Mapping[str, int], n_experts: int) -> list[TensorRule]:
-    """Rules with their `{i}` (and per-stack indices) filled in; `{e}` stays for `experts`."""
-    out = []
-    for rule in rules:
-        fields = {f for f in stacks if "{" + f + "}" in rule.ours}
-        if not fields:
-            out.append(rule)
-            continue
-        (name,) = fields
-        for i in range(stacks[name]):
-            out.append(TensorRule(rule.ours.replace("{" + name + "}", str(i)),
-                                  tuple(t.replace("{" + name + "}", str(i)) for t in rule.theirs), rule.join,
-                                  rule.sizes))
-    return out
-
-
-def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_experts: int
-            ) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Our tensors from checkpoint tensors, and the checkpoint names used."""
-    ours, used = {}, set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in theirs:
-            raise InteropError(f"the checkpoint has no tensor {name!r}")
-        used.add(name)
-        return theirs[name]
-
-    for rule in rules:
-        try:
-            if rule.join == "copy":
-                ours[rule.ours] = take(rule.theirs[0])
-            elif rule.join == "cat":
-                ours[rule.ours] = torch.cat([take(t) for t in rule.theirs], dim=0)
-            elif rule.join == "t":
-                ours[rule.ours] = take(rule.theirs[0]).t()
-            elif rule.join == "row":  # squeeze, not reshape: [2, n] stays a wrong shape
-                ours[rule.ours] = take(rule.theirs[0]).squeeze(0)
-            elif rule.join == "experts":
-                per_expert = [torch.cat([take(t.format(e=e)) for t in rule.theirs], dim=0) for e in range(n_experts)]
-                ours[rule.ours] = torch.stack(per_expert).transpose(1, 2)
-            else:  # pragma: no cover - a mapping table bug
-                raise ValueError(f"unknown join {rule.join!r}")
-        except RuntimeError as exc:  # parts whose shapes cannot be joined
-            shapes = {t: tuple(theirs[t].shape) for t in rule.theirs if t in theirs}
-            raise InteropError(f"checkpoint tensors {shapes} cannot make {rule.ours!r} ({rule.join}): "
-                               f"{str(exc).splitlines()[0]}") from None
-    return {k: v.contiguous() for k, v in ours.items()}, used
-
-
-def to_theirs(ours: Mapping[str, torch.Tensor], rules: Sequence[TensorRule]) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors from ours: the inverse of `to_ours`. Every one of our tensors is
-    consumed by exactly one rule and every checkpoint name written once (or, for one table
-    under two of our names, twice with the same values): a tensor left over is a part of
-    the model the checkpoint would silently drop."""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def put(name: str, tensor: torch.Tensor, source: str) -> None:
-        if name in out and not torch.equal(out[name], tensor):
-            raise InteropError(f"checkpoint tensor {name!r} would be written twice with different values "
-                               f"(the second time from {source!r})")
-        out[name] = tensor
-
-    for rule in rules:
-        if rule.ours not in ours:
-            raise InteropError(f"the model has no tensor {rule.ours!r} for checkpoint tensor(s) "
-                               f"{list(rule.theirs)}")
-        if rule.ours in used:
-            raise InteropError(f"tensor {rule.ours!r} is written by two rules of the mapping")
-        used.add(rule.ours)
-        tensor = ours[rule.ours]
-        if rule.join == "copy":
-            put(rule.theirs[0], tensor, rule.ours)
-        elif rule.join == "t":
-            put(rule.theirs[0], tensor.t(), rule.ours)
-        elif rule.join == "row":
-            put(rule.theirs[0], tensor.unsqueeze(0), rule.ours)
-        elif rule.join == "cat":
-            for name, part in zip(rule.theirs, tensor.split(list(rule.sizes), dim=0)):
-                put(name, part, rule.ours)
-        elif rule.join == "experts":
-            for e, expert in enumerate(tensor.transpose(1, 2).unbind(0)):
-                parts = expert.split(list(rule.sizes), dim=0) if len(rule.theirs) > 1 else (expert,)
-                for name, part in zip(rule.theirs, parts):
-                    put(name.format(e=e), part, rule.ours)
-        else:  # pragma: no cover - a mapping table bug must not write a partial checkpoint
-            raise ValueError(f"unknown join {rule.join!r}")
-    left = sorted(set(ours) - used)
-    if left:
-        raise InteropError(f"{len(left)} tensor(s) of the model have no place in the checkpoint, e.g. "
-                           f"{left[:3]}: writing it would drop them")
-    # One tensor written under two names (a tied copy) must be two tensors for safetensors.
-    seen: set[int] = set()
-    written = {}
-    for name, tensor in out.items():
-        tensor = tensor.contiguous()
-        if tensor.data_ptr() in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.data_ptr())
-        written[name] = tensor
-    return written
-
-
 # ------------------------------------------------------------------ the public functions
 
 def _registry() -> dict[str, ModelType]:
-    from .types import MODEL_TYPES
-
-    return MODEL_TYPES
+    return {name: info.target for name, info in plugins.entries("hf_model_type").items()}
 
 
 def _check_and_load(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -303,7 +121,7 @@ def load_weights(model: nn.Module, spec: Any, path: Union[str, Path]) -> nn.Modu
     """Fill `model` (built from `spec`) with the tensors of the checkpoint at `path`."""
     kind, _ = config_overrides(read_config(path), _registry())
     theirs = kind.normalize(read_tensors(path))
-    rules = _expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
+    rules = expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
     tensors, used = to_ours(theirs, rules, spec.model.n_experts)
     left = sorted(k for k in set(theirs) - used if not any(s in k for s in kind.ignore))
     if left:
@@ -323,8 +141,6 @@ def from_hf(path_or_model: Union[str, Path, nn.Module], overrides: Sequence[str]
         with tempfile.TemporaryDirectory() as tmp:
             path_or_model.save_pretrained(tmp)
             return from_hf(tmp, overrides, device)
-    from .. import build, compose
-
     cfg = compose([*checkpoint_overrides(path_or_model), *overrides])
     return cfg, build(cfg, device=device)  # building from model.path loads every tensor
 
@@ -335,9 +151,6 @@ def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_ty
     ours does. A model the type cannot express is refused naming the field, before
     anything is written; without `model_type`, the first type that fits is chosen (see
     `fit.guess`). The folder appears whole or not at all."""
-    from .. import resolve_spec
-    from .types import choose_type
-
     spec = resolve_spec(cfg)
     registry = _registry()
     if model_type:
@@ -349,7 +162,7 @@ def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_ty
     else:
         kind = choose_type(spec)
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    rules = _expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
+    rules = expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
     theirs = to_theirs(ours, rules)
     tokens = {key: getattr(spec.model, key, None) for key in TOKENS}
     sizes: dict[str, int] = {}  # the weights' dtype as written: the one most of their elements have

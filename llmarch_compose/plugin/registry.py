@@ -219,9 +219,10 @@ def get(group: str, name: str) -> PluginInfo:
 
 
 def entries(group: str) -> dict[str, PluginInfo]:
-    """Every choice of `group`, by name."""
+    """Every choice of `group`, by name, in the order they were registered (which an
+    adapter may rely on: Hugging Face types are guessed in it)."""
     discover()
-    return dict(sorted(_registry[group].items()))
+    return dict(_registry[group])
 
 
 def iter_plugins(groups: tuple[str, ...] = GROUPS) -> Iterator[PluginInfo]:

@@ -14,8 +14,9 @@ import pkgutil
 from typing import Any, Optional
 
 from ...errors import ConfigError
+from ...plugin.registry import add, entries
 from .. import fit
-from ..hf import ModelType
+from ..mapping import ModelType
 
 FAMILIES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "common"))
 
@@ -25,6 +26,8 @@ def _load() -> dict[str, ModelType]:
     for family in FAMILIES:
         module = importlib.import_module(f"{__name__}.{family}")
         types.update((t.name, t) for t in module.TYPES)
+    for name, kind in types.items():  # the one registry of named choices, in this order
+        add("hf_model_type", name, kind)
     return types
 
 
@@ -34,7 +37,7 @@ MODEL_TYPES = _load()
 def choose_type(spec: Any) -> ModelType:
     """The first model type that expresses `spec`; none doing so, a ConfigError naming the
     closest type and the field that stops it."""
-    return fit.guess(spec, MODEL_TYPES.values())
+    return fit.guess(spec, [info.target for info in entries("hf_model_type").values()])
 
 
 def guess_type(spec: Any) -> Optional[str]:

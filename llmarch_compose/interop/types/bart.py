@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from ...errors import ConfigError
 from ..fit import ANY, Expresses, only, where
-from ..hf import ModelType, TensorRule, override
+from ..mapping import ModelType, TensorRule, override
 from .common import (MHA_BIASED, PLAIN, PLAIN_BACK, SPLIT_HEADS, activation, activation_back, dense, family_guess,
                      numbers, refuse, topology)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from ...errors import ConfigError
-from ..fit import ANY, Allowed, only, where
-from ..hf import override
+from ..fit import ANY, Allowed, fits, only, where
+from ..mapping import override
 
 # HF activation names -> (our activation for a gated FFN, for a plain one)
 ACTIVATIONS = {
@@ -188,8 +188,6 @@ def moe(**changes: Allowed) -> dict[str, dict[str, Allowed]]:
 
 def family_guess(types: Any):
     """A family module's `guess(spec)`: the first of its types that fits, or None."""
-    from ..fit import fits
-
     def guess(spec: Any) -> Optional[str]:
         return next((t.name for t in types if fits(spec, t, guessing=True)), None)
 

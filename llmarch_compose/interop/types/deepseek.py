@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 
 from ...errors import ConfigError
 from ..fit import ANY, Expresses, Rule, only, where
-from ..hf import ModelType, TensorRule, override
+from ..mapping import ModelType, TensorRule, override
 from . import llama
 from .common import (GATED, GATED_BACK, PLAIN_MODEL, TOPOLOGY, activation, activation_back, dense, family_guess,
                      moe, numbers, refuse, rope, rope_back, rope_position)

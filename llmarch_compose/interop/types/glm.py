@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ...errors import ConfigError
 from ..fit import ANY, Expresses, only
-from ..hf import ModelType, TensorRule, override
+from ..mapping import ModelType, TensorRule, override
 from . import llama
 from .common import (GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, TOPOLOGY, activation_back, dense, family_guess, gqa,
                      rope_back, rope_position)

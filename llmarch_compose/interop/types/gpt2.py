@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..fit import ANY, Expresses, only
-from ..hf import ModelType, TensorRule, override
+from ..mapping import ModelType, TensorRule, override
 from .common import (LAYERNORM, MHA_BIASED, PLAIN, PLAIN_BACK, SPLIT_HEADS, TOPOLOGY, activation,
                      activation_back, dense, family_guess, numbers, refuse)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..fit import ANY, Expresses, only
-from ..hf import ModelType, TensorRule, override
+from ..mapping import ModelType, TensorRule, override
 from .common import (GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, TOPOLOGY, activation, activation_back, dense,
                      family_guess, gqa, moe, numbers, refuse, rope, rope_back, rope_position)
 

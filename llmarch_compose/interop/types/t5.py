@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 from ...errors import ConfigError
 from ..fit import ANY, Expresses, Rule, only, where
-from ..hf import ModelType, TensorRule, override
+from ..mapping import ModelType, TensorRule, override
 from .common import ACTIVATIONS, RMSNORM, activation_back, dense, family_guess, gqa, numbers, refuse, topology
 
 # T5Config's defaults, for config.json files that leave a field out.

@@ -1,0 +1,201 @@
+"""The mapping between a Hugging Face checkpoint and our model, as data.
+
+Each model type (`model_type` in config.json) is a `ModelType`: how its config maps
+onto our groups and `model.` numbers and back, its tensor table (`TensorRule`s), its
+config class's defaults and what its modeling code can express (`fit.Expresses`).
+The functions here apply a table both ways: fusing and splitting tensors, with the
+checks that make a half-mapped model impossible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from ..errors import LlmarchError
+from .fit import Expresses
+
+
+class InteropError(LlmarchError):
+    """A checkpoint that cannot be represented, loaded or written; names the tensor or field."""
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """How one of our tensors is made of checkpoint tensors.
+
+    `theirs` holds one or more names (`{i}`: layer, `{e}`: expert). `join`:
+    - copy: one tensor as is;
+    - cat: several concatenated along dim 0 (fused q|k|v, gate|up);
+    - t: one transposed (GPT-2's Conv1D stores [in, out]);
+    - row: one [1, n] tensor held as our [n] (BART's final_logits_bias);
+    - experts: per-expert tensors (each `cat` of `theirs`) stacked and transposed to
+      our [experts, in, out] layout.
+    """
+
+    ours: str
+    theirs: tuple[str, ...]
+    join: str = "copy"
+    sizes: tuple[int, ...] = ()  # dim-0 sizes of the parts, for splitting a fused tensor back
+
+    def names(self, **index: int) -> tuple[str, tuple[str, ...]]:
+        return self.ours.format(**index), tuple(t.format(**index) for t in self.theirs)
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """One Hugging Face model type: config both ways and the tensor table."""
+
+    name: str
+    architecture: str  # the class name config.json lists under "architectures"
+    overrides: Callable[[Mapping[str, Any]], list[str]]  # HF config -> our overrides
+    hf_config: Callable[[Any], dict[str, Any]]  # our ModelSpec -> HF config fields
+    tensors: Callable[[Any], list[TensorRule]]  # our ModelSpec -> the tensor table
+    # Checkpoint tensors that carry nothing we need (buffers a framework stores).
+    ignore: tuple[str, ...] = ()
+    stacks: Callable[[Any], dict[str, int]] = field(default=lambda spec: {"i": spec.model.n_layers})
+    # Older spellings of checkpoint names, rewritten before matching: (old part, new part).
+    renames: tuple[tuple[str, str], ...] = ()
+    # The base model's prefix (GPT-2's "transformer."), which some uploads omit.
+    prefix: str = ""
+    # What the type's modeling code computes (see `fit`): to_hf writes nothing else.
+    expresses: Optional[Expresses] = None
+    # The transformers config class's defaults, for config.json files that leave a field out.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def normalize(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint names as the tensor table spells them."""
+        out = {}
+        for name, tensor in tensors.items():
+            for old, new in self.renames:
+                name = name.replace(old, new)
+            out[name] = tensor
+        if self.prefix and not any(k.startswith(self.prefix) for k in out):
+            out = {(k if k.startswith("lm_head") else self.prefix + k): v for k, v in out.items()}
+        return out
+
+
+def override(key: str, value: Any) -> str:
+    """`key=value` in Hydra's override grammar (nested dicts and lists included)."""
+    return f"{key}={_literal(value)}"
+
+
+def _literal(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Sequence):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as an override")
+
+
+def expand(rules: Iterable[TensorRule], stacks: Mapping[str, int], n_experts: int) -> list[TensorRule]:
+    """Rules with their `{i}` (and per-stack indices) filled in; `{e}` stays for `experts`."""
+    out = []
+    for rule in rules:
+        fields = {f for f in stacks if "{" + f + "}" in rule.ours}
+        if not fields:
+            out.append(rule)
+            continue
+        (name,) = fields
+        for i in range(stacks[name]):
+            out.append(TensorRule(rule.ours.replace("{" + name + "}", str(i)),
+                                  tuple(t.replace("{" + name + "}", str(i)) for t in rule.theirs), rule.join,
+                                  rule.sizes))
+    return out
+
+
+def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_experts: int
+            ) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Our tensors from checkpoint tensors, and the checkpoint names used."""
+    ours, used = {}, set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in theirs:
+            raise InteropError(f"the checkpoint has no tensor {name!r}")
+        used.add(name)
+        return theirs[name]
+
+    for rule in rules:
+        try:
+            if rule.join == "copy":
+                ours[rule.ours] = take(rule.theirs[0])
+            elif rule.join == "cat":
+                ours[rule.ours] = torch.cat([take(t) for t in rule.theirs], dim=0)
+            elif rule.join == "t":
+                ours[rule.ours] = take(rule.theirs[0]).t()
+            elif rule.join == "row":  # squeeze, not reshape: [2, n] stays a wrong shape
+                ours[rule.ours] = take(rule.theirs[0]).squeeze(0)
+            elif rule.join == "experts":
+                per_expert = [torch.cat([take(t.format(e=e)) for t in rule.theirs], dim=0) for e in range(n_experts)]
+                ours[rule.ours] = torch.stack(per_expert).transpose(1, 2)
+            else:  # pragma: no cover - a mapping table bug
+                raise ValueError(f"unknown join {rule.join!r}")
+        except RuntimeError as exc:  # parts whose shapes cannot be joined
+            shapes = {t: tuple(theirs[t].shape) for t in rule.theirs if t in theirs}
+            raise InteropError(f"checkpoint tensors {shapes} cannot make {rule.ours!r} ({rule.join}): "
+                               f"{str(exc).splitlines()[0]}") from None
+    return {k: v.contiguous() for k, v in ours.items()}, used
+
+
+def to_theirs(ours: Mapping[str, torch.Tensor], rules: Sequence[TensorRule]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors from ours: the inverse of `to_ours`. Every one of our tensors is
+    consumed by exactly one rule and every checkpoint name written once (or, for one table
+    under two of our names, twice with the same values): a tensor left over is a part of
+    the model the checkpoint would silently drop."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def put(name: str, tensor: torch.Tensor, source: str) -> None:
+        if name in out and not torch.equal(out[name], tensor):
+            raise InteropError(f"checkpoint tensor {name!r} would be written twice with different values "
+                               f"(the second time from {source!r})")
+        out[name] = tensor
+
+    for rule in rules:
+        if rule.ours not in ours:
+            raise InteropError(f"the model has no tensor {rule.ours!r} for checkpoint tensor(s) "
+                               f"{list(rule.theirs)}")
+        if rule.ours in used:
+            raise InteropError(f"tensor {rule.ours!r} is written by two rules of the mapping")
+        used.add(rule.ours)
+        tensor = ours[rule.ours]
+        if rule.join == "copy":
+            put(rule.theirs[0], tensor, rule.ours)
+        elif rule.join == "t":
+            put(rule.theirs[0], tensor.t(), rule.ours)
+        elif rule.join == "row":
+            put(rule.theirs[0], tensor.unsqueeze(0), rule.ours)
+        elif rule.join == "cat":
+            for name, part in zip(rule.theirs, tensor.split(list(rule.sizes), dim=0)):
+                put(name, part, rule.ours)
+        elif rule.join == "experts":
+            for e, expert in enumerate(tensor.transpose(1, 2).unbind(0)):
+                parts = expert.split(list(rule.sizes), dim=0) if len(rule.theirs) > 1 else (expert,)
+                for name, part in zip(rule.theirs, parts):
+                    put(name.format(e=e), part, rule.ours)
+        else:  # pragma: no cover - a mapping table bug must not write a partial checkpoint
+            raise ValueError(f"unknown join {rule.join!r}")
+    left = sorted(set(ours) - used)
+    if left:
+        raise InteropError(f"{len(left)} tensor(s) of the model have no place in the checkpoint, e.g. "
+                           f"{left[:3]}: writing it would drop them")
+    # One tensor written under two names (a tied copy) must be two tensors for safetensors.
+    seen: set[int] = set()
+    written = {}
+    for name, tensor in out.items():
+        tensor = tensor.contiguous()
+        if tensor.data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        written[name] = tensor
+    return written
