@@ -15,6 +15,7 @@ minimizes.
 from __future__ import annotations
 
 import sys
+import textwrap
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -24,7 +25,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .plugin import registry as plugins
-from .config.compose import CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from .config.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check
 from .errors import LlmarchError
 
 EXIT_USAGE = 2
@@ -92,11 +96,55 @@ def _run_app() -> None:
         sys.exit(status)
 
 
+EXAMPLES = (
+    ("llmarch model=llama2_7b task=summary", "the architecture card of a preset (built on meta: no memory)"),
+    ("llmarch model=llama3_8b attention=mqa norm=layernorm", "train a preset with two components swapped"),
+    ("llmarch -m attention=mha,mqa,gqa task.steps=100", "an ablation sweep ending in one report"),
+)
+
+
+def _summary_line(text: str) -> str:
+    """A docstring's first clause, without the `task=name:` prefix a task's module docstring has."""
+    text = text.strip().split(": ", 1)[-1] if text.startswith("`task=") else text.strip()
+    for stop in (". ", "; ", ", with ", ", eager"):
+        text = text.split(stop, 1)[0]
+    return text.rstrip(".")
+
+
+def help_text() -> str:
+    """What `llmarch --help` prints: groups and their choices, the tasks, examples, the README."""
+    plugins.discover()  # plugins and tasks store their nodes: the group listing includes them
+    lines = ["llmarch: compose a transformer from plugins, then train, measure, export or describe it.", "",
+             "usage: llmarch [-m] [group=choice ...] [key=value ...]", "", "Config groups (group=choice):"]
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
+        loader = GlobalHydra.instance().config_loader()
+        for group in (*plugins.GROUPS, "model", "scale", "data", "precision", "compile"):
+            choices = ", ".join(loader.get_group_options(group))
+            lines += textwrap.wrap(choices, width=100, initial_indent=f"  {group:<11} ", subsequent_indent=" " * 14)
+    GlobalHydra.instance().clear()
+    lines += ["", "Tasks (task=name):"]
+    for name, info in sorted(plugins.entries("task").items()):
+        lines.append(f"  {name:<11} {_summary_line(info.doc)}")
+    lines += ["", "Examples:"]
+    lines += [f"  {command:<52} # {why}" for command, why in EXAMPLES]
+    lines += ["", "Any key can be set (model.n_layers=4, task.steps=50); llmarch task=plugins lists every plugin",
+              "with its parameters. The README in the project's source describes every group, task and preset.",
+              "Hydra's own options: llmarch --hydra-help."]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from hydra._internal.utils import get_args_parser
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        try:
+            print(help_text())
+        except LlmarchError as exc:
+            _report(exc)
+            sys.exit(EXIT_USAGE)
+        return
     try:
         plugins.discover()
         args, _ = get_args_parser().parse_known_args(sys.argv[1:])

@@ -165,3 +165,26 @@ def test_short_default_training_run(tmp_path):
     assert (out / "checkpoint" / "model.safetensors").is_file()
     assert (out / "checkpoint" / "config.yaml").is_file()
     assert str(out) in proc.stdout  # the closing line says where the outputs are
+
+
+def test_help_lists_groups_choices_tasks_and_examples(tmp_path):
+    """`llmarch --help` is what a newcomer needs, taken from the registry and the config tree;
+    Hydra's own dump of the whole config stays behind --hydra-help."""
+    from llmarch_compose.plugin import registry
+
+    proc = run(["--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for group in (*registry.GROUPS, "model", "data", "precision", "compile", "scale"):
+        line = next(line for line in text.splitlines() if line.startswith(f"  {group} "))
+        assert line.split()[0] == group
+    for group in registry.GROUPS:
+        for name in registry.names(group):
+            assert name in text, (group, name)
+    for task in registry.names("task"):
+        assert any(line.startswith(f"  {task} ") for line in text.splitlines()), task
+    assert "mqa" in text and "llama3_8b" in text  # a YAML variant and a preset
+    assert text.count("llmarch ") >= 3 and "--hydra-help" in text and "README" in text
+    assert "_target_" not in text  # not Hydra's config dump
+    hydra_help = run(["--hydra-help"], tmp_path)
+    assert hydra_help.returncode == 0 and "Hydra" in hydra_help.stdout

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -62,8 +63,13 @@ class PluginInfo:
 
     @property
     def doc(self) -> str:
-        """The docstring's first paragraph on one line (docstrings here wrap their summary)."""
-        paragraph = (getattr(self.target, "__doc__", None) or "").strip().split("\n\n")[0]
+        """The docstring's first paragraph on one line (docstrings here wrap their summary): the
+        target's own, else its module's (a task's `run` is described by its module)."""
+        text = getattr(self.target, "__doc__", None) if callable(self.target) else None
+        if not text:
+            module = sys.modules.get(self.module)
+            text = module.__doc__ if module is not None else ""
+        paragraph = (text or "").strip().split("\n\n")[0]
         return " ".join(line.strip() for line in paragraph.splitlines())
 
     @property
