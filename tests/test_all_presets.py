@@ -66,6 +66,7 @@ def _loss(out):
     return loss + out.aux_loss if out.aux_loss is not None else loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_tiny_preset_trains_and_compiles_to_eager(name):
     cfg = lc.compose([f"model={name}", "scale=tiny"])

@@ -29,6 +29,7 @@ def report(tmp_path_factory):
     return out, returned
 
 
+@pytest.mark.slow
 def test_writes_json_and_markdown_with_every_variant(report):
     out, returned = report
     written = json.loads((out / "bench.json").read_text())
@@ -49,12 +50,14 @@ def test_writes_json_and_markdown_with_every_variant(report):
         assert label in markdown
 
 
+@pytest.mark.slow
 def test_ours_and_transformers_agree_on_the_same_weights(report):
     checks = report[1]["checks"]
     assert checks["hf_logits_match"] is True and checks["hf_logits_max_abs_diff"] < 1e-4
     assert checks["compiled_logits_match"] is True and checks["compiled_logits_max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_compile_times_are_reported(report):
     compile_times = report[1]["compile"]
     assert compile_times["first_step_in_process_s"] > 0

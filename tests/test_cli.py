@@ -46,6 +46,7 @@ def test_console_script_exists():
     assert LLMARCH and os.access(LLMARCH, os.X_OK)
 
 
+@pytest.mark.slow
 def test_kv_cache_ratio_from_the_command_line(tmp_path):
     per_token = {}
     for attention in ("mha", "gqa", "mqa"):
@@ -90,6 +91,7 @@ def test_validation_error_exits_without_traceback(tmp_path, args, words):
         assert word in text, (word, text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology", ["decoder_only", "prefix_decoder"])
 def test_text_card_shows_the_choices(tmp_path, topology):
     # prefix_decoder + LayerNorm + GELU + MQA: the row the survey gives ChatGLM-3.
@@ -115,6 +117,7 @@ def test_text_card_shows_the_choices(tmp_path, topology):
     assert "(plugin gqa)" in out  # mqa is built by the gqa plugin
 
 
+@pytest.mark.slow
 def test_multirun_sweep_completes_every_job(tmp_path):
     proc = run(["-m", "attention=mha,gqa", *TRAIN_SMALL], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -134,6 +137,7 @@ def test_multirun_sweep_completes_every_job(tmp_path):
     assert seen == ["mha", "gqa"]
 
 
+@pytest.mark.slow
 def test_multirun_failed_job_does_not_stop_the_sweep(tmp_path):
     proc = run(["-m", "model.n_heads=7,8", "task=summary", "task.format=json"], tmp_path)
     assert proc.returncode != 0
@@ -142,6 +146,7 @@ def test_multirun_failed_job_does_not_stop_the_sweep(tmp_path):
     assert [c["dimensions"]["n_heads"] for c in cards] == [8]
 
 
+@pytest.mark.slow
 def test_glob_sweep_over_a_group(tmp_path):
     proc = run(["-m", "attention=glob(m*)", "task=summary", "task.format=json"], tmp_path)
     assert "Traceback" not in proc.stderr
@@ -150,6 +155,7 @@ def test_glob_sweep_over_a_group(tmp_path):
     assert sorted(c["components"]["attention"] for c in cards) == ["mha", "mla", "mqa"]
 
 
+@pytest.mark.slow
 def test_short_default_training_run(tmp_path):
     proc = run(["task.steps=3", "task.eval_every=3", "task.eval_batches=1", "task.progress=false"], tmp_path,
                timeout=600)

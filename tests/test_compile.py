@@ -39,6 +39,7 @@ def assert_same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whole", [False, True], ids=["regional", "whole"])
 @pytest.mark.parametrize("combo", sorted(COMBOS))
 def test_compiled_matches_eager(tiny_cfg, combo, whole):
@@ -96,6 +97,7 @@ def _train_and_count(tiny_cfg, n_layers: int, steps: int = 4) -> list[tuple[int,
     return seen
 
 
+@pytest.mark.slow
 def test_training_steps_do_not_recompile_and_blocks_share_one_graph(tiny_cfg):
     two = _train_and_count(tiny_cfg, 2)
     assert two[0][0] >= 1
@@ -114,6 +116,7 @@ def test_compile_modes():
     assert info.value.key == "compile.mode" and "max-autotune" in str(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("combo", ["default", "moe"])
 def test_no_frame_is_compiled_again_after_the_first_step(tiny_cfg, combo):
     """Training steps (forward, backward, AdamW) and no-grad evaluations, with the

@@ -42,6 +42,7 @@ def test_installed_layout(installed):
     assert "[llmarch_compose.plugins]" in entry_points.read_text()
 
 
+@pytest.mark.slow
 def test_selected_from_the_command_line(installed, tmp_path):
     site, _ = installed
     proc = run_llmarch(["attention=differential_mqa", "norm=dyt", "task=summary", "task.format=json"],
@@ -56,6 +57,7 @@ def test_selected_from_the_command_line(installed, tmp_path):
     assert card["kv_cache_bytes_per_token"] == d["n_layers"] * (2 * d["head_dim"] + 2 * d["head_dim"]) * 2
 
 
+@pytest.mark.slow
 def test_listed_by_task_plugins_with_its_distribution(installed, tmp_path):
     site, _ = installed
     proc = run_llmarch(["task=plugins", "task.format=json"], pythonpath=[site], cwd=tmp_path)
@@ -71,6 +73,7 @@ def test_listed_by_task_plugins_with_its_distribution(installed, tmp_path):
     assert rows["attention", "gqa"]["package"] == "llmarch-compose"
 
 
+@pytest.mark.slow
 def test_the_example_test_suite_passes_against_the_installed_package(installed):
     site, source = installed
     shutil.rmtree(source / "src")  # the tests must import what pip installed

@@ -61,6 +61,7 @@ def exported(tmp_path_factory):
             "package": root / "llama.pt2", "program": root / "llama.program.pt2"}
 
 
+@pytest.mark.slow
 def test_task_writes_a_package_it_checked(exported):
     root, proc = exported["root"], exported["proc"]
     assert exported["package"].is_file() and exported["program"].is_file()
@@ -71,6 +72,7 @@ def test_task_writes_a_package_it_checked(exported):
     assert "checked at [3, 33], traced at [2, 16]" in line  # the check ran at another shape
 
 
+@pytest.mark.slow
 def test_package_matches_eager_at_several_shapes(exported):
     model, compiled = exported["model"], lc.load_compiled(exported["package"])
     # 128: the tiny scale's max_seq_len, the dynamic length's bound; the batch is dynamic too.
@@ -81,6 +83,7 @@ def test_package_matches_eager_at_several_shapes(exported):
         torch.testing.assert_close(out.logits, eager_logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loaded_package_refuses_inputs_it_was_not_compiled_for(exported):
     # The compiled code does not check its inputs (a wrong shape is silently misread); load_compiled does.
     compiled = lc.load_compiled(exported["package"])
@@ -93,6 +96,7 @@ def test_loaded_package_refuses_inputs_it_was_not_compiled_for(exported):
         compiled(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_package_runs_without_the_project_code(exported, tmp_path):
     ids = random_ids(exported["cfg"], 2, 41)
     torch.save(ids, tmp_path / "ids.pt")
@@ -113,6 +117,7 @@ def test_package_runs_without_the_project_code(exported, tmp_path):
     torch.testing.assert_close(logits, eager_logits(exported["model"], ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_saved_program_loads_and_matches(exported):
     program = torch.export.load(exported["program"])
     ids = random_ids(exported["cfg"], 3, 23)
@@ -120,6 +125,7 @@ def test_saved_program_loads_and_matches(exported):
     torch.testing.assert_close(logits, eager_logits(exported["model"], ids), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_check_fails_for_other_weights(exported):
     torch.manual_seed(2)
     other = lc.build(exported["cfg"])
@@ -129,6 +135,7 @@ def test_the_check_fails_for_other_weights(exported):
         check_package(other, exported["package"], ids)
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused(exported):
     package = exported["package"]
     before = package.read_bytes()
@@ -155,6 +162,7 @@ def test_failed_compile_leaves_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
 
 
+@pytest.mark.slow
 def test_encoder_decoder_exports_with_two_dynamic_lengths():
     cfg = lc.compose(["model=t5_small", "scale=tiny"])
     torch.manual_seed(0)
@@ -231,6 +239,7 @@ def test_export_task_options_are_checked():
     assert err.value.key == "task.out"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["mistral_7b", "mixtral_8x7b"])
 def test_program_matches_eager_at_other_shapes(preset):
     # Mistral's sliding window needs a mask, which must not fix the traced length;

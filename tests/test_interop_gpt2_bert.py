@@ -86,6 +86,7 @@ def test_logits_match_transformers(converted):
         torch.testing.assert_close(run_ours(model, case), run_theirs(hf, case), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_logits_match_transformers(converted):
     case, hf, _, model = converted
     compiled = torch.compile(model, fullgraph=True)

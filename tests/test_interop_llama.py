@@ -66,6 +66,7 @@ def test_logits_match_transformers(converted):
         torch.testing.assert_close(model(IDS).logits, hf(IDS).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_logits_match_transformers(converted):
     torch._dynamo.reset()
     _, hf, _, model = converted
@@ -196,6 +197,7 @@ def test_package_never_imports_transformers(saved):
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_cli_builds_and_exports_from_a_checkpoint_folder(saved, tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "llmarch_compose", *a],  # noqa: E731
                                     capture_output=True, text=True, cwd=tmp_path)

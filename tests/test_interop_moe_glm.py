@@ -150,6 +150,7 @@ def test_logits_match_eager(case):
     assert cfg.model.name == f"hf:{CASES[case][1]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_compiled(case):
     _, model = convert(case)

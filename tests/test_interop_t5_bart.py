@@ -87,6 +87,7 @@ def test_logits_match_transformers(converted):
     torch.testing.assert_close(ours, logits(hf), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_logits_match_transformers(converted):
     torch._dynamo.reset()
     _, hf, _, model = converted

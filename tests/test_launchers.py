@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from test_report import TINY_JOB, csv_rows, llmarch, only_sweep, table
+
+pytestmark = pytest.mark.slow  # every test runs a sweep in subprocesses
 
 
 def test_joblib_launcher_runs_jobs_in_workers_and_reports(tmp_path):

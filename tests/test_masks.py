@@ -160,6 +160,7 @@ COMPILED_CASES = [(case, device) for device in DEVICES for case in sorted(CASES)
                   if device != "cpu" or case in ("window", "everything")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,device", COMPILED_CASES)
 def test_flex_path_compiled(case, device):
     """The fused, block-sparse FlexAttention kernel (Inductor, fullgraph): on CPU a window alone
@@ -174,6 +175,7 @@ def test_flex_path_compiled(case, device):
         check_backward(q, k, v, bias, got, case, device)
 
 
+@pytest.mark.slow
 def test_sdpa_path_compiled_forward_backward():
     """CPU training compiles the SDPA path: the combination of every function, forward and backward."""
     q, k, v, pos, spec, want, bias = make_case("everything", "cpu", grad=True)
@@ -300,6 +302,7 @@ def test_compiled_flex_inference_matches_eager_sdpa(name, monkeypatch):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_inductor_compiled_model_with_bias_table_matches_eager(monkeypatch):
     """The real compile stage (lc.compile, Inductor): T5 buckets and a prefix through fused FlexAttention."""
     model = tiny_model(["position=relative_bias", "topology=prefix_decoder"])
@@ -312,6 +315,7 @@ def test_inductor_compiled_model_with_bias_table_matches_eager(monkeypatch):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_block_masks_built_once_per_forward_not_per_layer(monkeypatch):
     """Four layers, two specs (windowed and plain causal, both with ALiBi): two builds per
     new shape, none for a repeated shape; a per-batch prefix is built each forward."""
@@ -333,6 +337,7 @@ def test_block_masks_built_once_per_forward_not_per_layer(monkeypatch):
     assert builds.calls == 4  # two specs, each forward
 
 
+@pytest.mark.slow
 def test_plain_causal_and_cpu_training_build_no_block_mask(monkeypatch):
     """The default path (RoPE, causal) runs SDPA's own causal kernel; CPU training with a
     window runs SDPA with a dense mask, compiled, with gradients equal to eager's."""

@@ -345,6 +345,7 @@ def test_tiny_mla_model_trains_one_step(tiny_cfg):
         assert loss_of(model(x), y) < loss.detach()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whole", [True, False], ids=["whole", "regional"])
 def test_mla_compiled_matches_eager(tiny_cfg, whole):
     cfg = tiny_cfg(*MLA, "model.q_lora_rank=24", "position.interleaved=true",

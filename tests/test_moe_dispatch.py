@@ -105,6 +105,7 @@ def test_eager_matches_dense_formula(name):
 COMPILE_BACKEND = {"sigmoid_groups_shared": "inductor", "top2_capacity_identity": "inductor"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_compiled_fullgraph_matches_dense_formula(name):
     moe = build(name)
@@ -177,6 +178,7 @@ def test_grouped_mm_loop_empty_groups_and_rows_in_no_group():
 # -------------------------------------------------------------------------- bf16
 
 
+@pytest.mark.slow
 def test_bf16_goes_through_fused_grouped_mm(monkeypatch):
     calls = []
     fused = torch._grouped_mm

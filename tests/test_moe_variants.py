@@ -489,6 +489,7 @@ def train_step(model, ids, targets):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(MODELS))
 def test_tiny_model_trains_and_compiles(tiny_cfg, variant):
     from torch._dynamo.utils import counters

@@ -24,6 +24,7 @@ DIST = "llmarch-compose"
 # --------------------------------------------------------------- built-ins pass
 
 
+@pytest.mark.slow
 def test_gqa_passes_every_check_compiled_included():
     report = check_plugin("attention", "gqa")
     assert report.checks == ["shapes", "gradients", "causal", "compiled (regional)", "compiled (whole)"]
@@ -132,6 +133,7 @@ def test_graph_break_fails_fullgraph_with_its_location():
     assert "Data-dependent branching" in text and "data_dependent_branch" in text  # what, and where
 
 
+@pytest.mark.slow
 def test_compiled_result_that_differs_from_eager_fails():
     with temporary_plugins():
         gqa_subclass("kit_compiled_differs", forward=compiled_differs)
@@ -141,6 +143,7 @@ def test_compiled_result_that_differs_from_eager_fails():
     assert "logits differs from eager" in str(info.value)
 
 
+@pytest.mark.slow
 def test_per_layer_python_number_fails_the_one_graph_check():
     with temporary_plugins():
         gqa_subclass("kit_per_layer", __init__=per_layer_number, forward=scaled_by_gain)

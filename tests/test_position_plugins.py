@@ -483,6 +483,7 @@ def test_rope_2d_prefix_inputs_compile_to_one_graph():
 # ------------------------------------------------------------------------- tiny models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("position", ["relative_bias", "alibi", "rope_2d"])
 def test_tiny_model_trains_and_compiles(tiny_cfg, position):
     cfg = tiny_cfg(f"position={position}")

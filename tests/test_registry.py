@@ -220,9 +220,13 @@ def test_iter_plugins_lists_builtins_with_their_package():
 def test_builtins_are_declared_as_entry_points():
     eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=plugins.ENTRY_POINT_GROUP)
            if ep.dist is not None and ep.dist.name == DIST}
-    assert set(eps) == set(plugins.GROUPS)
-    for group, ep in eps.items():
-        assert ep.value == f"llmarch_compose.registry.{group}"
+    # The component groups, and the modules that register the other named choices.
+    others = {"tasks": "llmarch_compose.tasks", "data": "llmarch_compose.train.data",
+              "precision": "llmarch_compose.model.precision", "scale": "llmarch_compose.config.scale",
+              "compile": "llmarch_compose.model.compiler", "hf": "llmarch_compose.interop.hf"}
+    assert set(eps) == set(plugins.GROUPS) | set(others)
+    for name, ep in eps.items():
+        assert ep.value == others.get(name, f"llmarch_compose.registry.{name}")
 
 
 def test_make_params_types_and_names_errors():
@@ -330,6 +334,7 @@ def test_third_party_plugin_discovered_through_entry_points(scalenorm_site, tmp_
     assert not list(scalenorm_site.rglob("*.yaml")) and not list(work.rglob("scalenorm.yaml"))
 
 
+@pytest.mark.slow
 def test_third_party_plugin_appears_in_suggestions(scalenorm_site, tmp_path):
     proc = _run_cli(["norm=scalnorm", "task=summary"], tmp_path, scalenorm_site)
     assert proc.returncode != 0
@@ -337,6 +342,7 @@ def test_third_party_plugin_appears_in_suggestions(scalenorm_site, tmp_path):
     assert "'scalenorm'" in proc.stderr and "norm" in proc.stderr
 
 
+@pytest.mark.slow
 def test_third_party_conflict_names_both_packages(tmp_path):
     site = tmp_path / "site"
     site.mkdir()

@@ -68,6 +68,7 @@ def sweep_2x2(tmp_path_factory) -> Path:
     return sweep
 
 
+@pytest.mark.slow
 def test_2x2_sweep_writes_one_report(sweep_2x2):
     sweep = sweep_2x2
     for name in ("report.md", "report.csv", *PLOTS):
@@ -124,6 +125,7 @@ def test_loss_curves_come_from_each_jobs_metrics(sweep_2x2):
         assert [step for step, _ in job.curve()] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_report_task_rebuilds_and_marks_an_unfinished_job(sweep_2x2, tmp_path):
     sweep = tmp_path / "copy"
     shutil.copytree(sweep_2x2, sweep)
@@ -157,6 +159,7 @@ def test_report_task_needs_a_sweep_folder(path, tmp_path, monkeypatch):
     assert not (tmp_path / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_job_is_a_row_with_its_message(tmp_path):
     proc = llmarch(["-m", "attention.num_kv_heads=2,3", *TINY_JOB], tmp_path)
     assert proc.returncode != 0

@@ -49,6 +49,7 @@ def test_task_is_registered():
     assert (cfg.task.name, cfg.task.format, cfg.task.compare_seed) == ("table", "markdown", False)
 
 
+@pytest.mark.slow
 def test_json_prints_one_object_equal_to_the_result(compared):
     result, printed = compared
     assert json.loads(printed) == json.loads(json.dumps(result))
@@ -238,6 +239,7 @@ def test_formatting_and_matching():
 # ------------------------------------------------------------------ the CLI
 
 
+@pytest.mark.slow
 def test_cli_prints_the_markdown_table(tmp_path: Path):
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
@@ -250,6 +252,7 @@ def test_cli_prints_the_markdown_table(tmp_path: Path):
     assert any(line.startswith("| mixtral_8x7b |") and "46.7B (active 12.9B)" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_cli_rejects_an_unknown_format(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "llmarch_compose", "task=table", "task.format=xml"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -53,6 +53,7 @@ def runs(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eager", "default"])
 def test_held_out_loss_falls(runs, mode):
     s = runs[mode]["summary"]
@@ -63,12 +64,14 @@ def test_held_out_loss_falls(runs, mode):
     assert s["params_total"] == sum(p.numel() for p in runs[mode]["model"].parameters())
 
 
+@pytest.mark.slow
 def test_compiled_run_tracks_eager(runs):
     eager, compiled = runs["eager"]["summary"], runs["default"]["summary"]
     assert compiled["initial_val_loss"] == pytest.approx(eager["initial_val_loss"], abs=1e-4)
     assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], abs=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eager", "default"])
 def test_metrics_and_summary_files(runs, mode):
     out, cfg = runs[mode]["out"], runs[mode]["cfg"]
@@ -96,6 +99,7 @@ def test_metrics_and_summary_files(runs, mode):
     assert not list(out.glob(".summary.json*"))  # the temporary file was renamed into place
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eager", "default"])
 def test_checkpoint_round_trips(runs, mode):
     out, trained = runs[mode]["out"], runs[mode]["model"]
