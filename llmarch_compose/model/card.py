@@ -105,7 +105,7 @@ def architecture_card(spec: ModelSpec, dtype: str = "bfloat16", context: int | N
         "plugins": {g: spec.params[g].plugin for g in plugins.GROUPS},
         "dimensions": {
             "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
-            "n_kv_heads": getattr(spec.params["attention"], "num_kv_heads", None),
+            "n_kv_heads": spec.plugin("attention").cls.key_value_heads(spec.params["attention"], m),
             "head_dim": m.head_dim, "ffn_dim": m.ffn_dim, "vocab_size": m.vocab_size,
             "max_seq_len": m.max_seq_len, "tie_embeddings": m.tie_embeddings,
         },

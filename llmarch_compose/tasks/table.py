@@ -26,6 +26,8 @@ from ..model.card import architecture_card
 from ..errors import ConfigError
 from ..config.spec import ModelSpec, resolve_spec
 from ..config.structured import to_dataclass
+from ..plugin import registry as plugins
+from ..plugin.interfaces import table_label
 from ..plugin.registry import register
 
 FORMATS = ("markdown", "json")
@@ -109,43 +111,18 @@ def _hydra() -> Iterator[None]:
         yield
 
 
-TYPES = {"decoder_only": "Decoder-Only", "encoder_only": "Encoder-Only", "encoder_decoder": "Encoder-Decoder",
-         "prefix_decoder": "Prefix-Decoder"}
-NORMS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
-ACTIVATIONS = {"gelu": "GELU", "geglu": "GeGLU", "relu": "ReLU", "reglu": "ReGLU", "silu": "SiLU",
-               "swiglu": "SwiGLU"}
-POSITIONS = {"rope": "RoPE", "rope_2d": "RoPE (2D)", "learned": "Absolute (learned)",
-             "sinusoidal": "Absolute (sinusoidal)", "relative_bias": "Relative (T5 buckets)", "alibi": "ALiBi",
-             "none": "none"}
+def label(spec: ModelSpec, group: str, params: Any) -> str:
+    """The plugin's own cell for `params` (its `table_label` hook)."""
+    return table_label(plugins.get(group, params.plugin).cls, params, spec.model)
 
 
 def _all_params(spec: ModelSpec, group: str) -> list[Any]:
     return [spec.params[group], *(p[group] for p in spec.layer_params.values() if group in p)]
 
 
-def _is_moe(params: Any) -> bool:
-    return params.plugin == "moe" or hasattr(params, "num_experts")
-
-
 def type_of(spec: ModelSpec) -> str:
-    plugin = spec.params["topology"].plugin
-    label = TYPES.get(plugin, plugin.replace("_", "-").title())
-    return label + (" (MoE)" if any(_is_moe(p) for p in _all_params(spec, "ffn")) else "")
-
-
-def position_of(spec: ModelSpec) -> str:
-    p = spec.params["position"]
-    if p.plugin == "rope" and getattr(p, "fraction", 1.0) < 1.0:
-        return "RoPE (partial)"
-    return POSITIONS.get(p.plugin, p.plugin)
-
-
-def attention_kind(params: Any, n_heads: int) -> str:
-    if params.plugin == "mla":
-        return "MLA"
-    kv = getattr(params, "num_kv_heads", None)
-    kind = params.plugin.upper() if kv is None else "MHA" if kv == n_heads else "MQA" if kv == 1 else "GQA"
-    return ("SWA+" + kind) if getattr(params, "window", None) is not None else kind
+    moe = any(plugins.get("ffn", p.plugin).cls.mixture_of_experts for p in _all_params(spec, "ffn"))
+    return label(spec, "topology", spec.params["topology"]) + (" (MoE)" if moe else "")
 
 
 def _ordinal(n: int) -> str:
@@ -165,24 +142,21 @@ def _which_layers(layers: set[int], n_layers: int) -> str:
 
 
 def attention_of(spec: ModelSpec) -> str:
-    m = spec.model
-    base = spec.params["attention"]
-    label = attention_kind(base, m.n_heads)
-    if spec.params["topology"].plugin == "encoder_only":
-        label = f"bidirectional {label}"
+    base = label(spec, "attention", spec.params["attention"])
+    text = f"bidirectional {base}" if spec.params["topology"].plugin == "encoder_only" else base
     others: dict[str, set[int]] = {}  # a per-layer kind other than the base one -> its layers
     for (stack, layer), changed in spec.layer_params.items():
         if "attention" not in changed:
             continue
-        kind = attention_kind(changed["attention"], m.n_heads)
-        if kind == attention_kind(base, m.n_heads):
+        kind = label(spec, "attention", changed["attention"])
+        if kind == base:
             continue
-        if kind == "SWA+" + attention_kind(base, m.n_heads):
+        if kind == "SWA+" + base:
             kind = "local"
         others.setdefault(kind, set()).add(layer)
     for kind, layers in others.items():
-        label += f" + {kind} ({_which_layers(layers, m.n_layers)})"
-    return label
+        text += f" + {kind} ({_which_layers(layers, spec.model.n_layers)})"
+    return text
 
 
 def format_count(n: float) -> str:
@@ -215,9 +189,9 @@ def _preset_row(name: str, source: str) -> dict[str, Any]:
     return {
         "model": name,
         "type": type_of(spec),
-        "position": position_of(spec),
-        "norm": NORMS.get(spec.params["norm"].plugin, spec.params["norm"].plugin),
-        "activation": ACTIVATIONS.get(spec.params["activation"].plugin, spec.params["activation"].plugin),
+        "position": label(spec, "position", spec.params["position"]),
+        "norm": label(spec, "norm", spec.params["norm"]),
+        "activation": label(spec, "activation", spec.params["activation"]),
         "attention": attention_of(spec),
         "parameters": parameters,
         "context": format_context(spec.model.max_seq_len),
