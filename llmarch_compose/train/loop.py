@@ -14,7 +14,7 @@ import re
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -54,7 +54,7 @@ class TrainSettings:
     eval_batches: int = 8
     checkpoint: bool = True
     progress: bool = True
-    output_dir: Optional[str] = None  # None: Hydra's run directory (or the working directory)
+    output: Optional[str] = None  # the folder to write; None: Hydra's run directory (or the working directory)
 
 
 def check(task: TrainSettings, vocab_size: int, max_seq_len: int, data: DataSource, data_name: str) -> None:
