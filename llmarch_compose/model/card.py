@@ -83,11 +83,11 @@ def kv_cache(model: nn.Module, dtype_bytes: int, context: int) -> dict[str, int]
     return {"kv_cache_bytes_per_token": per_token, "kv_cache_bytes_full_context": full}
 
 
-def training_memory(total_params: int, weight_bytes: int = 4) -> dict[str, int]:
-    """Weights and gradients in the weight dtype, AdamW's two moments in fp32;
-    activations depend on batch and sequence and are not included."""
-    weights = total_params * weight_bytes
-    grads = total_params * weight_bytes
+def training_memory(total_params: int) -> dict[str, int]:
+    """Weights, gradients and AdamW's two moments, all in fp32; activations depend on
+    batch and sequence and are not included."""
+    weights = total_params * 4
+    grads = total_params * 4
     optimizer = total_params * 8
     return {"weights": weights, "gradients": grads, "adamw_states": optimizer, "total": weights + grads + optimizer}
 

@@ -211,6 +211,9 @@ class Topology(nn.Module, Labelled):
 
     #: What the model is trained for, and what its forward takes (llmarch_compose/plugin/objectives.py).
     objective: Objective = CAUSAL_LM
+    #: The longest input it takes, where it has a bound of its own (export's default for a
+    #: dynamic length); None: unbounded.
+    max_seq_len: Optional[int] = None
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError
