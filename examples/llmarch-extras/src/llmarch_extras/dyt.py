@@ -24,6 +24,8 @@ class DynamicTanh(Norm):
     """Dynamic Tanh: weight * tanh(alpha * x) + bias, with one learned scalar alpha
     and no statistics over the features (a drop-in replacement for a norm layer)."""
 
+    table_name = "DyT"  # its cell in task=table
+
     def __init__(self, params: DyTParams, ctx, dim: Optional[int] = None):
         super().__init__()
         dim = dim or ctx.model.d_model
