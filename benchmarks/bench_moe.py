@@ -19,13 +19,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import llmarch_compose as lc
+from llmarch_compose.artifacts.atomic import write_atomic
 from llmarch_compose.registry.ffn.moe import dispatch
 
 
@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
     )
     print_table(result)
     if args.json:
-        write_atomically(args.json, json.dumps(result, indent=2))
+        write_atomic(args.json, json.dumps(result, indent=2))
     return result
 
 
@@ -210,18 +210,6 @@ def print_table(r: dict) -> None:
     print(f"| 2048-cube torch.mm | {m['cube_2048_gflops']:.1f} |")
     print(f"\ngrouped products at {100 * m['fraction_of_plain_mm']:.0f}% of plain torch.mm on the same shapes; "
           f"rows per expert {m['group_rows']}")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     return list(dict.fromkeys(prefixed + similar))[:n]
 
 
+#: Keys that were renamed: an old spelling set where the new key exists points at it
+#: (`task.output_dir`, `task.out`, `task.out_dir` and report's `task.path` are `task.output`).
+FORMER_KEYS = {"output_dir": "output", "out": "output", "out_dir": "output", "path": "output"}
+
+
 class LlmarchError(Exception):
     """Base class for errors a user can fix; the CLI prints them without a traceback."""
 
@@ -61,7 +66,10 @@ class UnknownKeyError(ConfigError, KeyError):
 
     def __init__(self, path: str, value: object, available: Iterable[str]):
         parent, _, leaf = path.rpartition(".")
-        suggestions = [f"{parent}.{s}" if parent else s for s in closest(leaf, available)]
+        available = set(available)
+        renamed = [FORMER_KEYS[leaf]] if FORMER_KEYS.get(leaf) in available else []
+        nearest = list(dict.fromkeys(renamed + closest(leaf, available)))[:3]
+        suggestions = [f"{parent}.{s}" if parent else s for s in nearest]
         problem = f"{parent or 'the config'} has no key {leaf!r}"
         if suggestions:
             problem += "; did you mean " + " or ".join(suggestions) + "?"

@@ -216,7 +216,7 @@ def test_synthetic_tasks_need_a_causal_objective(topology, objective):
 
 def test_train_refuses_what_the_data_cannot_use(tmp_path):
     out = tmp_path / "never"
-    common = [*TINY, "task.steps=1", f"task.output_dir={out}"]
+    common = [*TINY, "task.steps=1", f"task.output={out}"]
     with pytest.raises(ConfigError) as info:  # recall's 34 ids do not fit 30
         train.run(lc.compose([*common, "data=recall", "model.vocab_size=30"]))
     assert info.value.key == "model.vocab_size" and "recall" in str(info.value) and "34" in str(info.value)
@@ -236,7 +236,7 @@ def test_short_recall_run_records_accuracy(tmp_path):
     steps = 6
     cfg = lc.compose([*TINY, "data=recall", "data.num_pairs=2", "data.num_queries=2", "data.min_distance=4",
                       f"task.steps={steps}", "task.batch_size=4", "task.eval_every=3", "task.eval_batches=2",
-                      "task.progress=false", "task.checkpoint=false", "compile=eager", f"task.output_dir={tmp_path}"])
+                      "task.progress=false", "task.checkpoint=false", "compile=eager", f"task.output={tmp_path}"])
     summary = train.run(cfg)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_loss" in r]

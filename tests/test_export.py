@@ -54,7 +54,7 @@ def exported(tmp_path_factory):
     torch.manual_seed(1)
     model = lc.build(cfg).eval()
     save_checkpoint(model, cfg, root / "checkpoint")
-    proc = llmarch(["task=export", f"task.checkpoint={root / 'checkpoint'}", f"task.out={root / 'llama'}",
+    proc = llmarch(["task=export", f"task.checkpoint={root / 'checkpoint'}", f"task.output={root / 'llama'}",
                     "task.save_program=true", "task.example_seq_len=16", "device=cpu"], tmp_path_factory.mktemp("cwd"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"root": root, "cfg": cfg, "model": model, "proc": proc,
@@ -139,7 +139,7 @@ def test_the_check_fails_for_other_weights(exported):
 def test_existing_output_is_refused(exported):
     package = exported["package"]
     before = package.read_bytes()
-    cfg = lc.compose([*LLAMA, "task=export", f"task.out={package}"])
+    cfg = lc.compose([*LLAMA, "task=export", f"task.output={package}"])
     with pytest.raises(ConfigError) as err:
         export_task.run(cfg)
     assert err.value.key == "task.overwrite" and str(package) in str(err.value)
@@ -218,7 +218,7 @@ def test_cuda_index_is_checked_against_the_devices(monkeypatch):
 
 
 def test_bad_device_on_the_command_line(tmp_path):
-    proc = llmarch([*LLAMA, "task=export", f"task.out={tmp_path / 'm'}", "device=gpu"], tmp_path)
+    proc = llmarch([*LLAMA, "task=export", f"task.output={tmp_path / 'm'}", "device=gpu"], tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "device='gpu'" in proc.stderr and "Valid: auto, cpu, cuda" in proc.stderr, proc.stderr
@@ -230,13 +230,13 @@ def test_export_task_options_are_checked():
                           ("task.example_seq_len=1", "task.example_seq_len"),
                           ("task.max_seq_len=4096", "task.max_seq_len"),
                           ("precision=mixed", "precision"), ("device=meta", "device")):
-        cfg = lc.compose([*LLAMA, "task=export", "task.out=unused", override])
+        cfg = lc.compose([*LLAMA, "task=export", "task.output=unused", override])
         with pytest.raises(ConfigError) as err:
             export_task.run(cfg)
         assert err.value.key == key, (override, err.value)
     with pytest.raises(ConfigError) as err:
         export_task.run(lc.compose([*LLAMA, "task=export"]))
-    assert err.value.key == "task.out"
+    assert err.value.key == "task.output"
 
 
 @pytest.mark.slow

@@ -205,12 +205,12 @@ def test_cli_builds_and_exports_from_a_checkpoint_folder(saved, tmp_path):
     assert card.returncode == 0, card.stderr
     hf = hf_model("llama")
     assert json.loads(card.stdout)["params_total"] == sum(p.numel() for p in hf.parameters())
-    export = run("model=hf", f"model.path={saved}", "task=export_hf", f"task.out_dir={tmp_path / 'again'}")
+    export = run("model=hf", f"model.path={saved}", "task=export_hf", f"task.output={tmp_path / 'again'}")
     assert export.returncode == 0, export.stderr
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again", attn_implementation="eager")
     with torch.no_grad():
         torch.testing.assert_close(back(IDS).logits, hf(IDS).logits, atol=1e-4, rtol=0)
-    refused = run("task=export_hf", f"task.out_dir={tmp_path / 'random'}")
+    refused = run("task=export_hf", f"task.output={tmp_path / 'random'}")
     assert refused.returncode == 2 and "task.checkpoint" in refused.stderr and "Traceback" not in refused.stderr
 
 

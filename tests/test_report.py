@@ -135,7 +135,7 @@ def test_report_task_rebuilds_and_marks_an_unfinished_job(sweep_2x2, tmp_path):
     (sweep / "1" / "failure.json").write_text(json.dumps(failure))
     job_files = {p: p.read_bytes() for p in sweep.glob("[0-9]/**/*") if p.is_file()}
 
-    proc = llmarch(["task=report", f"task.path={sweep}"], tmp_path)
+    proc = llmarch(["task=report", f"task.output={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 incomplete" in proc.stdout
     rows = {r["job"]: r for r in table(sweep)}
@@ -152,10 +152,10 @@ def test_report_task_needs_a_sweep_folder(path, tmp_path, monkeypatch):
     from llmarch_compose.tasks import run_task
 
     monkeypatch.chdir(tmp_path)  # "." holds no job folders
-    cfg = lc.compose(["task=report"] + ([f"task.path={path}"] if path else []))
+    cfg = lc.compose(["task=report"] + ([f"task.output={path}"] if path else []))
     with pytest.raises(ConfigError) as info:
         run_task(cfg)
-    assert info.value.key == "task.path"
+    assert info.value.key == "task.output"
     assert not (tmp_path / "report.md").exists()
 
 

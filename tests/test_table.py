@@ -1,4 +1,4 @@
-"""`task=table`: the seed survey's comparison table regenerated from the presets."""
+"""`task=table`: the survey's comparison table regenerated from the presets."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def run_table(*overrides: str) -> tuple[dict, str]:
 
 @pytest.fixture(scope="module")
 def compared() -> tuple[dict, str]:
-    """The JSON table with the seed comparison, and what the task printed."""
-    return run_table("task.format=json", "task.compare_seed=true")
+    """The JSON table with the survey comparison, and what the task printed."""
+    return run_table("task.format=json", "task.compare_survey=true")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def card(preset: str) -> dict:
 def test_task_is_registered():
     assert "table" in registry.names("task")
     cfg = lc.compose(["task=table"])
-    assert (cfg.task.name, cfg.task.format, cfg.task.compare_seed) == ("table", "markdown", False)
+    assert (cfg.task.name, cfg.task.format, cfg.task.compare_survey) == ("table", "markdown", False)
 
 
 @pytest.mark.slow
@@ -62,23 +62,23 @@ def test_one_row_per_preset_without_tiny(rows):
     assert {"gpt3", "llama2_7b", "mixtral_8x7b", "bert_base", "t5_base"} <= set(rows)
 
 
-def test_every_seed_row_appears_in_the_seeds_order(compared, rows):
-    seed_names = [r.model for r in table.SEED_TABLE]
-    assert seed_names == ["GPT-3.5", "LLaMA-2", "LLaMA-3", "Qwen-2", "ChatGLM-3", "Baichuan-2", "Mistral-7B",
+def test_every_survey_row_appears_in_the_surveys_order(compared, rows):
+    survey_names = [r.model for r in table.SURVEY_TABLE]
+    assert survey_names == ["GPT-3.5", "LLaMA-2", "LLaMA-3", "Qwen-2", "ChatGLM-3", "Baichuan-2", "Mistral-7B",
                           "Mixtral-8x7B", "BERT", "T5"]
-    order = [r["seed_row"] for r in compared[0]["rows"]]
+    order = [r["survey_row"] for r in compared[0]["rows"]]
     tabled = [name for name in order if name]
-    assert list(dict.fromkeys(tabled)) == seed_names  # each row, in order, contiguous
+    assert list(dict.fromkeys(tabled)) == survey_names  # each row, in order, contiguous
     assert order == tabled + [""] * (len(order) - len(tabled))  # then the named-only presets
-    assert rows["gpt3"]["seed_row"] == "GPT-3.5"
-    assert {n for n, r in rows.items() if r["seed_row"] == "LLaMA-2"} == {"llama2_7b", "llama2_13b", "llama2_70b"}
-    assert {n for n, r in rows.items() if r["seed_row"] == "LLaMA-3"} >= {"llama3_8b", "llama3_70b", "llama3_1_405b"}
-    assert rows["chatglm3_6b"]["seed_row"] == "ChatGLM-3"
-    assert rows["flan_t5_base"]["seed_row"] == "" and rows["roberta_base"]["seed_row"] == ""
-    assert rows["chatglm_6b"]["seed_row"] == ""
+    assert rows["gpt3"]["survey_row"] == "GPT-3.5"
+    assert {n for n, r in rows.items() if r["survey_row"] == "LLaMA-2"} == {"llama2_7b", "llama2_13b", "llama2_70b"}
+    assert {n for n, r in rows.items() if r["survey_row"] == "LLaMA-3"} >= {"llama3_8b", "llama3_70b", "llama3_1_405b"}
+    assert rows["chatglm3_6b"]["survey_row"] == "ChatGLM-3"
+    assert rows["flan_t5_base"]["survey_row"] == "" and rows["roberta_base"]["survey_row"] == ""
+    assert rows["chatglm_6b"]["survey_row"] == ""
 
 
-def test_named_only_presets_follow_in_the_seeds_order_and_new_ones_are_picked_up():
+def test_named_only_presets_follow_in_the_surveys_order_and_new_ones_are_picked_up():
     names = ["zeta_1b", "deepseek_v3", "gpt2", "llama2_7b", "switch_base_8", "t5_base", "bart_base"]
     totals = dict.fromkeys(names, 1)
     assert table.ordered_presets(names, totals) == [
@@ -124,10 +124,10 @@ def test_cells(rows):
 
 
 def differs(rows, preset) -> dict[str, tuple[str, str]]:
-    return {d["column"]: (d["seed"], d["published"]) for d in rows[preset]["seed_differs"]}
+    return {d["column"]: (d["survey"], d["published"]) for d in rows[preset]["survey_differs"]}
 
 
-def test_compare_seed_flags_the_known_differences(rows):
+def test_compare_survey_flags_the_known_differences(rows):
     assert differs(rows, "llama2_7b") == {"attention": ("GQA", "MHA")}
     assert differs(rows, "llama2_13b") == {"attention": ("GQA", "MHA")}
     assert differs(rows, "mixtral_8x7b") == {"attention": ("SWA+GQA", "GQA")}
@@ -142,7 +142,7 @@ def test_compare_seed_flags_the_known_differences(rows):
     assert "context" in differs(rows, "gpt3")
 
 
-def test_compare_seed_accepts_what_agrees(rows):
+def test_compare_survey_accepts_what_agrees(rows):
     assert "attention" not in differs(rows, "llama2_70b")
     assert differs(rows, "mistral_7b") == {}  # SWA+GQA with its window; 32K inside 8K-32K
     assert differs(rows, "bert_base") == {}  # "Absolute" is any absolute encoding; 110M inside 110M-340M
@@ -151,39 +151,39 @@ def test_compare_seed_accepts_what_agrees(rows):
         assert differs(rows, name) == {}
     assert differs(rows, "baichuan2_7b") == {}
     assert differs(rows, "t5_base") == {"norm": ("LayerNorm", "RMSNorm")}
-    assert "parameters" in differs(rows, "t5_small")  # 60.5M is below the seed's 220M-11B
+    assert "parameters" in differs(rows, "t5_small")  # 60.5M is below the survey's 220M-11B
     for name, row in rows.items():
-        if not row["seed_row"]:
-            assert row["seed_differs"] == []
+        if not row["survey_row"]:
+            assert row["survey_differs"] == []
 
 
-def test_compare_seed_json_carries_the_seed_table(compared):
+def test_compare_survey_json_carries_the_survey_table(compared):
     result = compared[0]
-    assert result["columns"][-1] == "seed_differs"
-    seed = {r["model"]: r for r in result["seed_table"]}
-    assert seed["Mixtral-8x7B"]["parameters"] == "47B (active 13B)"
-    assert seed["BERT"]["attention"] == "bidirectional MHA"
-    assert seed["T5"]["position"] == "Relative"
+    assert result["columns"][-1] == "survey_differs"
+    survey = {r["model"]: r for r in result["survey_table"]}
+    assert survey["Mixtral-8x7B"]["parameters"] == "47B (active 13B)"
+    assert survey["BERT"]["attention"] == "bidirectional MHA"
+    assert survey["T5"]["position"] == "Relative"
 
 
 def test_markdown_has_a_header_and_one_line_per_preset():
     result, printed = run_table()
     lines = [line for line in printed.splitlines() if line.startswith("|")]
-    assert lines[0] == "| model | seed row | type | position | norm | activation | attention | parameters | context |"
+    assert lines[0] == "| model | survey row | type | position | norm | activation | attention | parameters | context |"
     assert set(lines[1].replace("|", "").replace(":", "")) == {"-"}
     assert len(lines) == 2 + len(table.preset_names())
     assert [line.split("|")[1].strip() for line in lines[2:]] == [r["model"] for r in result["rows"]]
-    assert "seed differs" not in printed and "seed_differs" not in result["rows"][0]
+    assert "survey differs" not in printed and "survey_differs" not in result["rows"][0]
 
 
-def test_markdown_with_compare_seed():
-    _, printed = run_table("task.compare_seed=true")
+def test_markdown_with_compare_survey():
+    _, printed = run_table("task.compare_survey=true")
     header, _, *body = printed.strip().splitlines()
-    assert header.endswith("| seed differs |")
+    assert header.endswith("| survey differs |")
     llama = next(line for line in body if line.startswith("| llama2_7b |"))
-    assert llama.endswith("| attention: seed GQA, published MHA |")
+    assert llama.endswith("| attention: survey GQA, published MHA |")
     llama3 = next(line for line in body if line.startswith("| llama3_8b |"))
-    assert "context: seed 128K, published 8K" in llama3
+    assert "context: survey 128K, published 8K" in llama3
 
 
 def test_bad_format_is_a_config_error():
@@ -214,9 +214,8 @@ def test_bad_format_is_a_config_error():
 ])
 def test_labels_follow_the_plugins(overrides, column, expected):
     spec = resolve_spec(lc.compose(overrides))
-    label = {"attention": table.attention_of, "type": table.type_of, "position": table.position_of,
-             "norm": lambda s: table.NORMS[s.params["norm"].plugin],
-             "activation": lambda s: table.ACTIVATIONS[s.params["activation"].plugin]}[column](spec)
+    own = lambda s: table.label(s, column, s.params[column])  # the plugin's own table_label  # noqa: E731
+    label = {"attention": table.attention_of, "type": table.type_of}.get(column, own)(spec)
     assert label == expected
 
 
@@ -243,11 +242,11 @@ def test_formatting_and_matching():
 def test_cli_prints_the_markdown_table(tmp_path: Path):
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "llmarch_compose", "task=table", "task.compare_seed=true"],
+    proc = subprocess.run([sys.executable, "-m", "llmarch_compose", "task=table", "task.compare_survey=true"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
-    assert lines[0].startswith("| model | seed row | type |") and lines[0].endswith("| seed differs |")
+    assert lines[0].startswith("| model | survey row | type |") and lines[0].endswith("| survey differs |")
     assert len(lines) == 2 + len(table.preset_names())
     assert any(line.startswith("| mixtral_8x7b |") and "46.7B (active 12.9B)" in line for line in lines)
 

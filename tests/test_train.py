@@ -29,7 +29,7 @@ TRAIN = [f"task.steps={STEPS}", "task.batch_size=8", "task.seq_len=32", "task.wa
 
 
 def train_cfg(out: Path, *extra: str):
-    return lc.compose([*SMALL, *TRAIN, f"task.output_dir={out}", *extra])
+    return lc.compose([*SMALL, *TRAIN, f"task.output={out}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_checkpoint_round_trips(runs, mode):
 
 def test_seq_len_defaults_to_the_context_for_a_corpus(tmp_path):
     cfg = lc.compose([*SMALL, "task.steps=1", "task.eval_batches=1", "task.batch_size=1", "task.progress=false",
-                      "task.checkpoint=false", "compile=eager", f"task.output_dir={tmp_path}"])
+                      "task.checkpoint=false", "compile=eager", f"task.output={tmp_path}"])
     assert cfg.task.seq_len is None
     assert train.run(cfg)["seq_len"] == 64  # model.max_seq_len
 

@@ -144,8 +144,8 @@ def _inference(model: nn.Module) -> Iterator[None]:
 def _export(model: nn.Module, example_input_ids: torch.Tensor, dynamic_seq: bool, dynamic_batch: bool,
             max_seq_len: Optional[int], example_decoder_input_ids: Optional[torch.Tensor]
             ) -> tuple[torch.export.ExportedProgram, list[InputSpec]]:
-    inputs = model_inputs(model, example_input_ids, example_decoder_input_ids)
-    max_seq_len = max_seq_len if max_seq_len is not None else getattr(model, "max_seq_len", None)
+    inputs = model_inputs(model, example_input_ids, example_decoder_input_ids)  # refuses a non-Topology
+    max_seq_len = max_seq_len if max_seq_len is not None else model.max_seq_len
     specs = input_specs(model, inputs, dynamic_seq, dynamic_batch, max_seq_len)
     with _inference(model):
         with_aux_loss = model(*inputs).aux_loss is not None
@@ -159,8 +159,7 @@ def export_program(model: nn.Module, example_input_ids: torch.Tensor, dynamic_se
     """`model` traced by `torch.export` in eval mode, outputs as plain tensors.
 
     With `dynamic_seq`, each input's sequence length is a symbolic size from 1 to
-    `max_seq_len` (default: `model.max_seq_len` where the model has one, else
-    unbounded); an encoder-decoder's source and target lengths vary apart. With
+    `max_seq_len` (default: the topology's `max_seq_len`, None: unbounded); an encoder-decoder's source and target lengths vary apart. With
     `dynamic_batch` the batch size is symbolic too. A dynamic dimension needs an
     example size of at least 2."""
     return _export(model, example_input_ids, dynamic_seq, dynamic_batch, max_seq_len, example_decoder_input_ids)[0]

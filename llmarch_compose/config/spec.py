@@ -1,7 +1,8 @@
 """From a composed config to a validated model spec, before any tensor exists.
 
 `resolve_spec` checks the `model.` numbers, turns each group node into its
-plugin's params dataclass, and runs each params' `validate(model, key)` hook.
+plugin's params dataclass, and runs each params' `validate(model, key)` hook
+(declared by `ComponentParams`, which every component node derives from).
 Every failure is a `ConfigError` naming the key path, the value and what
 would be valid.
 """
@@ -99,12 +100,10 @@ def resolve_spec(cfg: DictConfig) -> ModelSpec:
         if node is None:
             raise ConfigError(group, None, "no choice made for this group", plugins.names(group))
         p = make_params(group, node)
-        hook = getattr(p, "validate", None)
-        if hook is not None:
-            try:
-                hook(model, group)
-            except ConfigError as exc:
-                raise _blame_source(exc, cfg) from None
+        try:
+            p.validate(model, group)
+        except ConfigError as exc:
+            raise _blame_source(exc, cfg) from None
         params[group] = p
     return ModelSpec(model=model, params=params, layer_params=resolve_layers(cfg, model, params))
 
@@ -135,9 +134,7 @@ def resolve_layers(cfg: DictConfig, model: ModelConfig, params: Mapping[str, Any
                         key = f"{rules[i].key}.{group}"
                         node = layer_node(node, rules[i].changes[group], group, model_numbers, key)
                     p = make_params(group, node)
-                    hook = getattr(p, "validate", None)
-                    if hook is not None:
-                        hook(model, f"{rules[chain[-1]].key}.{group}")
+                    p.validate(model, f"{rules[chain[-1]].key}.{group}")
                     cache[group, chain] = p
                 out.setdefault((stack, layer), {})[group] = cache[group, chain]
     return out

@@ -83,11 +83,11 @@ def kv_cache(model: nn.Module, dtype_bytes: int, context: int) -> dict[str, int]
     return {"kv_cache_bytes_per_token": per_token, "kv_cache_bytes_full_context": full}
 
 
-def training_memory(total_params: int, weight_bytes: int = 4) -> dict[str, int]:
-    """Weights and gradients in the weight dtype, AdamW's two moments in fp32;
-    activations depend on batch and sequence and are not included."""
-    weights = total_params * weight_bytes
-    grads = total_params * weight_bytes
+def training_memory(total_params: int) -> dict[str, int]:
+    """Weights, gradients and AdamW's two moments, all in fp32; activations depend on
+    batch and sequence and are not included."""
+    weights = total_params * 4
+    grads = total_params * 4
     optimizer = total_params * 8
     return {"weights": weights, "gradients": grads, "adamw_states": optimizer, "total": weights + grads + optimizer}
 
@@ -105,7 +105,7 @@ def architecture_card(spec: ModelSpec, dtype: str = "bfloat16", context: int | N
         "plugins": {g: spec.params[g].plugin for g in plugins.GROUPS},
         "dimensions": {
             "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
-            "n_kv_heads": getattr(spec.params["attention"], "num_kv_heads", None),
+            "n_kv_heads": spec.plugin("attention").cls.key_value_heads(spec.params["attention"], m),
             "head_dim": m.head_dim, "ffn_dim": m.ffn_dim, "vocab_size": m.vocab_size,
             "max_seq_len": m.max_seq_len, "tie_embeddings": m.tie_embeddings,
         },

@@ -3,17 +3,48 @@
 Each base class names the hooks the builder and the topologies call; a plugin
 overrides the ones it needs. Every plugin class is constructed as
 `cls(params, ctx, **kwargs)` with its params dataclass and the build context.
+The core calls no hook that is not declared here (or on `ComponentParams`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .objectives import CAUSAL_LM, Objective
+
+
+class ComponentParams:
+    """What the core may call on every component's params, whatever dataclass the plugin
+    declares: the registry derives each params class's config node from this class, so a
+    plain dataclass with a `validate` method of its own overrides the default."""
+
+    def validate(self, model: Any, key: str) -> None:
+        """Refuse bad values before anything is built: `model` holds the validated `model.`
+        numbers (`head_dim` filled in), `key` is where the node sits (`attention`, or
+        `model.layer_pattern[1].attention`); raise `ConfigError(key + ".field", ...)`.
+        Nothing to check by default."""
+
+
+class Labelled:
+    """The hook through which `task=table` names a component: every component interface has it."""
+
+    #: The label when it does not depend on the params; None: the registered plugin name.
+    table_name: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def table_label(cls, params: Any, model: Any) -> str:
+        """This choice's cell in `task=table` (`model`: the validated `model.` numbers)."""
+        return cls.table_name if cls.table_name is not None else params.plugin
+
+
+def table_label(cls: type, params: Any, model: Any) -> str:
+    """`cls.table_label`, or the plugin name for a module that does not derive from an
+    interface (a norm may be a plain `nn.Module`)."""
+    return cls.table_label(params, model) if issubclass(cls, Labelled) else params.plugin
 
 
 class PositionInputs(NamedTuple):
@@ -48,7 +79,7 @@ class PreciseBuffers(nn.Module):
         return self
 
 
-class PositionEncoding(PreciseBuffers):
+class PositionEncoding(PreciseBuffers, Labelled):
     """Position information, through any of three hooks (one plugin may use several).
 
     - `embed`: add to the token embeddings (learned, sinusoidal);
@@ -78,18 +109,37 @@ class PositionEncoding(PreciseBuffers):
         return q, k
 
 
-class Activation(nn.Module):
+class Norm(nn.Module, Labelled):
+    """A normalization over the last dimension: `x -> same shape`. Constructed as
+    `cls(params, ctx, dim=None)` (None: `d_model`)."""
+
+
+class Activation(nn.Module, Labelled):
     """An elementwise function. `gated` ones (the GLU family) make the FFN compute
     `act(x W_gate) * (x W_up)`, doubling its up-projection."""
 
     gated: bool = False
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, Labelled):
     """Self-attention over [batch, seq, d_model] inputs.
 
     Cost hooks let the architecture card count what parameters alone do not show.
     """
+
+    @classmethod
+    def key_value_heads(cls, params: Any, model: Any) -> Optional[int]:
+        """How many key/value heads the query heads share (the card's `n_kv_heads`; `model.n_heads`
+        for MHA, 1 for MQA); None where attention has no such heads (MLA's latent). None by default."""
+        return None
+
+    @classmethod
+    def table_label(cls, params: Any, model: Any) -> str:
+        """`table_name` if set; else MHA, MQA or GQA by `key_value_heads`; else the plugin name."""
+        kv = cls.key_value_heads(params, model)
+        if cls.table_name is not None or kv is None:
+            return super().table_label(params, model)
+        return "MHA" if kv == model.n_heads else "MQA" if kv == 1 else "GQA"
 
     def forward(self, x: torch.Tensor, pos: PositionInputs,
                 memory: Optional[torch.Tensor] = None) -> torch.Tensor:  # pragma: no cover
@@ -124,7 +174,7 @@ class FeedForwardOutput(NamedTuple):
     aux_loss: Optional[torch.Tensor]  # already weighted; None for dense layers
 
 
-class FeedForward(nn.Module):
+class FeedForward(nn.Module, Labelled):
     """The position-wise network: dense or a mixture of experts."""
 
     #: A mixture of experts (the table marks the model MoE).
@@ -156,11 +206,14 @@ class LayerStack(nn.Module):
     repeats: int = 1
 
 
-class Topology(nn.Module):
+class Topology(nn.Module, Labelled):
     """The whole model: embeddings, its stacks of blocks (`LayerStack`), and the head."""
 
     #: What the model is trained for, and what its forward takes (llmarch_compose/plugin/objectives.py).
     objective: Objective = CAUSAL_LM
+    #: The longest input it takes, where it has a bound of its own (export's default for a
+    #: dynamic length); None: unbounded.
+    max_seq_len: Optional[int] = None
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Optional
 from hydra.core.config_store import ConfigStore
 
 from ..errors import LlmarchError, PluginConflictError, UnknownChoiceError
+from .interfaces import ComponentParams
 
 #: The component groups a plugin can belong to, in build order.
 GROUPS = ("position", "norm", "activation", "attention", "ffn", "topology")
@@ -98,10 +99,12 @@ def _component_node(group: str, name: str, params: type) -> type:
     clash = [f.name for f in dataclasses.fields(params) if f.name in RESERVED_KEYS]
     if clash:
         raise TypeError(f"params of {group}/{name} may not define the reserved keys {clash}")
+    # ComponentParams last: the hooks the core calls exist on every node, and the plugin's own
+    # (a `validate` of its dataclass) come first.
     return dataclasses.make_dataclass(
         f"{params.__name__}Node",
         [("plugin", str, field(default=name)), ("name", str, field(default=name))],
-        bases=(params,),
+        bases=(params, ComponentParams),
     )
 
 

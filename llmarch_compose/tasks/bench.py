@@ -34,7 +34,7 @@ class BenchTask:
     compile_depths: List[int] = field(default_factory=list)  # also cold-compile at these depths
     threads: Optional[int] = None  # torch.set_num_threads; None: as found
     adamw: str = "fused"  # fused | foreach | for_loop (the same for every variant)
-    output_dir: Optional[str] = None  # None: Hydra's run directory (or the working directory)
+    output: Optional[str] = None  # the folder to write; None: Hydra's run directory (or the working directory)
 
 
 def options_for(task: BenchTask, max_seq_len: int) -> BenchOptions:

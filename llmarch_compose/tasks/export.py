@@ -33,9 +33,9 @@ PROGRAM_SUFFIX = ".program.pt2"
 @dataclass
 class ExportTask:
     name: str = "export"
-    out: Optional[str] = None  # the package to write: <out>.pt2 (".pt2" added when missing)
+    output: Optional[str] = None  # the package to write: <output>.pt2 (".pt2" added when missing)
     checkpoint: Optional[str] = None  # one of our checkpoint folders; None: build from the config
-    save_program: bool = False  # also write the ExportedProgram (torch.export.save) as <out>.program.pt2
+    save_program: bool = False  # also write the ExportedProgram (torch.export.save) as <output>.program.pt2
     overwrite: bool = False  # replace existing files
     example_seq_len: int = 16  # the traced example's length (its batch is EXAMPLE_BATCH)
     check_seq_len: Optional[int] = None  # the check input's length; None: another length than the example
@@ -50,15 +50,15 @@ EXAMPLE_BATCH, CHECK_BATCH = 2, 3
 def output_paths(task: ExportTask) -> tuple[Path, Optional[Path]]:
     """The package and, when asked, the program file; existing ones are refused
     unless task.overwrite."""
-    if not task.out:
-        raise ConfigError("task.out", task.out, "name the package to write", "a path such as model.pt2")
-    stem = task.out[: -len(SUFFIX)] if task.out.endswith(SUFFIX) else task.out
+    if not task.output:
+        raise ConfigError("task.output", task.output, "name the package to write", "a path such as model.pt2")
+    stem = task.output[: -len(SUFFIX)] if task.output.endswith(SUFFIX) else task.output
     package = Path(stem + SUFFIX)
     program = Path(stem + PROGRAM_SUFFIX) if task.save_program else None
     for path in (package, program):
         if path is not None and path.exists() and not task.overwrite:
             raise ConfigError("task.overwrite", task.overwrite, f"{path} exists and would be replaced",
-                              "task.overwrite=true to replace it, or another task.out")
+                              "task.overwrite=true to replace it, or another task.output")
     return package, program
 
 

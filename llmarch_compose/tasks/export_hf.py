@@ -23,7 +23,7 @@ from ..plugin.registry import register
 @dataclass
 class ExportHFTask:
     name: str = "export_hf"
-    out_dir: Optional[str] = None  # the folder to create (must not exist)
+    output: Optional[str] = None  # the folder to create (must not exist)
     checkpoint: Optional[str] = None  # one of our checkpoint folders to export
     model_type: Optional[str] = None  # None: the type the architecture matches
 
@@ -31,8 +31,8 @@ class ExportHFTask:
 @register("task", "export_hf", params=ExportHFTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     task = to_dataclass(ExportHFTask, cfg.task, "task")
-    if not task.out_dir:
-        raise ConfigError("task.out_dir", task.out_dir, "name the folder to write", "a path that does not exist")
+    if not task.output:
+        raise ConfigError("task.output", task.output, "name the folder to write", "a path that does not exist")
     if task.checkpoint:
         cfg, model = load_checkpoint(task.checkpoint)
     elif cfg.model.get("path"):
@@ -40,6 +40,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         raise ConfigError("task.checkpoint", None, "exporting needs trained weights",
                           "a folder written by task=train, or model=hf model.path=<dir>")
-    out = to_hf(model, cfg, task.out_dir, model_type=task.model_type)
+    out = to_hf(model, cfg, task.output, model_type=task.model_type)
     print(f"wrote {out}")
-    return {"out_dir": str(out)}
+    return {"output": str(out)}

@@ -1,4 +1,4 @@
-"""`task=report task.path=<sweep folder>`: rebuild a sweep's report.
+"""`task=report task.output=<sweep folder>`: rebuild a sweep's report.
 
 For a finished sweep, an interrupted one (its unfinished jobs show as
 `incomplete`) or one still running. The report is rebuilt from the files the
@@ -24,23 +24,23 @@ WHAT_IS_VALID = "the folder of a sweep (Hydra's hydra.sweep.dir, e.g. multirun/<
 @dataclass
 class ReportTask:
     name: str = "report"
-    path: Optional[str] = None  # the sweep folder
+    output: Optional[str] = None  # the sweep folder: its jobs are read, its report rewritten
 
 
 @register("task", "report", params=ReportTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     task = to_dataclass(ReportTask, cfg.task, "task")
-    if not task.path:
-        raise ConfigError("task.path", task.path, "names the sweep to report on", WHAT_IS_VALID)
-    sweep_dir = Path(task.path).expanduser()
+    if not task.output:
+        raise ConfigError("task.output", task.output, "names the sweep to report on", WHAT_IS_VALID)
+    sweep_dir = Path(task.output).expanduser()
     if not sweep_dir.is_dir():
-        raise ConfigError("task.path", task.path, "no such folder", WHAT_IS_VALID)
+        raise ConfigError("task.output", task.output, "no such folder", WHAT_IS_VALID)
     if not is_sweep(sweep_dir):
-        raise ConfigError("task.path", task.path, "holds no job of a sweep (a folder whose .hydra/hydra.yaml says mode MULTIRUN)",
+        raise ConfigError("task.output", task.output, "holds no job of a sweep (a folder whose .hydra/hydra.yaml says mode MULTIRUN)",
                           WHAT_IS_VALID)
     report = write_report(sweep_dir)
     if not report.files:
-        raise ConfigError("task.path", task.path, f"holds no job of a task that reports ({', '.join(REPORTED_TASKS)})",
+        raise ConfigError("task.output", task.output, f"holds no job of a task that reports ({', '.join(REPORTED_TASKS)})",
                           WHAT_IS_VALID)
     print(f"sweep report: {report.markdown} ({report.describe()})")
     return {"report": str(report.markdown), "jobs": len(report.jobs),

@@ -1,9 +1,9 @@
-"""`task=table`: the seed survey's comparison table, regenerated from the presets.
+"""`task=table`: the survey's comparison table, regenerated from the presets.
 
 One row per preset (every `conf/model/*.yaml` but `tiny`), each cell derived from
 the resolved spec and the parameter counts from `architecture_card` on `meta`:
-nothing in the table is typed by hand except the seed's own rows, which
-`task.compare_seed=true` compares cell by cell with what the presets compute.
+nothing in the table is typed by hand except the survey's own rows, which
+`task.compare_survey=true` compares cell by cell with what the presets compute.
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from ..model.card import architecture_card
 from ..errors import ConfigError
 from ..config.spec import ModelSpec, resolve_spec
 from ..config.structured import to_dataclass
+from ..plugin import registry as plugins
+from ..plugin.interfaces import table_label
 from ..plugin.registry import register
 
 FORMATS = ("markdown", "json")
 TEST_PRESET = "tiny"  # the test model: not a row of the table
 
-#: (key in a row, Markdown header) of the compared columns, in the seed's order.
+#: (key in a row, Markdown header) of the compared columns, in the survey's order.
 COLUMNS = (("type", "type"), ("position", "position"), ("norm", "norm"), ("activation", "activation"),
            ("attention", "attention"), ("parameters", "parameters"), ("context", "context"))
 
@@ -40,14 +42,14 @@ COLUMNS = (("type", "type"), ("position", "position"), ("norm", "norm"), ("activ
 class TableTask:
     name: str = "table"
     format: str = "markdown"  # markdown | json
-    compare_seed: bool = False  # add the cells where the seed survey says otherwise
+    compare_survey: bool = False  # add the cells where the survey says otherwise
 
 
-# --------------------------------------------------------------------------- the seed
+# --------------------------------------------------------------------------- the survey
 
 @dataclass(frozen=True)
-class SeedRow:
-    """One row of the seed's table (section 三), its Chinese cells rendered in English."""
+class SurveyRow:
+    """One row of the survey's table (section 三), its Chinese cells rendered in English."""
 
     model: str
     type: str
@@ -60,32 +62,32 @@ class SeedRow:
     presets: tuple[str, ...]  # fnmatch patterns of the preset names that instantiate this row
 
 
-#: The seed's comparison table, in its order. Renderings: 绝对位置编码 -> Absolute,
+#: The survey's comparison table, in its order. Renderings: 绝对位置编码 -> Absolute,
 #: 相对位置编码 -> Relative, 双向MHA -> bidirectional MHA, "47B (激活13B)" -> "47B (active 13B)".
-SEED_TABLE = (
-    SeedRow("GPT-3.5", "Decoder-Only", "Absolute", "LayerNorm", "GELU", "MHA", "175B", "8K-32K",
-            ("gpt3", "gpt3_5*")),  # GPT-3.5 has no published config: gpt3 is the seed's 175B
-    SeedRow("LLaMA-2", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "GQA", "7B/13B/70B", "4K", ("llama2_*",)),
-    SeedRow("LLaMA-3", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "GQA", "8B/70B/405B", "128K", ("llama3_*",)),
-    SeedRow("Qwen-2", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "MHA/GQA", "0.5B-72B", "32K-128K", ("qwen2_*",)),
-    SeedRow("ChatGLM-3", "Prefix-Decoder", "RoPE (2D)", "LayerNorm", "GELU", "MQA", "6B", "32K", ("chatglm3_*",)),
-    SeedRow("Baichuan-2", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "MHA", "7B/13B", "4K-32K", ("baichuan2_*",)),
-    SeedRow("Mistral-7B", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "SWA+GQA", "7B", "8K-32K", ("mistral_7b",)),
-    SeedRow("Mixtral-8x7B", "Decoder-Only (MoE)", "RoPE", "RMSNorm", "SwiGLU", "SWA+GQA", "47B (active 13B)", "32K",
+SURVEY_TABLE = (
+    SurveyRow("GPT-3.5", "Decoder-Only", "Absolute", "LayerNorm", "GELU", "MHA", "175B", "8K-32K",
+            ("gpt3", "gpt3_5*")),  # GPT-3.5 has no published config: gpt3 is the survey's 175B
+    SurveyRow("LLaMA-2", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "GQA", "7B/13B/70B", "4K", ("llama2_*",)),
+    SurveyRow("LLaMA-3", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "GQA", "8B/70B/405B", "128K", ("llama3_*",)),
+    SurveyRow("Qwen-2", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "MHA/GQA", "0.5B-72B", "32K-128K", ("qwen2_*",)),
+    SurveyRow("ChatGLM-3", "Prefix-Decoder", "RoPE (2D)", "LayerNorm", "GELU", "MQA", "6B", "32K", ("chatglm3_*",)),
+    SurveyRow("Baichuan-2", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "MHA", "7B/13B", "4K-32K", ("baichuan2_*",)),
+    SurveyRow("Mistral-7B", "Decoder-Only", "RoPE", "RMSNorm", "SwiGLU", "SWA+GQA", "7B", "8K-32K", ("mistral_7b",)),
+    SurveyRow("Mixtral-8x7B", "Decoder-Only (MoE)", "RoPE", "RMSNorm", "SwiGLU", "SWA+GQA", "47B (active 13B)", "32K",
             ("mixtral_8x7b",)),
-    SeedRow("BERT", "Encoder-Only", "Absolute", "LayerNorm", "GELU", "bidirectional MHA", "110M-340M", "512",
+    SurveyRow("BERT", "Encoder-Only", "Absolute", "LayerNorm", "GELU", "bidirectional MHA", "110M-340M", "512",
             ("bert_*",)),
-    SeedRow("T5", "Encoder-Decoder", "Relative", "LayerNorm", "ReLU", "MHA", "220M-11B", "512", ("t5_*",)),
+    SurveyRow("T5", "Encoder-Decoder", "Relative", "LayerNorm", "ReLU", "MHA", "220M-11B", "512", ("t5_*",)),
 )
 
-#: Presets of models the seed names outside its table, in the order it names them
-#: (sections 一 and 四): they follow the table's rows, with an empty seed row.
-SEED_NAMED = ("gpt2", "gpt2_xl", "roberta_base", "albert_base", "flan_t5_base", "bart_base", "chatglm_6b",
+#: Presets of models the survey names outside its table, in the order it names them
+#: (sections 一 and 四): they follow the table's rows, with an empty survey row.
+SURVEY_NAMED = ("gpt2", "gpt2_xl", "roberta_base", "albert_base", "flan_t5_base", "bart_base", "chatglm_6b",
               "switch_base_8", "deepseek_v3")
 
 
-def seed_row_for(preset: str) -> Optional[SeedRow]:
-    return next((r for r in SEED_TABLE if any(fnmatch.fnmatchcase(preset, p) for p in r.presets)), None)
+def survey_row_for(preset: str) -> Optional[SurveyRow]:
+    return next((r for r in SURVEY_TABLE if any(fnmatch.fnmatchcase(preset, p) for p in r.presets)), None)
 
 
 # --------------------------------------------------------------------------- the presets
@@ -109,43 +111,18 @@ def _hydra() -> Iterator[None]:
         yield
 
 
-TYPES = {"decoder_only": "Decoder-Only", "encoder_only": "Encoder-Only", "encoder_decoder": "Encoder-Decoder",
-         "prefix_decoder": "Prefix-Decoder"}
-NORMS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
-ACTIVATIONS = {"gelu": "GELU", "geglu": "GeGLU", "relu": "ReLU", "reglu": "ReGLU", "silu": "SiLU",
-               "swiglu": "SwiGLU"}
-POSITIONS = {"rope": "RoPE", "rope_2d": "RoPE (2D)", "learned": "Absolute (learned)",
-             "sinusoidal": "Absolute (sinusoidal)", "relative_bias": "Relative (T5 buckets)", "alibi": "ALiBi",
-             "none": "none"}
+def label(spec: ModelSpec, group: str, params: Any) -> str:
+    """The plugin's own cell for `params` (its `table_label` hook)."""
+    return table_label(plugins.get(group, params.plugin).cls, params, spec.model)
 
 
 def _all_params(spec: ModelSpec, group: str) -> list[Any]:
     return [spec.params[group], *(p[group] for p in spec.layer_params.values() if group in p)]
 
 
-def _is_moe(params: Any) -> bool:
-    return params.plugin == "moe" or hasattr(params, "num_experts")
-
-
 def type_of(spec: ModelSpec) -> str:
-    plugin = spec.params["topology"].plugin
-    label = TYPES.get(plugin, plugin.replace("_", "-").title())
-    return label + (" (MoE)" if any(_is_moe(p) for p in _all_params(spec, "ffn")) else "")
-
-
-def position_of(spec: ModelSpec) -> str:
-    p = spec.params["position"]
-    if p.plugin == "rope" and getattr(p, "fraction", 1.0) < 1.0:
-        return "RoPE (partial)"
-    return POSITIONS.get(p.plugin, p.plugin)
-
-
-def attention_kind(params: Any, n_heads: int) -> str:
-    if params.plugin == "mla":
-        return "MLA"
-    kv = getattr(params, "num_kv_heads", None)
-    kind = params.plugin.upper() if kv is None else "MHA" if kv == n_heads else "MQA" if kv == 1 else "GQA"
-    return ("SWA+" + kind) if getattr(params, "window", None) is not None else kind
+    moe = any(plugins.get("ffn", p.plugin).cls.mixture_of_experts for p in _all_params(spec, "ffn"))
+    return label(spec, "topology", spec.params["topology"]) + (" (MoE)" if moe else "")
 
 
 def _ordinal(n: int) -> str:
@@ -165,24 +142,21 @@ def _which_layers(layers: set[int], n_layers: int) -> str:
 
 
 def attention_of(spec: ModelSpec) -> str:
-    m = spec.model
-    base = spec.params["attention"]
-    label = attention_kind(base, m.n_heads)
-    if spec.params["topology"].plugin == "encoder_only":
-        label = f"bidirectional {label}"
+    base = label(spec, "attention", spec.params["attention"])
+    text = f"bidirectional {base}" if spec.params["topology"].plugin == "encoder_only" else base
     others: dict[str, set[int]] = {}  # a per-layer kind other than the base one -> its layers
     for (stack, layer), changed in spec.layer_params.items():
         if "attention" not in changed:
             continue
-        kind = attention_kind(changed["attention"], m.n_heads)
-        if kind == attention_kind(base, m.n_heads):
+        kind = label(spec, "attention", changed["attention"])
+        if kind == base:
             continue
-        if kind == "SWA+" + attention_kind(base, m.n_heads):
+        if kind == "SWA+" + base:
             kind = "local"
         others.setdefault(kind, set()).add(layer)
     for kind, layers in others.items():
-        label += f" + {kind} ({_which_layers(layers, m.n_layers)})"
-    return label
+        text += f" + {kind} ({_which_layers(layers, spec.model.n_layers)})"
+    return text
 
 
 def format_count(n: float) -> str:
@@ -215,9 +189,9 @@ def _preset_row(name: str, source: str) -> dict[str, Any]:
     return {
         "model": name,
         "type": type_of(spec),
-        "position": position_of(spec),
-        "norm": NORMS.get(spec.params["norm"].plugin, spec.params["norm"].plugin),
-        "activation": ACTIVATIONS.get(spec.params["activation"].plugin, spec.params["activation"].plugin),
+        "position": label(spec, "position", spec.params["position"]),
+        "norm": label(spec, "norm", spec.params["norm"]),
+        "activation": label(spec, "activation", spec.params["activation"]),
         "attention": attention_of(spec),
         "parameters": parameters,
         "context": format_context(spec.model.max_seq_len),
@@ -229,17 +203,17 @@ def _preset_row(name: str, source: str) -> dict[str, Any]:
 
 
 def ordered_presets(names: Sequence[str], totals: dict[str, int]) -> list[str]:
-    """The seed table's rows in its order (each row's presets by size), then the presets
-    the seed only names, then the rest by name."""
+    """The survey table's rows in its order (each row's presets by size), then the presets
+    the survey only names, then the rest by name."""
     out: list[str] = []
-    for row in SEED_TABLE:
-        out += sorted((n for n in names if seed_row_for(n) is row), key=lambda n: (totals[n], n))
-    out += [n for n in SEED_NAMED if n in names and n not in out]
+    for row in SURVEY_TABLE:
+        out += sorted((n for n in names if survey_row_for(n) is row), key=lambda n: (totals[n], n))
+    out += [n for n in SURVEY_NAMED if n in names and n not in out]
     out += [n for n in names if n not in out]
     return out
 
 
-# --------------------------------------------------------------------------- comparing with the seed
+# --------------------------------------------------------------------------- comparing with the survey
 
 def _norm(text: str) -> str:
     return re.sub(r"\s+", "", text).lower()
@@ -268,11 +242,11 @@ def _alternatives(text: str, binary: bool) -> list[tuple[float, float]]:
     return out
 
 
-def parameters_match(seed: str, total: int, active: int) -> bool:
+def parameters_match(survey: str, total: int, active: int) -> bool:
     """Within 10% of a listed size, or inside a listed range (its ends with the same 10%);
     a listed active count ("47B (active 13B)") must match too."""
-    match = re.match(r"^(.*?)\s*\(active\s*(.*?)\)\s*$", seed)
-    listed, listed_active = (match.group(1), match.group(2)) if match else (seed, None)
+    match = re.match(r"^(.*?)\s*\(active\s*(.*?)\)\s*$", survey)
+    listed, listed_active = (match.group(1), match.group(2)) if match else (survey, None)
 
     def near(text: str, n: int) -> bool:
         return any(low * 0.9 <= n <= high * 1.1 for low, high in _alternatives(text, binary=False))
@@ -280,53 +254,53 @@ def parameters_match(seed: str, total: int, active: int) -> bool:
     return near(listed, total) and (listed_active is None or near(listed_active, active))
 
 
-def context_match(seed: str, n: int) -> bool:
-    return any(low <= n <= high for low, high in _alternatives(seed, binary=True))
+def context_match(survey: str, n: int) -> bool:
+    return any(low <= n <= high for low, high in _alternatives(survey, binary=True))
 
 
 def _base(label: str) -> str:
     return label.split(" (")[0]
 
 
-def cell_matches(column: str, seed: str, row: dict[str, Any]) -> bool:
+def cell_matches(column: str, survey: str, row: dict[str, Any]) -> bool:
     published = row[column]
     if column == "parameters":
-        return parameters_match(seed, row["params_total"], row["params_active"])
+        return parameters_match(survey, row["params_total"], row["params_active"])
     if column == "context":
-        return context_match(seed, row["max_seq_len"])
+        return context_match(survey, row["max_seq_len"])
     if column == "attention":  # "MHA/GQA" is either; "SWA+GQA" needs the window
-        return any(_norm(alt) == _norm(published) for alt in seed.split("/"))
-    if column == "position" and " (" not in seed:  # "Absolute" is any absolute encoding
-        return _norm(seed) == _norm(_base(published))
-    return _norm(seed) == _norm(published)
+        return any(_norm(alt) == _norm(published) for alt in survey.split("/"))
+    if column == "position" and " (" not in survey:  # "Absolute" is any absolute encoding
+        return _norm(survey) == _norm(_base(published))
+    return _norm(survey) == _norm(published)
 
 
-def seed_differences(row: dict[str, Any]) -> list[dict[str, str]]:
-    seed = seed_row_for(row["model"])
-    if seed is None:
+def survey_differences(row: dict[str, Any]) -> list[dict[str, str]]:
+    survey = survey_row_for(row["model"])
+    if survey is None:
         return []
-    return [{"column": column, "seed": getattr(seed, column), "published": row[column]}
-            for column, _ in COLUMNS if not cell_matches(column, getattr(seed, column), row)]
+    return [{"column": column, "survey": getattr(survey, column), "published": row[column]}
+            for column, _ in COLUMNS if not cell_matches(column, getattr(survey, column), row)]
 
 
 def describe_differences(diffs: Sequence[dict[str, str]]) -> str:
-    return "; ".join(f"{d['column']}: seed {d['seed']}, published {d['published']}" for d in diffs)
+    return "; ".join(f"{d['column']}: survey {d['survey']}, published {d['published']}" for d in diffs)
 
 
 # --------------------------------------------------------------------------- the task
 
-def build_table(compare_seed: bool = False) -> list[dict[str, Any]]:
+def build_table(compare_survey: bool = False) -> list[dict[str, Any]]:
     names = preset_names()
     with _hydra():
         computed = {n: _preset_row(n, _preset_source(n)) for n in names}
     rows = []
     for name in ordered_presets(names, {n: r["params_total"] for n, r in computed.items()}):
-        seed = seed_row_for(name)
-        row = {"model": name, "seed_row": seed.model if seed else ""}
+        survey = survey_row_for(name)
+        row = {"model": name, "survey_row": survey.model if survey else ""}
         row.update({k: v for k, v in computed[name].items() if k != "model"})
         row["components"] = dict(row["components"])
-        if compare_seed:
-            row["seed_differs"] = seed_differences(row)
+        if compare_survey:
+            row["survey_differs"] = survey_differences(row)
         rows.append(row)
     return rows
 
@@ -335,15 +309,15 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|")
 
 
-def render_markdown(rows: Sequence[dict[str, Any]], compare_seed: bool = False) -> str:
-    headers = ["model", "seed row", *(h for _, h in COLUMNS)] + (["seed differs"] if compare_seed else [])
+def render_markdown(rows: Sequence[dict[str, Any]], compare_survey: bool = False) -> str:
+    headers = ["model", "survey row", *(h for _, h in COLUMNS)] + (["survey differs"] if compare_survey else [])
     right = {"parameters", "context"}
     lines = ["| " + " | ".join(headers) + " |",
              "|" + "|".join("---:" if h in right else "---" for h in headers) + "|"]
     for row in rows:
-        cells = [row["model"], row["seed_row"], *(row[k] for k, _ in COLUMNS)]
-        if compare_seed:
-            cells.append(describe_differences(row["seed_differs"]))
+        cells = [row["model"], row["survey_row"], *(row[k] for k, _ in COLUMNS)]
+        if compare_survey:
+            cells.append(describe_differences(row["survey_differs"]))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -352,11 +326,11 @@ def table_for(cfg: DictConfig) -> dict[str, Any]:
     task = to_dataclass(TableTask, cfg.task, "task")
     if task.format not in FORMATS:
         raise ConfigError("task.format", task.format, "unknown output format", FORMATS)
-    out: dict[str, Any] = {"columns": ["model", "seed_row", *(k for k, _ in COLUMNS)],
-                           "rows": build_table(task.compare_seed)}
-    if task.compare_seed:
-        out["columns"].append("seed_differs")
-        out["seed_table"] = [{k: v for k, v in vars(r).items() if k != "presets"} for r in SEED_TABLE]
+    out: dict[str, Any] = {"columns": ["model", "survey_row", *(k for k, _ in COLUMNS)],
+                           "rows": build_table(task.compare_survey)}
+    if task.compare_survey:
+        out["columns"].append("survey_differs")
+        out["survey_table"] = [{k: v for k, v in vars(r).items() if k != "presets"} for r in SURVEY_TABLE]
     return out
 
 
@@ -366,5 +340,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.task.format == "json":
         print(json.dumps(table))
     else:
-        print(render_markdown(table["rows"], compare_seed="seed_table" in table))
+        print(render_markdown(table["rows"], compare_survey="survey_table" in table))
     return table

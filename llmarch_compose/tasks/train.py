@@ -25,8 +25,9 @@ TrainTask = TrainSettings
 
 
 def output_dir(task: TrainSettings) -> Path:
-    if task.output_dir:
-        return Path(task.output_dir)
+    """Where the task writes: `task.output`, else Hydra's run directory (or the working directory)."""
+    if task.output:
+        return Path(task.output)
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()

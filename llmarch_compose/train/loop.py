@@ -54,7 +54,7 @@ class TrainSettings:
     eval_batches: int = 8
     checkpoint: bool = True
     progress: bool = True
-    output_dir: Optional[str] = None  # None: Hydra's run directory (or the working directory)
+    output: Optional[str] = None  # the folder to write; None: Hydra's run directory (or the working directory)
 
 
 def check(task: TrainSettings, vocab_size: int, max_seq_len: int, data: DataSource, data_name: str) -> None:

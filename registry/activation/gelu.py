@@ -22,6 +22,8 @@ class GELUParams:
 class GELU(Activation):
     """GELU: x * Phi(x), exact or with the tanh approximation."""
 
+    table_name = "GELU"
+
     def __init__(self, params: GELUParams, ctx):
         super().__init__()
         self.approximate = params.approximate
@@ -33,5 +35,7 @@ class GELU(Activation):
 @register("activation", "geglu", params=GELUParams)
 class GeGLU(GELU):
     """GeGLU: gelu(x W) * (x V) (T5 v1.1)."""
+
+    table_name = "GeGLU"
 
     gated = True

@@ -8,6 +8,8 @@ from llmarch_compose import Activation, register
 class ReLU(Activation):
     """ReLU: max(0, x) (T5 v1.0)."""
 
+    table_name = "ReLU"
+
     def __init__(self, params, ctx):
         super().__init__()
 
@@ -18,5 +20,7 @@ class ReLU(Activation):
 @register("activation", "reglu")
 class ReGLU(ReLU):
     """ReGLU: relu(x W) * (x V)."""
+
+    table_name = "ReGLU"
 
     gated = True

@@ -8,6 +8,8 @@ from llmarch_compose import Activation, register
 class SiLU(Activation):
     """SiLU (Swish): x * sigmoid(x)."""
 
+    table_name = "SiLU"
+
     def __init__(self, params, ctx):
         super().__init__()
 
@@ -18,5 +20,7 @@ class SiLU(Activation):
 @register("activation", "swiglu")
 class SwiGLU(SiLU):
     """SwiGLU: silu(x W) * (x V) (LLaMA, Qwen, Mistral)."""
+
+    table_name = "SwiGLU"
 
     gated = True

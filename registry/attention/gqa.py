@@ -106,6 +106,15 @@ class GroupedQueryAttention(Attention):
     (MHA and MQA are its two ends), with an optional sliding window, QK-norm, and a
     cross-attention form for encoder-decoder models."""
 
+    @classmethod
+    def key_value_heads(cls, params: GQAParams, model) -> int:
+        return params.num_kv_heads
+
+    @classmethod
+    def table_label(cls, params: GQAParams, model) -> str:
+        label = super().table_label(params, model)  # MHA, MQA or GQA by the shared heads
+        return "SWA+" + label if params.window is not None else label
+
     def __init__(self, params: GQAParams, ctx, layer_idx: int = 0, causal: bool = True, cross: bool = False,
                  position=None):
         super().__init__()

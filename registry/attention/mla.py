@@ -115,6 +115,8 @@ class MultiHeadLatentAttention(Attention):
     """Multi-head latent attention (DeepSeek-V2/V3): keys and values from a cached low-rank
     latent, with a decoupled rotary key shared by all heads."""
 
+    table_name = "MLA"
+
     def __init__(self, params: MLAParams, ctx, layer_idx: int = 0, causal: bool = True, cross: bool = False,
                  position=None):
         super().__init__()

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmarch_compose import register
+from llmarch_compose import Norm, register
 
 from .rmsnorm import RMSNormParams
 
@@ -15,8 +15,10 @@ class LayerNormParams(RMSNormParams):
 
 
 @register("norm", "layernorm", params=LayerNormParams)
-class LayerNorm(nn.Module):
+class LayerNorm(Norm):
     """LayerNorm: (x - mean) / sqrt(var + eps) * weight (+ bias)."""
+
+    table_name = "LayerNorm"
 
     def __init__(self, params: LayerNormParams, ctx, dim: int | None = None):
         super().__init__()

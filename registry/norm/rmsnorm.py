@@ -4,7 +4,7 @@ import torch
 from omegaconf import SI
 from torch import nn
 
-from llmarch_compose import ConfigError, register
+from llmarch_compose import ConfigError, Norm, register
 
 
 @dataclass
@@ -17,8 +17,10 @@ class RMSNormParams:
 
 
 @register("norm", "rmsnorm", params=RMSNormParams)
-class RMSNorm(nn.Module):
+class RMSNorm(Norm):
     """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (no centring, no bias)."""
+
+    table_name = "RMSNorm"
 
     def __init__(self, params: RMSNormParams, ctx, dim: int | None = None):
         super().__init__()

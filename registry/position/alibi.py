@@ -28,6 +28,8 @@ def alibi_slopes(n_heads: int) -> list[float]:
 class ALiBi(PositionEncoding):
     """ALiBi: no position parameters; each head adds -slope * |query - key distance| to its scores."""
 
+    table_name = "ALiBi"
+
     def __init__(self, params, ctx, causal: bool = True):
         super().__init__()
         # float32 (or wider) even in a bf16 model: PositionEncoding._apply keeps the table's precision.

@@ -23,6 +23,8 @@ class LearnedParams:
 class LearnedPosition(PositionEncoding):
     """A learned absolute position table added to the token embeddings (GPT-2, BERT)."""
 
+    table_name = "Absolute (learned)"
+
     def __init__(self, params: LearnedParams, ctx, causal: bool = True):
         super().__init__()
         self.offset = params.offset

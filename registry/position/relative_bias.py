@@ -60,6 +60,8 @@ def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_bu
 class RelativePositionBias(PositionEncoding):
     """T5's relative position bias: a learned per-head score bias for each bucket of key-minus-query distances."""
 
+    table_name = "Relative (T5 buckets)"
+
     def __init__(self, params: RelativeBiasParams, ctx, causal: bool = True):
         super().__init__()
         self.bidirectional = not causal  # an encoder tells keys before the query from keys after it

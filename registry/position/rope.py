@@ -111,6 +111,11 @@ class RotaryPosition(PositionEncoding):
     """Rotary position embedding: queries and keys rotated by position-dependent angles,
     so their dot product depends only on the relative position."""
 
+    @classmethod
+    def table_label(cls, params: RopeParams, model) -> str:
+        # Rotating part of each head (GPT-J, GPT-NeoX) is its own scheme in the survey's terms.
+        return "RoPE (partial)" if params.fraction < 1.0 else "RoPE"
+
     def __init__(self, params: RopeParams, ctx, causal: bool = True):
         super().__init__()
         self.params = params

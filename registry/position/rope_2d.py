@@ -41,6 +41,10 @@ class Rope2DParams:
 class Rotary2DPosition(RotaryPosition):
     """GLM's 2D RoPE: half of each head rotated by the position, half by the position within the generated block."""
 
+    @classmethod
+    def table_label(cls, params: Rope2DParams, model) -> str:
+        return "RoPE (2D)"  # not RotaryPosition's: rope_2d has no fraction, the whole head rotates
+
     # A RotaryPosition over the whole head: `rotate` and the rotation maths are inherited; only
     # the tables (two id sequences) and the pair layout (rotate half within each half) differ.
     def __init__(self, params: Rope2DParams, ctx, causal: bool = True):

@@ -20,6 +20,8 @@ class SinusoidalPosition(PositionEncoding):
     """Fixed sine/cosine positions of "Attention Is All You Need", added to the
     embeddings: PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(same)."""
 
+    table_name = "Absolute (sinusoidal)"
+
     def __init__(self, params: SinusoidalParams, ctx, causal: bool = True):
         super().__init__()
         d = ctx.model.embedding_width

@@ -11,6 +11,8 @@ from .stack import HeadedTopology, Embeddings, LMHead, Stack, TopologyParams, po
 class DecoderOnly(HeadedTopology):
     """A causal language model: embeddings, a stack of causal blocks, an LM head."""
 
+    table_name = "Decoder-Only"
+
     prefix_lm = False  # prefix_decoder: a bidirectional prefix before the causal part
 
     def __init__(self, params: TopologyParams, ctx):

@@ -92,6 +92,11 @@ class DifferentialAttention(Attention):
         # A bound method, not a submodule: the topology owns the position module.
         self.rotate = position.rotate
 
+    @classmethod
+    def key_value_heads(cls, params: DifferentialParams, model) -> int:
+        # Counted as gqa counts them, so the card and task=table read MHA/GQA/MQA as for gqa.
+        return params.num_kv_heads
+
     def lambda_full(self) -> torch.Tensor:
         return (torch.exp(torch.dot(self.lambda_q1, self.lambda_k1))
                 - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2)) + self.lambda_init)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llmarch_compose import ConfigError, register
+from llmarch_compose import ConfigError, Norm, register
 
 
 @dataclass
@@ -20,9 +20,11 @@ class DyTParams:
 
 
 @register("norm", "dyt", params=DyTParams)
-class DynamicTanh(nn.Module):
+class DynamicTanh(Norm):
     """Dynamic Tanh: weight * tanh(alpha * x) + bias, with one learned scalar alpha
     and no statistics over the features (a drop-in replacement for a norm layer)."""
+
+    table_name = "DyT"  # its cell in task=table
 
     def __init__(self, params: DyTParams, ctx, dim: Optional[int] = None):
         super().__init__()
