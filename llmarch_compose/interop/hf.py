@@ -19,8 +19,6 @@ mapping that matters.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -31,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..artifacts.atomic import atomic_folder
 from ..config.compose import compose
 from ..config.spec import resolve_spec
 from ..errors import ConfigError
@@ -174,20 +173,15 @@ def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_ty
     if sizes:  # "dtype" for transformers 5, "torch_dtype" for the readers before it
         hf_config["dtype"] = hf_config["torch_dtype"] = max(sizes, key=sizes.__getitem__)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(theirs, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        stated = {k: v for k, v in tokens.items() if v is not None}
-        if stated:
-            (tmp / GENERATION_NAME).write_text(json.dumps(stated, indent=2) + "\n")
-        if out.exists():
-            raise InteropError(f"{out} exists: choose a new folder (nothing is overwritten)")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(out, overwrite=False) as tmp:
+            save_file(theirs, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            stated = {k: v for k, v in tokens.items() if v is not None}
+            if stated:
+                (tmp / GENERATION_NAME).write_text(json.dumps(stated, indent=2) + "\n")
+    except FileExistsError:
+        raise InteropError(f"{out} exists: choose a new folder (nothing is overwritten)") from None
     return out
 
 
