@@ -82,6 +82,7 @@ def test_unknown_choice_in_a_sweep_is_rejected_before_any_job(tmp_path):
     (["model.d_model=abc", "task=summary"], ["model.d_model", "abc"]),
     (["model.dmodel=64", "task=summary"], ["model.d_model"]),
 ])
+@pytest.mark.slow
 def test_validation_error_exits_without_traceback(tmp_path, args, words):
     proc = run(args, tmp_path)
     assert proc.returncode != 0

@@ -81,3 +81,24 @@ def test_the_example_test_suite_passes_against_the_installed_package(installed):
                       timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout and "failed" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_its_task_and_data_source_run_from_the_command_line(installed, tmp_path):
+    """A third-party task and data source: listed by --help, run by name, with no change here."""
+    site, _ = installed
+    helped = run_llmarch(["--help"], pythonpath=[site], cwd=tmp_path)
+    assert helped.returncode == 0, helped.stderr
+    assert "context_budget" in helped.stdout and "parity" in helped.stdout
+    proc = run_llmarch(["task=context_budget", "model=llama2_7b", "attention=mqa", "task.memory_gib=24",
+                        "task.format=json"], pythonpath=[site], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["kv_cache_bytes_per_token"] == 32 * 2 * 128 * 2  # one KV head of 128 in 32 layers, bf16
+    train = run_llmarch(["data=parity", "data.length=8", "model.d_model=32", "model.n_layers=1", "task.steps=3",
+                         "task.batch_size=4", "task.eval_batches=1", "compile=eager", "task.progress=false",
+                         f"task.output={tmp_path / 'run'}"], pythonpath=[site], cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"] == "parity" and summary["chance_accuracy"] == 0.5
+    assert 0.0 <= summary["final_val_accuracy"] <= 1.0 and summary["seq_len"] == 8

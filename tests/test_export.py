@@ -217,6 +217,7 @@ def test_cuda_index_is_checked_against_the_devices(monkeypatch):
     assert err.value.key == "device"
 
 
+@pytest.mark.slow
 def test_bad_device_on_the_command_line(tmp_path):
     proc = llmarch([*LLAMA, "task=export", f"task.output={tmp_path / 'm'}", "device=gpu"], tmp_path)
     assert proc.returncode != 0

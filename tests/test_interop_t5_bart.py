@@ -180,6 +180,7 @@ def test_presets_write_checkpoints_transformers_runs(preset, tmp_path):
     torch.testing.assert_close(logits(back.eval(), src, tgt), logits(model, src, tgt), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_guesses_are_conservative():
     specs = {p: lc.resolve_spec(lc.compose([f"model={p}", "scale=tiny"]))
              for p in ("t5_small", "t5_base", "flan_t5_base", "bart_base", "tiny", "gpt2", "bert_base")}

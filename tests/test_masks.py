@@ -287,6 +287,7 @@ def compile_blocks(model, backend: str = "aot_eager"):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_compiled_flex_inference_matches_eager_sdpa(name, monkeypatch):
     """Compiled inference takes FlexAttention (block masks built), eager takes SDPA; same logits."""

@@ -301,6 +301,7 @@ def test_card_kv_cache_and_attention_flops(tiny_cfg):
     assert swa["flops_attention"] == pytest.approx(layers * 2 * 4 * (qk + v) * attended)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_mla_builds_on_every_preset(preset):
     """With no MLA numbers set, `attention=mla` derives them from the preset's head_dim and

@@ -465,6 +465,7 @@ def test_rope_2d_validation(overrides, key, value, valid):
     assert (err.value.key, err.value.value, err.value.valid) == (key, value, valid)
 
 
+@pytest.mark.slow
 def test_rope_2d_prefix_inputs_compile_to_one_graph():
     """Position ids from a runtime prefix length: no .item(), no data-dependent shapes."""
     pe = rope_2d_module()
