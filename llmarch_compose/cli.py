@@ -20,16 +20,19 @@ from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import hydra
+from hydra import initialize_config_module
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .plugin import registry as plugins
-from hydra import initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-
 from .config.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check
 from .errors import LlmarchError
+from .plugin import registry as plugins
+from .sweep.callback import JobFailed, take_reports
+from .sweep.report import FAILED, INCOMPLETE
+from .tasks import run_task
 
 EXIT_USAGE = 2
 EXIT_JOB_FAILED = 1
@@ -53,9 +56,6 @@ def sweep_objective(result: Any) -> Any:
 
 @hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base=VERSION_BASE)
 def _app(cfg: DictConfig):
-    from .sweep.callback import JobFailed
-    from .tasks import run_task
-
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
@@ -71,9 +71,6 @@ def _app(cfg: DictConfig):
 def _run_app() -> None:
     """Run the app; a sweep (`-m`, or hydra.mode=MULTIRUN) ends with its report, and the
     command exits non-zero if a job failed or the sweep was interrupted."""
-    from .sweep.callback import take_reports
-    from .sweep.report import FAILED, INCOMPLETE
-
     status: Any = 0
     try:
         _app()
@@ -134,8 +131,6 @@ def help_text() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from hydra._internal.utils import get_args_parser
-
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):

@@ -354,3 +354,31 @@ def test_third_party_conflict_names_both_packages(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "rmsnorm" in proc.stderr
     assert DIST in proc.stderr and "my_conflicting_norms" in proc.stderr
+
+
+def test_the_facade_imports_no_task_benchmark_sweep_or_adapter():
+    """`import llmarch_compose` is the facade alone: tasks, benchmarks, the sweep report and
+    the Hugging Face adapter load when a command or the registry needs them."""
+    code = ("import sys, llmarch_compose; print(sorted(m for m in sys.modules if m.startswith("
+            "('llmarch_compose.tasks', 'llmarch_compose.bench', 'llmarch_compose.sweep', 'llmarch_compose.interop', "
+            "'llmarch_compose.cli', 'llmarch_compose.registry'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_core_stages_never_import_the_layers_above_them():
+    """plugin/, config/, model/, train/ and artifacts/ import no task, benchmark, sweep, adapter,
+    CLI or particular plugin, at the top or inside a function."""
+    import ast
+
+    root = Path(lc.__file__).parent
+    above = ("tasks", "bench", "sweep", "interop", "cli", "registry")
+    for stage in ("plugin", "config", "model", "train", "artifacts"):
+        for path in (root / stage).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module:
+                    assert node.module.split(".")[0] not in above, (path, node.module)
+                if isinstance(node, (ast.ImportFrom, ast.Import)):
+                    names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                    for name in names:
+                        assert not any(name.startswith(f"llmarch_compose.{a}") for a in above), (path, name)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..plugin.interfaces import ModelOutput, Topology
 from ..errors import ConfigError, LlmarchError
+from ..plugin.registry import discover
 from .atomic import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -274,8 +275,6 @@ def load_compiled(path: PathLike, device_index: int = -1) -> CompiledModel:
         raise FileNotFoundError(f"no AOTInductor package at {path}")
     # A package may call the plugins' custom ops (the fp32 grouped expert products
     # of MoE layers) through the Python dispatcher: they must be registered first.
-    from ..plugin.registry import discover
-
     discover()
     return CompiledModel(path, device_index)
 

@@ -39,6 +39,8 @@ from torch import nn
 
 from ..model.build import build, resolve_device
 from ..model.compiler import compile_from_config
+from ..errors import LlmarchError
+from ..interop.hf import to_hf
 from ..plugin.interfaces import ModelOutput
 from ..plugin.objectives import Objective
 from ..model.card import count_params, forward_flops_per_token
@@ -178,9 +180,6 @@ def hf_peer(model: nn.Module, cfg: DictConfig, workdir: Path, dtype: torch.dtype
         return None, "transformers is not installed"
     if not model.objective.causal:
         return None, "not a causal LM: no AutoModelForCausalLM peer"
-    from ..errors import LlmarchError
-    from ..interop.hf import to_hf
-
     try:
         folder = to_hf(model, cfg, workdir / "hf")
     except LlmarchError as exc:

@@ -16,6 +16,20 @@ from ..config.spec import ModelSpec
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1, "fp8": 1}
 
 
+def human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:g} {unit}".rstrip()
+
+
+def human_bytes(n: float) -> str:
+    for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{n:g} B"
+
+
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter once, tied tensors included once (buffers excluded)."""
     return list({id(p): p for p in model.parameters()}.values())

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..artifacts.atomic import write_atomic
+from ..model.card import human_bytes
 from .plots import TITLES, draw_plots
 
 REPORT_MD = "report.md"
@@ -55,8 +56,6 @@ def _seconds(v: float) -> str:
 
 
 def _bytes(v: float) -> str:
-    from ..tasks.summary import human_bytes  # here, not above: the tasks package imports this module
-
     return human_bytes(v)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from ..model.card import DTYPE_BYTES, architecture_card
+from ..model.card import DTYPE_BYTES, architecture_card, human, human_bytes
 from ..errors import ConfigError
 from ..config.spec import resolve_spec
 from ..config.structured import to_dataclass
@@ -34,20 +34,6 @@ def card_for(cfg: DictConfig) -> dict[str, Any]:
     if task.context is not None and task.context < 1:
         raise ConfigError("task.context", task.context, "must be at least one token", "an integer >= 1")
     return architecture_card(resolve_spec(cfg), dtype=task.dtype, context=task.context)
-
-
-def human(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:g} {unit}".rstrip()
-
-
-def human_bytes(n: float) -> str:
-    for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
-            return f"{n / scale:.2f} {suffix}"
-    return f"{n:g} B"
 
 
 def render_text(card: dict[str, Any]) -> str:
