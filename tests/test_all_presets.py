@@ -34,6 +34,7 @@ def test_every_named_preset_exists():
     assert set(PUBLISHED) <= set(PRESETS), set(PUBLISHED) - set(PRESETS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_parameter_count(name):
     if name not in PRESETS:

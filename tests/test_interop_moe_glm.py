@@ -189,6 +189,7 @@ def _reload(path: Path):
     return model.eval(), info
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_round_trip_through_transformers(case, tmp_path):
     cfg, model = convert(case)
