@@ -2,7 +2,7 @@
 
 Inference (no gradients) on one attention call of the shape a layer sees, through the
 project's own dispatcher (`registry/attention/gqa.py: scaled_dot_product`) and block-mask
-builder (`llmarch_compose/masks.py: BlockMasks`), both compiled with fullgraph:
+builder (`llmarch_compose/model/masks.py: BlockMasks`), both compiled with fullgraph:
 
 - flex window: MaskSpec(causal, window) with the stack's block mask: only the blocks
   inside the band are computed;

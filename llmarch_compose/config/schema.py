@@ -62,7 +62,7 @@ class ModelConfig:
     expert_capacity: Optional[int] = None  # routing slots per expert and sequence (Switch's expert_capacity)
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
-    # Per-layer rules for hybrids, applied in order; see llmarch_compose/patterns.py.
+    # Per-layer rules for hybrids, applied in order; see llmarch_compose/config/layer_patterns.py.
     layer_pattern: List[Any] = field(default_factory=list)
     init_std: float = 0.02
     # Special token ids, as a Hugging Face checkpoint states them (generation reads them).

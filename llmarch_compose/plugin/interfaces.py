@@ -55,7 +55,7 @@ class PositionInputs(NamedTuple):
     prefix_len: Optional[torch.Tensor] = None  # [batch] tokens of the bidirectional prefix (prefix-LM)
     positions: Optional[torch.Tensor] = None  # the positions these were built for (set by the topology)
     slopes: Optional[torch.Tensor] = None  # [heads]: score - slopes[h] * |q - k| (ALiBi, computed in the kernel)
-    # (MaskSpec, BlockMask) pairs the stack built this forward for FlexAttention (llmarch_compose/masks.py);
+    # (MaskSpec, BlockMask) pairs the stack built this forward for FlexAttention (llmarch_compose/model/masks.py);
     # a layer whose spec is missing runs SDPA with a dense mask.
     block_masks: tuple = ()
 

@@ -14,7 +14,7 @@ Choices, each a typed node in Hydra's ConfigStore:
 - `text`: a user's text file, or a folder of them (`data.path`), as bytes, or as
   the ids of a tokenizer saved in a local folder (`data.tokenizer`, read with
   transformers' AutoTokenizer, never downloaded);
-- `recall`, `copy`, `sort`: synthetic tasks (llmarch_compose/synthetic.py).
+- `recall`, `copy`, `sort`: synthetic tasks (llmarch_compose/train/synthetic.py).
 """
 
 from __future__ import annotations
