@@ -1,8 +1,10 @@
 """Checkpoints: a folder with `model.safetensors` and the resolved `config.yaml`.
 
-Writes are atomic (`atomic_folder`): everything goes to a temporary sibling folder
-that replaces the target only once complete, so a failed or interrupted save never leaves a
-half-written or corrupted checkpoint behind, and an earlier one survives.
+Writes are atomic (`atomic_folder`): everything goes to a temporary sibling folder,
+is fsynced, and takes the target's place in one step (an atomic exchange with the
+earlier checkpoint where the system has one) only once complete. A save that fails,
+is interrupted or is killed at any point leaves the earlier checkpoint loadable
+(`load_checkpoint` finds it, `published`); the next save removes what a killed one left.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from ..model.build import build
-from .atomic import atomic_folder
+from .atomic import atomic_folder, published
 from ..config.scale import apply_scale
 
 WEIGHTS = "model.safetensors"
@@ -33,8 +35,9 @@ def save_checkpoint(model: nn.Module, cfg: DictConfig, path: Union[str, Path]) -
 
 
 def load_checkpoint(path: Union[str, Path], device: str = "cpu") -> tuple[DictConfig, nn.Module]:
-    """The config and the model of a checkpoint folder; every tensor must match."""
-    path = Path(path)
+    """The config and the model of a checkpoint folder (the complete one a killed save
+    left, if it was killed between its renames); every tensor must match."""
+    path = published(path)
     cfg = OmegaConf.load(path / CONFIG)
     if cfg.model.get("path"):  # built from a Hugging Face folder once; these weights replace those
         cfg.model.path = None

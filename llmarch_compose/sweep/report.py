@@ -6,7 +6,9 @@ group choices (`hydra.runtime.choices`) and its overrides
 (`hydra.overrides.task`). Folder names are never parsed. What a job measured
 comes from the files it wrote: `summary.json` (a finished run),
 `failure.json` (a failed one, see `sweep_callback`) and `metrics.jsonl` (the
-curve); a job with neither summary nor failure did not finish. Every file is
+curve); a job with neither summary nor failure did not finish. A summary's
+`status` counts too: a diverged or failed run is a failed job, an interrupted
+one an incomplete job. Every file is
 written through a temporary file and a rename, and nothing a job wrote is
 touched, so a report can be rebuilt at any time, also while a sweep runs.
 """
@@ -95,7 +97,7 @@ class Job:
     @property
     def error(self) -> str:
         if not self.failure:
-            return ""
+            return str(self.summary.get("error") or "")  # a run that diverged or failed says why
         return f"{self.failure.get('type', 'Error')}: {self.failure.get('message', '')}"
 
     def curve(self) -> list[tuple[int, float]]:
@@ -179,6 +181,13 @@ def is_sweep(path: Path) -> bool:
     return bool(job_dirs(path))
 
 
+def summary_status(summary: dict[str, Any]) -> str:
+    """A run's summary says how it ended: a diverged or failed run is a failed job, an
+    interrupted one did not finish (summaries older than `status` are of completed runs)."""
+    ended = summary.get("status", COMPLETED)
+    return {"completed": COMPLETED, "interrupted": INCOMPLETE}.get(ended, FAILED)
+
+
 def read_job(path: Path) -> Job:
     hydra = OmegaConf.to_container(OmegaConf.load(path / HYDRA_YAML).hydra, resolve=False)
     choices = {k: str(v) for k, v in (hydra["runtime"]["choices"] or {}).items()
@@ -191,7 +200,7 @@ def read_job(path: Path) -> Job:
         settings.setdefault(group, choices[group])
     summary = _read_json(path / SUMMARY)
     failure = _read_json(path / FAILURE)
-    status = FAILED if failure is not None else COMPLETED if summary is not None else INCOMPLETE
+    status = FAILED if failure is not None else INCOMPLETE if summary is None else summary_status(summary)
     number = hydra.get("job", {}).get("num")
     return Job(number=int(number) if isinstance(number, int) else -1, path=path, task=choices.get("task"),
                settings=settings, status=status, summary=summary or {}, failure=failure or {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..config.spec import make_choice, resolve_spec
@@ -19,7 +20,7 @@ from ..model.precision import PrecisionConfig
 from ..plugin import registry as plugins
 from ..plugin.registry import register
 from ..train.data import data_config, make_source
-from ..train.loop import TrainSettings, check, lr_at, train
+from ..train.loop import TrainSettings, check, check_output, lr_at, train
 
 TrainTask = TrainSettings
 
@@ -28,8 +29,6 @@ def output_dir(task: TrainSettings) -> Path:
     """Where the task writes: `task.output`, else Hydra's run directory (or the working directory)."""
     if task.output:
         return Path(task.output)
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
 
 
@@ -48,6 +47,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         task.seq_len = data.natural_seq_len or spec.model.max_seq_len
     check(task, spec.model.vocab_size, spec.model.max_seq_len, data, data_cfg.name)
     out_dir = output_dir(task)
+    if task.output or not HydraConfig.initialized():  # Hydra's own run directory is a fresh one
+        check_output(out_dir, task)
     summary = train(spec, task, data, data_cfg.name, objective, precision,
                     to_dataclass(CompileConfig, cfg.compile, "compile"), resolve_device(cfg.device), cfg.seed,
                     data_cfg.seed, out_dir, cfg if task.checkpoint else None)

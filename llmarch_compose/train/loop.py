@@ -3,6 +3,13 @@ progress bar with loss and tokens/s, held-out evaluation, metrics as JSON lines 
 final summary (held-out exact-match accuracy where the data asks questions, the KV
 cache per token, the peak memory) and checkpoint, written atomically.
 
+What a failure leaves: hyper-parameters are checked before the first step; a
+non-finite loss, gradient norm, held-out loss or weight stops the run
+(`task.on_nonfinite=stop`) or skips that update (`skip`), and a diverged run
+writes no checkpoint. summary.json is written whatever the ending, valid JSON
+(null for non-finite figures) with a `status`: completed, diverged, interrupted
+(Ctrl-C) or failed (an exception, re-raised after the summary is written).
+
 `task=train` (llmarch_compose/tasks/train.py) reads its node and calls `train`.
 """
 
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import resource
 import sys
@@ -25,7 +33,7 @@ from tqdm.auto import tqdm
 from ..artifacts.atomic import write_atomic
 from ..artifacts.checkpoint import save_checkpoint
 from ..config.spec import ModelSpec
-from ..errors import ConfigError
+from ..errors import ConfigError, LlmarchError
 from ..model.build import build
 from ..model.card import count_params, kv_cache
 from ..model.compiler import CompileConfig, compile_from_config
@@ -55,14 +63,44 @@ class TrainSettings:
     checkpoint: bool = True
     progress: bool = True
     output: Optional[str] = None  # the folder to write; None: Hydra's run directory (or the working directory)
+    overwrite: bool = False  # replace the run an existing `output` holds (refused otherwise)
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop the run, or skip the update
+
+
+NONFINITE_ACTIONS = ("stop", "skip")
+COMPLETED, DIVERGED, INTERRUPTED, FAILED = "completed", "diverged", "interrupted", "failed"
+#: The files of a run in its folder; one that holds any of them holds a run.
+SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "checkpoint"
+
+
+class TrainingDiverged(LlmarchError):
+    """A non-finite figure at a step: the run stops and writes no checkpoint."""
+
+    def __init__(self, step: int, what: str, value: float):
+        self.step, self.what, self.value = step, what, value
+        super().__init__(f"training diverged at step {step}: {what}={value} (task.on_nonfinite=stop); no checkpoint "
+                         "written. Lower task.lr or task.grad_clip, or set task.on_nonfinite=skip to skip such updates")
+
+
+def _hyper(task: TrainSettings, key: str, ok: Callable[[float], bool], valid: str) -> None:
+    value = getattr(task, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):  # NaN fails every `ok`
+        raise ConfigError(f"task.{key}", value, f"must be {valid}", valid)
 
 
 def check(task: TrainSettings, vocab_size: int, max_seq_len: int, data: DataSource, data_name: str) -> None:
     for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
         if getattr(task, key) < 1:
             raise ConfigError(f"task.{key}", getattr(task, key), "must be at least 1", "an integer >= 1")
-    if task.lr <= 0:
-        raise ConfigError("task.lr", task.lr, "must be positive", "a number > 0")
+    _hyper(task, "lr", lambda v: 0 < v < math.inf, "a finite number > 0")
+    _hyper(task, "grad_clip", lambda v: v > 0, "a number > 0 (inf: no clipping)")
+    _hyper(task, "weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    _hyper(task, "warmup_steps", lambda v: v >= 0, "an integer >= 0")
+    _hyper(task, "min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    _hyper(task, "beta1", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    _hyper(task, "beta2", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if task.on_nonfinite not in NONFINITE_ACTIONS:
+        raise ConfigError("task.on_nonfinite", task.on_nonfinite, "is not an action", NONFINITE_ACTIONS)
     if task.seq_len > max_seq_len:
         why = f" (data={data_name}'s problems are this long)" if task.seq_len == data.natural_seq_len else ""
         raise ConfigError("task.seq_len", task.seq_len, f"exceeds model.max_seq_len={max_seq_len}{why}",
@@ -72,6 +110,33 @@ def check(task: TrainSettings, vocab_size: int, max_seq_len: int, data: DataSour
         raise ConfigError("model.vocab_size", vocab_size, f"data={data_name} needs {data.vocab_size} token ids",
                           f">= {data.vocab_size}")
 
+
+
+def check_output(out_dir: Path, task: TrainSettings) -> None:
+    """A folder that already holds a run (its summary, metrics or checkpoint) is not
+    written into unless task.overwrite=true: two runs' files must never mix."""
+    if task.overwrite or not out_dir.is_dir():
+        return
+    found = [name for name in (SUMMARY, METRICS, CHECKPOINT, f".{CHECKPOINT}.old") if (out_dir / name).exists()]
+    if found:
+        raise ConfigError("task.output", str(out_dir), f"already holds a run ({', '.join(found)})",
+                          "a new folder, or task.overwrite=true to replace that run")
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every non-finite float (in dicts and lists too) replaced by None:
+    JSON has no NaN or infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def to_json(value: Any, **kwargs: Any) -> str:
+    return json.dumps(finite_or_null(value), allow_nan=False, **kwargs)
 
 
 def lr_at(step: int, task: TrainSettings) -> float:
@@ -175,7 +240,7 @@ class MetricsLog:
     def __call__(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(to_json(record) + "\n")
 
 
 @dataclass
@@ -236,13 +301,40 @@ def prepare(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: s
     return Run(spec, task, data, data_name, objective, precision, device, model, forward, generator)
 
 
-def train_steps(run: Run, log: MetricsLog, start: float) -> tuple[float, Throughput]:
-    """Every optimizer step, logged; returns the last training cross-entropy and the throughput."""
+@dataclass
+class Progress:
+    """How far a run got: what its summary reports however it ended."""
+
+    throughput: Throughput
+    steps_done: int = 0
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient norm (task.on_nonfinite=skip)
+    train_loss: float = float("nan")
+
+
+def _first_nonfinite(figures: dict[str, float]) -> Optional[tuple[str, float]]:
+    return next(((k, v) for k, v in figures.items() if not math.isfinite(v)), None)
+
+
+def check_evaluation(step: int, record: dict[str, Any]) -> None:
+    """A non-finite held-out loss: the weights themselves are broken, skipping cannot help."""
+    if "val_loss" in record and not math.isfinite(record["val_loss"]):
+        raise TrainingDiverged(step, "val_loss", record["val_loss"])
+
+
+def check_weights(model: torch.nn.Module, step: int) -> None:
+    """The last update is checked by no later loss: look at the weights before saving them."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise TrainingDiverged(step, f"weights ({name})", float("nan"))
+
+
+def train_steps(run: Run, log: MetricsLog, start: float, progress: Progress) -> None:
+    """Every optimizer step, logged in `progress` and `log`; a non-finite loss or gradient
+    norm raises TrainingDiverged before the update (or skips it: task.on_nonfinite=skip)."""
     task, model = run.task, run.model
     optimizer = optimizer_for(model, task)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, task))
-    throughput = Throughput(run.tokens_per_step)
-    loss_value = float("nan")
+    throughput = progress.throughput
     bar = tqdm(range(1, task.steps + 1), desc="train", disable=not task.progress, dynamic_ncols=True)
     for step in bar:
         x, y = run.data.batch("train", task.batch_size, task.seq_len, run.generator)
@@ -253,36 +345,57 @@ def train_steps(run: Run, log: MetricsLog, start: float) -> tuple[float, Through
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), task.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        model.after_optimizer_step()  # e.g. DeepSeek-V3's auxiliary-loss-free expert balance
         loss_value = ce.item()
+        bad = _first_nonfinite({"train_loss": loss_value, "loss": loss.item(), "grad_norm": float(grad_norm)})
+        if bad and task.on_nonfinite == "stop":
+            progress.train_loss = loss_value
+            log({"step": step, "train_loss": loss_value, "grad_norm": float(grad_norm), "diverged": bad[0],
+                 "elapsed_s": time.perf_counter() - start})
+            raise TrainingDiverged(step, *bad)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            progress.skipped += 1
+        else:
+            optimizer.step()
+            model.after_optimizer_step()  # e.g. DeepSeek-V3's auxiliary-loss-free expert balance
+        scheduler.step()  # the schedule follows the step number, skipped or not
+        progress.steps_done, progress.train_loss = step, loss_value
         tok_s = throughput.add(step, time.perf_counter() - t0)
         record = {"step": step, "train_loss": loss_value, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm), "tokens_per_s": tok_s, "elapsed_s": time.perf_counter() - start}
+        if bad:
+            record["skipped"] = True
         if step % task.eval_every == 0 or step == task.steps:
             record.update(run.evaluate())
         log(record)
+        check_evaluation(step, record)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
     bar.close()
-    return loss_value, throughput
 
 
-def summarize(run: Run, log: MetricsLog, final_train_loss: float, throughput: Throughput,
-              memory: PeakMemory, counts: dict[str, int], compile_mode: str, start: float) -> dict[str, Any]:
-    """The run's summary.json, as data."""
-    initial, final, task = log.records[0], log.records[-1], run.task
+def summarize(run: Run, log: MetricsLog, progress: Progress, memory: PeakMemory, counts: dict[str, int],
+              compile_mode: str, start: float, status: str = COMPLETED) -> dict[str, Any]:
+    """The run's summary.json, as data; the figures so far for a run that did not complete
+    (the final held-out figures are those of its last evaluation)."""
+    task, throughput = run.task, progress.throughput
+    evaluated = [r for r in log.records if "val_loss" in r]
+    initial = log.records[0] if log.records and log.records[0]["step"] == 0 else {}
+    final = evaluated[-1] if evaluated else {}
     return {
+        "status": status,
         "model": run.spec.model.name,
         "components": run.spec.components,
         "data": run.data_name,
         **counts,
         "steps": task.steps,
+        "steps_completed": progress.steps_done,
+        "skipped_steps": progress.skipped,
         "seq_len": task.seq_len,
-        "tokens_trained": task.steps * run.tokens_per_step,
-        "initial_val_loss": initial["val_loss"],
-        "final_train_loss": final_train_loss,
-        "final_val_loss": final["val_loss"],
+        "tokens_trained": (progress.steps_done - progress.skipped) * run.tokens_per_step,
+        "initial_val_loss": initial.get("val_loss"),
+        "final_train_loss": progress.train_loss,
+        "final_val_loss": final.get("val_loss"),
+        "final_val_step": final.get("step"),
         # Exact match on the answers (synthetic data); null where the data asks no questions.
         "initial_val_accuracy": initial.get("val_accuracy"),
         "final_val_accuracy": final.get("val_accuracy"),
@@ -307,20 +420,54 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
           precision: PrecisionConfig, compile_cfg: CompileConfig, device: torch.device, seed: int,
           data_seed: Optional[int], out_dir: Path, checkpoint_config: Optional[DictConfig]) -> dict[str, Any]:
     """Train the model `spec` describes and write metrics.jsonl, summary.json and (with
-    `checkpoint_config`, the config saved beside the weights) a checkpoint in `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    `checkpoint_config`, the config saved beside the weights) a checkpoint in `out_dir`.
+
+    summary.json is written however the run ends, with its `status`; a diverged,
+    interrupted or failed run raises after writing it and saves no checkpoint (an
+    earlier run's, in a folder reused with task.overwrite=true, stays)."""
     memory = PeakMemory(device)
     run = prepare(spec, task, data, data_name, objective, precision, compile_cfg, device, seed, data_seed)
     counts = count_params(run.model)
-    log = MetricsLog(out_dir / "metrics.jsonl")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(out_dir / SUMMARY):
+        os.unlink(out_dir / SUMMARY)  # a replaced run's summary must not describe this run's partial log
+    log = MetricsLog(out_dir / METRICS)
     start = time.perf_counter()
-    log({"step": 0, **run.evaluate(), "elapsed_s": time.perf_counter() - start})
-    final_train_loss, throughput = train_steps(run, log, start)
-    summary = summarize(run, log, final_train_loss, throughput, memory, counts, compile_cfg.mode, start)
-    if checkpoint_config is not None:
-        summary["checkpoint"] = str(save_checkpoint(run.model, checkpoint_config, out_dir / "checkpoint"))
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    progress = Progress(Throughput(run.tokens_per_step))
+
+    def write_summary(status: str, **extra: Any) -> dict[str, Any]:
+        summary = {**summarize(run, log, progress, memory, counts, compile_cfg.mode, start, status), **extra}
+        write_atomic(out_dir / SUMMARY, to_json(summary, indent=2) + "\n")
+        return summary
+
+    try:
+        log({"step": 0, **run.evaluate(), "elapsed_s": time.perf_counter() - start})
+        check_evaluation(0, log.records[-1])
+        train_steps(run, log, start, progress)
+        check_weights(run.model, progress.steps_done)
+        checkpoint = None
+        if checkpoint_config is not None:
+            checkpoint = str(save_checkpoint(run.model, checkpoint_config, out_dir / CHECKPOINT))
+        return write_summary(COMPLETED, checkpoint=checkpoint)
+    except TrainingDiverged as exc:
+        _write_on_the_way_out(write_summary, DIVERGED, diverged_at_step=exc.step, error=str(exc), checkpoint=None)
+        raise
+    except KeyboardInterrupt:
+        _write_on_the_way_out(write_summary, INTERRUPTED, checkpoint=None)
+        raise
+    except BaseException as exc:
+        _write_on_the_way_out(write_summary, FAILED, error=f"{type(exc).__name__}: {exc}", checkpoint=None)
+        raise
 
 
-__all__ = ["TrainSettings", "train", "lr_at", "evaluate", "optimizer_for", "check", "PeakMemory"]
+def _write_on_the_way_out(write_summary: Callable[..., dict[str, Any]], status: str, **extra: Any) -> None:
+    """The summary of a run that did not complete; failing to write it must not hide
+    why the run ended."""
+    try:
+        write_summary(status, **extra)
+    except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
+        print(f"llmarch: could not write summary.json ({status}): {exc}", file=sys.stderr)
+
+
+__all__ = ["TrainSettings", "TrainingDiverged", "train", "lr_at", "evaluate", "optimizer_for", "check",
+           "check_output", "PeakMemory", "finite_or_null", "to_json"]
