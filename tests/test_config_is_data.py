@@ -73,3 +73,85 @@ def test_registered_and_hydra_callbacks_are_accepted(tmp_path):
                    tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "held-out loss" in proc.stdout
+
+
+# ------------------------------------------------------------------ 2. tokenizers and checkpoint folders run no code
+
+def test_tokenizer_folder_with_auto_map_is_refused_without_a_prompt(tmp_path, victim):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", null]}}')
+    (tok / "evil.py").write_text(f"open({str(victim)!r}, 'w')\n")
+    (tmp_path / "notes.txt").write_text("some text to train on " * 200)
+    proc = llmarch([*B, "data=text", f"data.path={tmp_path / 'notes.txt'}", f"data.tokenizer={tok}"], tmp_path)
+    assert_refused(proc, "data.tokenizer", victim)
+    assert "tokenizer_config.json has auto_map" in proc.stderr
+
+
+def test_auto_map_in_config_json_is_refused(tmp_path):
+    from llmarch_compose.train.data import load_tokenizer
+
+    (tmp_path / "config.json").write_text('{"auto_map": {"AutoConfig": "x.Y"}}')
+    with pytest.raises(ConfigError, match=r"data\.tokenizer=.*config\.json has auto_map"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_billion_laughs_checkpoint_config_fails_fast(tmp_path):
+    import time
+
+    from llmarch_compose.artifacts.checkpoint import load_checkpoint
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+              f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)]
+    (tmp_path / "config.yaml").write_text("\n".join(lines) + "\nmodel: {name: x}\n")
+    start = time.perf_counter()
+    with pytest.raises(lc.LlmarchError, match="config.yaml: YAML anchors and aliases"):
+        load_checkpoint(tmp_path)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_oversized_checkpoint_config_is_refused(tmp_path):
+    from llmarch_compose.artifacts.checkpoint import load_checkpoint
+
+    (tmp_path / "config.yaml").write_text("model: {name: x}\n" + "# pad\n" * (1 << 20))
+    with pytest.raises(lc.LlmarchError, match="config.yaml: larger than 4 MiB"):
+        load_checkpoint(tmp_path)
+
+
+def test_non_json_hf_config_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("model_type: llama\n")
+    with pytest.raises(lc.LlmarchError, match=r"config\.json: not valid JSON"):
+        lc.compose(["model=hf", f"model.path={tmp_path}"])
+
+
+def test_oversized_hf_config_is_refused(tmp_path):
+    from llmarch_compose.interop.hf import read_config
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "pad": "' + "x" * (17 << 20) + '"}')
+    with pytest.raises(lc.LlmarchError, match=r"config\.json: larger than 16 MiB"):
+        read_config(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "pickle"])
+def test_bad_safetensors_names_the_file(tmp_path, kind, victim):
+    import torch
+    from safetensors.torch import save_file
+
+    from llmarch_compose.interop.hf import read_tensors
+
+    file = tmp_path / "model.safetensors"
+    if kind == "truncated":
+        save_file({"w": torch.zeros(64, 64)}, str(file))
+        file.write_bytes(file.read_bytes()[:-100])
+    else:  # a pickle that would write to the victim when unpickled
+        class Evil:
+            def __reduce__(self):
+                return (open, (str(victim), "w"))
+
+        import pickle
+
+        file.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(lc.LlmarchError, match=r"model\.safetensors: not a readable safetensors file"):
+        read_tensors(tmp_path)
+    assert victim.read_text() == "precious"

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..model.build import build
 from .atomic import atomic_folder
+from .reading import read_yaml
 from ..config.scale import apply_scale
 
 WEIGHTS = "model.safetensors"
@@ -35,7 +36,7 @@ def save_checkpoint(model: nn.Module, cfg: DictConfig, path: Union[str, Path]) -
 def load_checkpoint(path: Union[str, Path], device: str = "cpu") -> tuple[DictConfig, nn.Module]:
     """The config and the model of a checkpoint folder; every tensor must match."""
     path = Path(path)
-    cfg = OmegaConf.load(path / CONFIG)
+    cfg = read_yaml(path / CONFIG)  # bounded, without aliases: a checkpoint may come from elsewhere
     if cfg.model.get("path"):  # built from a Hugging Face folder once; these weights replace those
         cfg.model.path = None
     model = build(cfg, device=device)
