@@ -155,3 +155,79 @@ def test_bad_safetensors_names_the_file(tmp_path, kind, victim):
     with pytest.raises(lc.LlmarchError, match=r"model\.safetensors: not a readable safetensors file"):
         read_tensors(tmp_path)
     assert victim.read_text() == "precious"
+
+
+# ------------------------------------------------------------------ 3. every key set is used
+
+from hydra import initialize_config_module  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from llmarch_compose.config.compose import CONFIG_MODULE, VERSION_BASE  # noqa: E402
+from llmarch_compose.config.spec import resolve_spec  # noqa: E402
+from llmarch_compose.config.usage import check_used  # noqa: E402
+from llmarch_compose.tasks.summary import render_text  # noqa: E402
+
+
+def refused_key(overrides):
+    cfg = lc.compose(overrides)
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
+        with pytest.raises(ConfigError) as info:
+            check_used(cfg, overrides, GlobalHydra.instance().config_loader())
+    GlobalHydra.instance().clear()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.window=4096"], "model.window='4096': attention=gqa has no window; use attention=swa or "
+                            "attention.window=4096"),
+    (["attention=mha", "model.window=4096"], "attention=mha has no window; use attention=swa"),
+    (["attention=mla", "model.window=4096"], "attention=mla has no window; use attention=swa"),
+    (["ffn=moe", "model.mlp_bias=true"], "model.mlp_bias='true': ffn=moe has no mlp_bias; use ffn=dense"),
+    (["attention=mla", "model.qk_norm=true"], "attention=mla has no qk_norm; use attention=gqa"),
+    (["attention=mla", "model.qkv_bias=true"], "attention=mla has no qkv_bias; use attention=gqa"),
+])
+def test_a_model_key_no_chosen_plugin_reads_is_refused(overrides, message):
+    assert message in refused_key(overrides)
+
+
+def test_keys_a_chosen_plugin_reads_pass():
+    for overrides in (["attention=swa", "model.window=8"], ["ffn=moe", "model.ffn_dim=64"],
+                      ["model.qkv_bias=true"], ["model.d_model=64"]):
+        check_used(lc.compose(overrides), overrides)
+
+
+def test_a_preset_number_no_plugin_reads_is_listed_unused():
+    spec = resolve_spec(lc.compose([]))  # tiny sets window: 64 and chooses attention=gqa
+    assert spec.unused == ("window",)
+    assert resolve_spec(lc.compose(["attention=swa"])).unused == ()
+    card = {"model": "tiny", "components": spec.components, "plugins": spec.components,
+            "dimensions": {}, "unused": list(spec.unused)}
+    assert "unused          window" in render_text({**card, **_counts()})
+
+
+def _counts():
+    return {k: 0 for k in ("params_total", "params_embedding", "params_non_embedding", "params_active",
+                           "flops_matmul", "flops_attention", "flops_per_token", "kv_cache_bytes_per_token",
+                           "kv_cache_bytes_full_context", "inference_weight_bytes")} | {
+        "context": 1, "kv_cache_dtype": "bfloat16",
+        "training_memory_fp32_adamw_bytes": {"total": 0, "weights": 0, "gradients": 0, "adamw_states": 0}}
+
+
+@pytest.mark.parametrize("rule", ["{layers:[40],ffn:moe}", "{start:40,ffn:moe}", "{stack:encoder,ffn:moe}"])
+def test_a_layer_rule_that_selects_no_layer_is_refused(rule):
+    with pytest.raises(ConfigError, match=r"model\.layer_pattern\[0\]=.*selects no layer of 32"):
+        resolve_spec(lc.compose(["model=llama2_7b", f"model.layer_pattern=[{rule}]"]))
+
+
+def test_a_window_longer_than_the_context_is_refused():
+    with pytest.raises(ConfigError, match=r"model\.window=100000: longer than model\.max_seq_len=256"):
+        resolve_spec(lc.compose(["attention=swa", "model.window=100000"]))
+
+
+@pytest.mark.parametrize("override, key", [("model.init_std=-1", "model.init_std"),
+                                           ("model.norm_eps=nan", "model.norm_eps"),
+                                           ("model.rope_theta=inf", "model.rope_theta"),
+                                           ("model.router_aux_loss_coef=-0.5", "model.router_aux_loss_coef")])
+def test_negative_or_non_finite_numbers_are_refused(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        resolve_spec(lc.compose([override]))
