@@ -30,13 +30,16 @@ from omegaconf import DictConfig
 from .config.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check
 from .errors import LlmarchError
 from .plugin import registry as plugins
-from .sweep.callback import JobFailed, take_reports
+from .sweep.callback import JobFailed, SweepReportCallback, take_reports
 from .sweep.report import FAILED, INCOMPLETE
 from .tasks import run_task
 
 EXIT_USAGE = 2
 EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
+
+# The one callback conf/config.yaml names: hydra.callbacks accepts registered callbacks only.
+plugins.add("hydra_callback", "sweep_report", SweepReportCallback)
 
 #: The summary field a sweep job returns to its sweeper.
 OBJECTIVE = "final_val_loss"
@@ -143,7 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         plugins.discover()
         args, _ = get_args_parser().parse_known_args(sys.argv[1:])
-        check(args.overrides)
+        check(args.overrides, config_dir=args.config_dir, config_path=args.config_path,
+              config_name=args.config_name)
     except LlmarchError as exc:
         _report(exc)
         sys.exit(EXIT_USAGE)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..model.build import build
 from .atomic import atomic_folder, published
+from .reading import read_yaml
 from ..config.scale import apply_scale
 
 WEIGHTS = "model.safetensors"
@@ -38,7 +39,7 @@ def load_checkpoint(path: Union[str, Path], device: str = "cpu") -> tuple[DictCo
     """The config and the model of a checkpoint folder (the complete one a killed save
     left, if it was killed between its renames); every tensor must match."""
     path = published(path)
-    cfg = OmegaConf.load(path / CONFIG)
+    cfg = read_yaml(path / CONFIG)  # bounded, without aliases: a checkpoint may come from elsewhere
     if cfg.model.get("path"):  # built from a Hugging Face folder once; these weights replace those
         cfg.model.path = None
     model = build(cfg, device=device)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_automatic_config_search_path
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +26,7 @@ from ..errors import ConfigError, UnknownChoiceError, UnknownKeyError
 from ..plugin import registry as plugins
 from ..plugin.interfaces import ModelSource
 from . import schema  # noqa: F401  (stores the root schema the defaults list names)
+from .targets import check_targets
 
 CONFIG_MODULE = "llmarch_compose.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -75,7 +79,8 @@ def _translate_missing(exc: MissingConfigException) -> ConfigError:
     return ConfigError("defaults", getattr(exc, "missing_cfg_file", None), str(exc).strip())
 
 
-def _translate_composition(exc: HydraException, overrides: Sequence[str]) -> ConfigError:
+def _translate_composition(exc: HydraException, overrides: Sequence[str],
+                           config_name: str = CONFIG_NAME) -> ConfigError:
     """A bad override key or value, named by its key path, with the keys that exist there."""
     cause = exc.__cause__
     full_key = getattr(cause, "full_key", None)
@@ -84,14 +89,14 @@ def _translate_composition(exc: HydraException, overrides: Sequence[str]) -> Con
     value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == full_key), None)
     if isinstance(cause, ConfigAttributeError):  # an unknown key: list the ones that exist
         parent = full_key.rpartition(".")[0]
-        keys = _keys_at(parent, [o for o in overrides if not o.lstrip("+~").startswith(full_key)])
+        keys = _keys_at(parent, [o for o in overrides if not o.lstrip("+~").startswith(full_key)], config_name)
         return UnknownKeyError(full_key, value, keys)
     return ConfigError(full_key, value, str(getattr(cause, "msg", cause)).strip().splitlines()[0])
 
 
-def _keys_at(path: str, overrides: Sequence[str]) -> list[str]:
+def _keys_at(path: str, overrides: Sequence[str], config_name: str = CONFIG_NAME) -> list[str]:
     try:
-        node = OmegaConf.select(hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides)), path)
+        node = OmegaConf.select(hydra_compose(config_name=config_name, overrides=list(overrides)), path)
         return list(node.keys()) if isinstance(node, DictConfig) else []
     except HydraException:
         return []
@@ -109,25 +114,47 @@ def _first_of_each_sweep(overrides: Sequence[str], config_loader) -> list[str]:
     return out
 
 
-def _compose_checked(overrides: Sequence[str]) -> DictConfig:
+def _compose_checked(overrides: Sequence[str], config_name: str = CONFIG_NAME,
+                     hydra_node: bool = False) -> DictConfig:
     loader = GlobalHydra.instance().config_loader()
     check_overrides(overrides, loader)
     single = _first_of_each_sweep(overrides, loader)
     try:
-        return hydra_compose(config_name=CONFIG_NAME, overrides=single)
+        cfg = hydra_compose(config_name=config_name, overrides=single, return_hydra_config=hydra_node)
     except MissingConfigException as exc:
         raise _translate_missing(exc) from None
     except HydraException as exc:
-        raise _translate_composition(exc, single) from None
+        raise _translate_composition(exc, single, config_name) from None
+    check_targets(cfg)
+    return cfg
 
 
-def check(overrides: Sequence[str]) -> None:
+def _initialize(config_dir: Optional[str], config_path: Optional[str]) -> None:
+    """Hydra's search path as `llmarch --config-dir D --config-path P` builds it (see
+    hydra._internal.utils.run_hydra), so a config file there is checked too."""
+    search_path = create_automatic_config_search_path(None, None, config_path or CONFIG_PATH)
+    if config_dir is not None:
+        folder = Path(config_dir).expanduser().absolute()
+        if not folder.is_dir():
+            raise ConfigError("--config-dir", config_dir, "no such folder", "an existing folder of configs")
+        search_path.prepend(provider="command-line", path=f"file://{folder}",
+                            anchor=SearchPathQuery(provider="schema"))
+    Hydra.create_main_hydra2(task_name="llmarch", config_search_path=search_path)
+
+
+def check(overrides: Sequence[str], config_dir: Optional[str] = None, config_path: Optional[str] = None,
+          config_name: Optional[str] = None) -> None:
     """Everything Hydra would reject in `overrides` (the first job of a sweep), as a
-    ConfigError with suggestions; the CLI runs this before handing over to Hydra."""
+    ConfigError with suggestions, and every import path the composed config (its `hydra`
+    node included) may not name; the CLI runs this, with its `--config-dir`,
+    `--config-path` and `--config-name`, before handing over to Hydra."""
     plugins.discover()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
-        _compose_checked(overrides)
     GlobalHydra.instance().clear()
+    try:
+        _initialize(config_dir, config_path)
+        _compose_checked(overrides, config_name or CONFIG_NAME, hydra_node=True)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def model_source(path: str) -> ModelSource:

@@ -76,6 +76,15 @@ class ModelConfig:
         return self.embedding_dim or self.d_model
 
 
+#: The `model.` keys the core and the topologies read themselves, whichever plugins are
+#: chosen (audited in config/spec.py, model/build.py, model/card.py, registry/topology/*.py,
+#: and the exporters for the token ids); every other key is read only by the group nodes
+#: that interpolate it (see config/usage.py).
+CORE_FIELDS = ("name", "path", "d_model", "n_layers", "n_heads", "head_dim", "vocab_size", "max_seq_len",
+               "tie_embeddings", "embedding_dim", "type_vocab_size", "layer_pattern", "init_std",
+               "bos_token_id", "eos_token_id", "pad_token_id")
+
+
 @dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

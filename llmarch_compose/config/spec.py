@@ -10,6 +10,7 @@ would be valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -21,6 +22,7 @@ from .layer_patterns import LAYER_GROUPS, STACKS, layer_node, parse_rules
 from .scale import apply_scale
 from .schema import ModelConfig
 from .structured import to_dataclass
+from .usage import unused
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class ModelSpec:
     params: Mapping[str, Any]  # group -> the plugin's params (with .plugin and .name)
     # (stack, layer) -> group -> params, for the layers a layer_pattern rule changes
     layer_params: Mapping[tuple[str, int], Mapping[str, Any]] = field(default_factory=dict)
+    # model keys a preset set that no chosen plugin reads (the card lists them)
+    unused: tuple[str, ...] = ()
 
     def params_for(self, group: str, layer: Optional[int] = None, stack: str = "decoder") -> Any:
         if layer is not None:
@@ -71,7 +75,21 @@ def _require_positive(model: ModelConfig, *keys: str) -> None:
             raise ConfigError(f"model.{key}", value, "must be positive", "a number > 0")
 
 
+#: Numbers that may be negative: token ids (-1 is a common "none" in Hugging Face configs).
+SIGNED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _require_finite(model: ModelConfig) -> None:
+    for f in dataclasses.fields(model):
+        value = getattr(model, f.name)
+        if f.name in SIGNED_FIELDS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"model.{f.name}", value, "must be a finite number >= 0", "a number >= 0")
+
+
 def validate_model(model: ModelConfig) -> ModelConfig:
+    _require_finite(model)
     _require_positive(model, "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
                       "max_seq_len", "norm_eps", "rope_theta", "n_experts", "experts_per_token")
     if model.head_dim is None:
@@ -91,6 +109,7 @@ def validate_model(model: ModelConfig) -> ModelConfig:
 
 def resolve_spec(cfg: DictConfig) -> ModelSpec:
     """Validate `cfg` and return the typed spec the builder consumes."""
+    unset = tuple(unused(cfg))  # before scaling, which resolves the model's own interpolations
     cfg = apply_scale(cfg)
     model = to_dataclass(ModelConfig, cfg.model, "model")
     model = validate_model(model)
@@ -105,7 +124,19 @@ def resolve_spec(cfg: DictConfig) -> ModelSpec:
         except ConfigError as exc:
             raise _blame_source(exc, cfg) from None
         params[group] = p
-    return ModelSpec(model=model, params=params, layer_params=resolve_layers(cfg, model, params))
+    layer_params = resolve_layers(cfg, model, params)
+    # The model-wide window only: scale=tiny shrinks it, not a layer rule's own (gpt3's 256).
+    _check_window(params["attention"], model, cfg)
+    return ModelSpec(model=model, params=params, layer_params=layer_params, unused=unset)
+
+
+def _check_window(params: Any, model: ModelConfig, cfg: DictConfig) -> None:
+    """A sliding window longer than the context is no window: the run would not be what was asked."""
+    window = getattr(params, "window", None)
+    if window is not None and window > model.max_seq_len:
+        raise _blame_source(ConfigError("attention.window", window,
+                                        f"longer than model.max_seq_len={model.max_seq_len}",
+                                        f"1 .. {model.max_seq_len}, or null for no window"), cfg)
 
 
 def resolve_layers(cfg: DictConfig, model: ModelConfig, params: Mapping[str, Any]) -> dict:
@@ -117,6 +148,11 @@ def resolve_layers(cfg: DictConfig, model: ModelConfig, params: Mapping[str, Any
     rules = parse_rules(model.layer_pattern)
     if not rules:
         return {}
+    stacks = plugins.get("topology", params["topology"].plugin).cls.stacks
+    for rule in rules:  # a rule that changes nothing is a mistake in the rule
+        if not any(rule.selects(layer, stack) for stack in stacks for layer in range(model.n_layers)):
+            raise ConfigError(rule.key, _rule_text(cfg, rule), f"selects no layer of {model.n_layers} "
+                              f"in the {' and '.join(stacks)} stack(s)", "selectors that match a layer")
     model_numbers = OmegaConf.to_container(cfg.model, resolve=True)
     base = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in LAYER_GROUPS}
     out: dict[tuple[str, int], dict[str, Any]] = {}
@@ -138,6 +174,11 @@ def resolve_layers(cfg: DictConfig, model: ModelConfig, params: Mapping[str, Any
                     cache[group, chain] = p
                 out.setdefault((stack, layer), {})[group] = cache[group, chain]
     return out
+
+
+def _rule_text(cfg: DictConfig, rule: Any) -> Any:
+    index = int(rule.key.rpartition("[")[2].rstrip("]"))
+    return OmegaConf.to_container(cfg.model.layer_pattern[index], resolve=False)
 
 
 def _blame_source(exc: ConfigError, cfg: DictConfig) -> ConfigError:

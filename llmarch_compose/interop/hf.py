@@ -25,11 +25,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from omegaconf import DictConfig
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..artifacts.atomic import atomic_folder
+from ..artifacts.reading import read_json
 from ..config.compose import compose
 from ..config.spec import resolve_spec
 from ..errors import ConfigError
@@ -54,7 +55,10 @@ def read_config(path: Union[str, Path]) -> dict[str, Any]:
     if not file.is_file():
         raise InteropError(f"{path}: no config.json (a Hugging Face checkpoint folder holds config.json "
                            "and *.safetensors)")
-    return json.loads(file.read_text())
+    hf = read_json(file, error=InteropError)  # bounded: a folder from elsewhere may hold anything
+    if not isinstance(hf, dict):
+        raise InteropError(f"{file}: not a JSON object (a Hugging Face config.json is one)")
+    return hf
 
 
 def read_tensors(path: Union[str, Path]) -> dict[str, torch.Tensor]:
@@ -62,7 +66,10 @@ def read_tensors(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     path = Path(path)
     index = path / INDEX_NAME
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, error=InteropError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InteropError(f"{index}: no weight_map object")
+        files = sorted(set(str(v) for v in weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
@@ -70,9 +77,13 @@ def read_tensors(path: Union[str, Path]) -> dict[str, torch.Tensor]:
                            "convert them with transformers' save_pretrained(safe_serialization=True))")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        file = path / name
+        try:  # a truncated file, or a pickle under this name, is refused by safetensors' header check
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise InteropError(f"{file}: not a readable safetensors file ({exc})") from None
     return tensors
 
 

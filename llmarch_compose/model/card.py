@@ -126,6 +126,7 @@ def architecture_card(spec: ModelSpec, dtype: str = "bfloat16", context: int | N
         "attention": {k: v for k, v in dataclasses.asdict(spec.params["attention"]).items()
                       if k not in ("plugin", "name")},
         "layer_pattern": list(m.layer_pattern),
+        "unused": list(spec.unused),  # model keys the preset set that no chosen plugin reads
         **counts,
         "context": context,
         **forward_flops_per_token(model, counts, context),

@@ -214,6 +214,8 @@ class Topology(nn.Module, Labelled):
     #: The longest input it takes, where it has a bound of its own (export's default for a
     #: dynamic length); None: unbounded.
     max_seq_len: Optional[int] = None
+    #: The stacks it builds, by the names `model.layer_pattern` selects with `stack:`.
+    stacks: tuple[str, ...] = ("decoder",)
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError

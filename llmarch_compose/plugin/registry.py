@@ -9,7 +9,9 @@ Everything a user selects by name goes through one mechanism:
   node whose own `name` field is the choice, and what the choice runs (a task's `run`, a
   data source's factory; nothing for pure settings);
 - named parts that are no config group (`ADAPTER_GROUPS`): Hugging Face model types
-  and model sources, looked up by the adapters above the core.
+  and model sources, looked up by the adapters above the core, and the Hydra
+  callbacks a config may name under `hydra.callbacks` (`add("hydra_callback", name,
+  CallbackClass)`; see llmarch_compose/config/targets.py).
 
 Registration also stores each config node in Hydra's ConfigStore as `<group>/<name>`,
 so `attention=gqa` or `task=summary` composes with or without a YAML file. Built-in
@@ -37,7 +39,7 @@ GROUPS = ("position", "norm", "activation", "attention", "ffn", "topology")
 #: The other config groups whose choices are registered: each node names itself (`name`).
 CHOICE_GROUPS = ("task", "data", "precision", "scale", "compile")
 #: Named parts that are not config groups: read by the adapters above the core.
-ADAPTER_GROUPS = ("hf_model_type", "model_source")
+ADAPTER_GROUPS = ("hf_model_type", "model_source", "hydra_callback")
 ALL_GROUPS = (*GROUPS, *CHOICE_GROUPS, *ADAPTER_GROUPS)
 #: The entry-point group through which built-in and third-party modules are found.
 ENTRY_POINT_GROUP = "llmarch_compose.plugins"

@@ -45,6 +45,8 @@ def render_text(card: dict[str, Any]) -> str:
         lines.append(f"  {group:<11} {choice}" + (f"  (plugin {plugin})" if plugin != choice else ""))
     lines += ["", "Dimensions"]
     lines += [f"  {k:<15} {v}" for k, v in d.items()]
+    if card.get("unused"):
+        lines.append(f"  {'unused':<15} {', '.join(card['unused'])} (set by the preset, read by no chosen plugin)")
     lines += [
         "", "Parameters",
         f"  total           {card['params_total']:,}",

@@ -26,8 +26,9 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 
+from ..artifacts.reading import read_json
 from ..config.spec import make_choice
-from ..errors import ConfigError
+from ..errors import ConfigError, LlmarchError
 from ..plugin import registry as plugins
 from ..plugin.interfaces import DataSource
 from ..plugin.objectives import Objective
@@ -114,18 +115,39 @@ def text_files(cfg: TextConfig) -> list[Path]:
     return files
 
 
+def refuse_remote_code(folder: str, path: Path) -> None:
+    """A folder whose configs map classes to its own Python (`auto_map`) is refused: a
+    tokenizer is data, and loading one never runs code that came with it."""
+    for name in ("tokenizer_config.json", "config.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            content = read_json(file)
+        except LlmarchError as exc:
+            raise ConfigError("data.tokenizer", folder, str(exc), "a folder written by a tokenizer's "
+                              "save_pretrained, or null for bytes") from None
+        if isinstance(content, dict) and "auto_map" in content:
+            raise ConfigError("data.tokenizer", folder, f"{file} has auto_map: loading it would run the folder's "
+                              "own Python, which is never done", "a tokenizer transformers implements itself "
+                              "(no auto_map), or null for bytes")
+
+
 def load_tokenizer(folder: str) -> Any:
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise ConfigError("data.tokenizer", folder, "a tokenizer needs the transformers package, not installed",
                           "null (bytes), after `pip install transformers` a local tokenizer folder") from None
-    if not Path(folder).expanduser().is_dir():
+    path = Path(folder).expanduser()
+    if not path.is_dir():
         raise ConfigError("data.tokenizer", folder, "no such folder (tokenizers are read locally, never downloaded)",
                           "a folder written by a tokenizer's save_pretrained, or null for bytes")
+    refuse_remote_code(folder, path)
     try:
-        return AutoTokenizer.from_pretrained(str(Path(folder).expanduser()), local_files_only=True)
-    except (OSError, ValueError) as exc:
+        # trust_remote_code=False: transformers refuses custom code instead of asking on stdin.
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, LlmarchError) as exc:
         raise ConfigError("data.tokenizer", folder, f"cannot load a tokenizer from it ({exc})",
                           "a folder written by a tokenizer's save_pretrained, or null for bytes") from None
 

@@ -13,6 +13,8 @@ class EncoderDecoder(HeadedTopology):
     decoder with cross-attention to the encoder's output, one shared token table.
     Each stack has its own position module (T5 learns a relative bias per stack)."""
 
+    stacks = ("encoder", "decoder")
+
     table_name = "Encoder-Decoder"
 
     objective = SEQ2SEQ

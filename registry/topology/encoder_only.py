@@ -24,6 +24,8 @@ class EncoderOnly(HeadedTopology):
     """A bidirectional encoder with a masked-LM head (BERT, RoBERTa, ALBERT); the
     logits are the MLM predictions at every position."""
 
+    stacks = ("encoder",)
+
     table_name = "Encoder-Only"
 
     objective = MASKED_LM
