@@ -30,16 +30,13 @@ from omegaconf import DictConfig
 from .config.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check
 from .errors import LlmarchError
 from .plugin import registry as plugins
-from .sweep.callback import JobFailed, SweepReportCallback, take_reports
+from .sweep.callback import JobFailed, take_reports
 from .sweep.report import FAILED, INCOMPLETE
 from .tasks import run_task
 
 EXIT_USAGE = 2
 EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
-
-# The one callback conf/config.yaml names: hydra.callbacks accepts registered callbacks only.
-plugins.add("hydra_callback", "sweep_report", SweepReportCallback)
 
 #: The summary field a sweep job returns to its sweeper.
 OBJECTIVE = "final_val_loss"

@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ..artifacts.atomic import write_atomic
+from ..plugin.registry import add
 from .report import FAILURE, SweepReport, write_report
 
 
@@ -77,3 +78,7 @@ class SweepReportCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         report_on(Path(config.hydra.sweep.dir).absolute())
+
+
+# The one callback conf/config.yaml names: hydra.callbacks accepts registered callbacks only.
+add("hydra_callback", "sweep_report", SweepReportCallback)
