@@ -178,16 +178,25 @@ def refused_key(overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.window=4096"], "model.window='4096': attention=gqa has no window; use attention=swa or "
+    (["model.window=4096"], "model.window=4096: attention=gqa has no window; use attention=swa or "
                             "attention.window=4096"),
     (["attention=mha", "model.window=4096"], "attention=mha has no window; use attention=swa"),
     (["attention=mla", "model.window=4096"], "attention=mla has no window; use attention=swa"),
-    (["ffn=moe", "model.mlp_bias=true"], "model.mlp_bias='true': ffn=moe has no mlp_bias; use ffn=dense"),
+    (["ffn=moe", "model.mlp_bias=true"], "model.mlp_bias=True: ffn=moe has no mlp_bias; use ffn=dense"),
     (["attention=mla", "model.qk_norm=true"], "attention=mla has no qk_norm; use attention=gqa"),
     (["attention=mla", "model.qkv_bias=true"], "attention=mla has no qkv_bias; use attention=gqa"),
 ])
 def test_a_model_key_no_chosen_plugin_reads_is_refused(overrides, message):
     assert message in refused_key(overrides)
+
+
+def test_the_command_line_refuses_a_number_nothing_reads(tmp_path):
+    victim = tmp_path / "unused"
+    victim.write_text("precious")
+    proc = llmarch(["model.window=4096", "task=summary"], tmp_path)
+    assert_refused(proc, "model.window", victim)
+    assert "attention=gqa has no window; use attention=swa or attention.window=4096" in proc.stderr
+    assert llmarch(["attention=swa", "model.window=64", "task=summary"], tmp_path).returncode == 0
 
 
 def test_keys_a_chosen_plugin_reads_pass():

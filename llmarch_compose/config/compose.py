@@ -27,6 +27,7 @@ from ..plugin import registry as plugins
 from ..plugin.interfaces import ModelSource
 from . import schema  # noqa: F401  (stores the root schema the defaults list names)
 from .targets import check_targets
+from .usage import check_used
 
 CONFIG_MODULE = "llmarch_compose.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -126,6 +127,8 @@ def _compose_checked(overrides: Sequence[str], config_name: str = CONFIG_NAME,
     except HydraException as exc:
         raise _translate_composition(exc, single, config_name) from None
     check_targets(cfg)
+    if hydra_node:  # the command line: a model number the user set that nothing reads is refused
+        check_used(cfg, single, loader)
     return cfg
 
 

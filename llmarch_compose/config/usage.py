@@ -123,8 +123,18 @@ def _user_model_keys(overrides: Sequence[str]) -> dict[str, str]:
     for text in overrides:
         key, eq, value = text.lstrip("+~").partition("=")
         if eq and key.startswith("model.") and key.count(".") == 1 and key[6:] in MODEL_FIELDS:
-            out[key[6:]] = value
+            out[key[6:]] = _typed(value)
     return out
+
+
+def _typed(value: str) -> Any:
+    """An override's number as a number (`4096`, not `'4096'`), for the error message."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "null": None}.get(value, value)
 
 
 def _alternatives(name: str, loader: Any) -> list[tuple[str, str, str]]:
