@@ -19,6 +19,35 @@ def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     return list(dict.fromkeys(prefixed + similar))[:n]
 
 
+#: At most this many values are listed as valid in an error message.
+MAX_LISTED = 24
+#: Trial division for an error message stops here (a tenth of a second), whatever `n` is.
+_DIVISOR_SEARCH = 100_000
+
+
+def valid_divisors(n: int, near: int) -> list[int] | str:
+    """What an error lists for "must divide n": every divisor when there are few,
+    else the few nearest to the value asked (`near`), found in bounded time."""
+    found: set[int] = set()
+    d = 1
+    while d <= _DIVISOR_SEARCH and d * d <= n:
+        if n % d == 0:
+            found.update((d, n // d))
+        d += 1
+    complete = d * d > n
+    if complete and len(found) <= MAX_LISTED:
+        return sorted(found)
+    nearest = sorted(sorted(found, key=lambda v: (abs(v - near), v))[:6])
+    return f"a divisor of {n}, e.g. " + ", ".join(str(v) for v in nearest)
+
+
+def valid_range(low: int, high: int) -> list[int] | str:
+    """The integers low..high, listed when there are few."""
+    if high - low + 1 <= MAX_LISTED:
+        return list(range(low, high + 1))
+    return f"an integer in {low}..{high}"
+
+
 #: Keys that were renamed: an old spelling set where the new key exists points at it
 #: (`task.output_dir`, `task.out`, `task.out_dir` and report's `task.path` are `task.output`).
 FORMER_KEYS = {"output_dir": "output", "out": "output", "out_dir": "output", "path": "output"}

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..plugin import registry as plugins
-from ..errors import ConfigError, UnknownKeyError
+from ..errors import ConfigError, UnknownKeyError, valid_range
 
 #: Groups whose choice may differ from layer to layer.
 LAYER_GROUPS = ("attention", "ffn", "norm")
@@ -65,7 +65,7 @@ def parse_rules(pattern: list[Any]) -> list[LayerRule]:
             raise ConfigError(f"{key}.every", selectors["every"], "must be a positive integer", "1, 2, 3, ...")
         if "every" in selectors and not 0 <= selectors.get("offset", 0) < selectors["every"]:
             raise ConfigError(f"{key}.offset", selectors.get("offset"), f"must lie in [0, every={selectors['every']})",
-                              list(range(selectors["every"])))
+                              valid_range(0, selectors["every"] - 1))
         if "stack" in selectors and selectors["stack"] not in STACKS:
             raise ConfigError(f"{key}.stack", selectors["stack"], "unknown stack", STACKS)
         if "layers" in selectors:

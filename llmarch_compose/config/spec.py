@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..plugin import registry as plugins
-from ..errors import ConfigError
+from ..errors import ConfigError, valid_divisors, valid_range  # noqa: F401 (re-exported)
 from .layer_patterns import LAYER_GROUPS, STACKS, layer_node, parse_rules
 from .scale import apply_scale
 from .schema import ModelConfig
@@ -65,7 +65,24 @@ def make_choice(group: str, node: DictConfig | Mapping[str, Any] | None) -> Any:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Every divisor of `n`, ascending (trial division up to the square root)."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
+#: Upper bounds far beyond any published model, so that an impossible value fails
+#: here at once instead of in a build that takes minutes (the card builds every
+#: layer on meta, about a millisecond each; RoPE's frequencies are made per head
+#: dimension in Python). The deepest transformers have about a thousand layers, the
+#: widest a model width near 20k.
+MAX_SIZES = {"n_layers": 10_000, "d_model": 1 << 20, "head_dim": 1 << 20}
 
 
 def _require_positive(model: ModelConfig, *keys: str) -> None:
@@ -88,17 +105,26 @@ def _require_finite(model: ModelConfig) -> None:
             raise ConfigError(f"model.{f.name}", value, "must be a finite number >= 0", "a number >= 0")
 
 
+def _require_at_most(model: ModelConfig, *keys: str) -> None:
+    for key in keys:
+        if getattr(model, key) > MAX_SIZES[key]:
+            raise ConfigError(f"model.{key}", getattr(model, key),
+                              f"is beyond any buildable model (at most {MAX_SIZES[key]})", f"1..{MAX_SIZES[key]}")
+
+
 def validate_model(model: ModelConfig) -> ModelConfig:
     _require_finite(model)
     _require_positive(model, "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
                       "max_seq_len", "norm_eps", "rope_theta", "n_experts", "experts_per_token")
+    _require_at_most(model, "n_layers", "d_model")
     if model.head_dim is None:
         if model.d_model % model.n_heads:
             raise ConfigError("model.n_heads", model.n_heads, f"must divide model.d_model={model.d_model} "
-                              "(or set model.head_dim)", divisors(model.d_model))
+                              "(or set model.head_dim)", valid_divisors(model.d_model, model.n_heads))
         model = dataclasses.replace(model, head_dim=model.d_model // model.n_heads)
     else:
         _require_positive(model, "head_dim")
+        _require_at_most(model, "head_dim")
     if not 0.0 < model.rotary_fraction <= 1.0:
         raise ConfigError("model.rotary_fraction", model.rotary_fraction, "must lie in (0, 1]", "0 < x <= 1")
     if model.window is not None and model.window < 1:

@@ -4,14 +4,18 @@ KV-cache and training-memory figures, all from a model built on `meta`."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from ..plugin import registry as plugins
 from .build import build
 from ..plugin.interfaces import Attention, FeedForward, LayerStack
 from ..config.spec import ModelSpec
+from ..errors import ConfigError
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1, "fp8": 1}
 
@@ -24,7 +28,8 @@ def human(n: float, unit: str = "") -> str:
 
 
 def human_bytes(n: float) -> str:
-    for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+    for scale, suffix in ((2**60, "EiB"), (2**50, "PiB"), (2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"),
+                          (2**10, "KiB")):
         if n >= scale:
             return f"{n / scale:.2f} {suffix}"
     return f"{n:g} B"
@@ -97,13 +102,127 @@ def kv_cache(model: nn.Module, dtype_bytes: int, context: int) -> dict[str, int]
     return {"kv_cache_bytes_per_token": per_token, "kv_cache_bytes_full_context": full}
 
 
-def training_memory(total_params: int) -> dict[str, int]:
-    """Weights, gradients and AdamW's two moments, all in fp32; activations depend on
-    batch and sequence and are not included."""
-    weights = total_params * 4
-    grads = total_params * 4
-    optimizer = total_params * 8
+def training_memory(total_params: int, param_bytes: int = 4) -> dict[str, int]:
+    """Weights, gradients and AdamW's two moments, all in the weights' dtype (fp32 by
+    default); activations depend on batch and sequence and are not included."""
+    weights = total_params * param_bytes
+    grads = total_params * param_bytes
+    optimizer = total_params * 2 * param_bytes
     return {"weights": weights, "gradients": grads, "adamw_states": optimizer, "total": weights + grads + optimizer}
+
+
+def activation_memory(model: nn.Module, counts: dict[str, int], d_model: int, n_heads: int, vocab_size: int,
+                      batch_size: int, seq_len: int, dtype_bytes: int) -> dict[str, int]:
+    """What one training step keeps for the backward pass, a conservative estimate (eager
+    autograd; a compiled graph or a fused attention kernel keeps less). Per token:
+
+    - every projection: twice its output width, its output and what the next operation
+      keeps of it (the activation's input, a gate). A projection's output width is its
+      weight elements a token passes through over d_model, so the FFN counts
+      2 x 3 x ffn_dim for a gated FFN, and only the experts a token is routed to;
+    - each attention layer: its scores and probabilities, 2 x n_heads x seq_len (where
+      the math path materializes them), and 4 x d_model for its norm and residual;
+    - each FFN layer: 4 x d_model for its norm and residual; the embedding 2 x d_model;
+
+    all in `dtype_bytes`, times batch_size x seq_len tokens, every use of a shared layer
+    counted. Logits: batch_size x seq_len x vocab_size x 3 in fp32 (the logits the loss
+    reads, their log-softmax and its gradient)."""
+    runs = runs_per_token(model)
+    attention = sum(times for m, times in runs if isinstance(m, Attention))
+    ffn = sum(times for m, times in _outermost(runs, FeedForward))
+    projected = forward_flops_per_token(model, counts, seq_len)["flops_matmul"] / 2 / d_model
+    per_token = 2 * projected + attention * (2 * n_heads * seq_len + 4 * d_model) + ffn * 4 * d_model + 2 * d_model
+    tokens = batch_size * seq_len
+    return {"activations": int(tokens * per_token * dtype_bytes), "logits": tokens * vocab_size * 3 * 4}
+
+
+def _outermost(runs: list[tuple[nn.Module, int]], kind: type) -> list[tuple[nn.Module, int]]:
+    """The modules of `kind` not inside another (an MoE layer's experts are FFNs too)."""
+    inner = {id(sub) for m, _ in runs if isinstance(m, kind) for sub in m.modules() if sub is not m}
+    return [(m, times) for m, times in runs if isinstance(m, kind) and id(m) not in inner]
+
+
+MEMINFO = Path("/proc/meminfo")
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes a run may still allocate on `device`: free CUDA memory, or MemAvailable of
+    /proc/meminfo (else the free physical pages); None where unknown (meta)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def run_memory(spec: ModelSpec, batch_size: int, seq_len: int, param_dtype: torch.dtype) -> dict[str, int]:
+    """The memory a training step of `spec` needs: weights, gradients, AdamW states and
+    activations (see `activation_memory`), from the model built on meta."""
+    model = build(spec, device="meta")
+    counts = count_params(model)
+    m = spec.model
+    param_bytes = param_dtype.itemsize
+    state = training_memory(counts["params_total"], param_bytes)
+    # Autocast computes in a narrower dtype but keeps norms and softmax in fp32: count the weights' dtype.
+    acts = activation_memory(model, counts, m.d_model, m.n_heads, m.vocab_size, batch_size, seq_len, param_bytes)
+    parts = {k: state[k] for k in ("weights", "gradients", "adamw_states")} | acts
+    return {**parts, "total": sum(parts.values()), **counts}
+
+
+#: The keys that drive a run's size, named in the preflight's error.
+SIZE_KEYS = ("model.d_model", "model.n_layers", "model.ffn_dim", "model.vocab_size", "model.n_heads",
+             "task.batch_size", "task.seq_len")
+
+
+def _blame(spec: ModelSpec, needs: dict[str, int], batch_size: int, seq_len: int) -> tuple[str, Any, str]:
+    """The key most to blame for `needs`, its value and what to make smaller: the largest
+    of what grows with the vocabulary (logits, the embedding's share of the weights and
+    their states), with the tokens of a step (activations) and with the other weights."""
+    m = spec.model
+    state = needs["weights"] + needs["gradients"] + needs["adamw_states"]
+    embedding_state = state * needs["params_embedding"] / max(needs["params_total"], 1)
+    by_vocab, by_tokens, by_weights = needs["logits"] + embedding_state, needs["activations"], state - embedding_state
+    deep = m.n_layers * 32 > m.d_model  # deeper than wide, for a transformer
+    if by_vocab >= max(by_tokens, by_weights):
+        return "model.vocab_size", m.vocab_size, "a smaller vocab_size, batch_size or seq_len"
+    if by_tokens >= by_weights and not deep:
+        if seq_len > 64 * batch_size:
+            return "task.seq_len", seq_len, "a shorter seq_len, a smaller batch_size or model"
+        return "task.batch_size", batch_size, "a smaller batch_size, a shorter seq_len or a smaller model"
+    if by_weights > by_tokens and needs["params_active"] * 2 < needs["params_total"]:  # mostly unused experts
+        return "model.n_experts", m.n_experts, "fewer experts, or a smaller model"
+    if by_weights > by_tokens and m.ffn_dim > 8 * m.d_model:
+        return "model.ffn_dim", m.ffn_dim, "a smaller ffn_dim or model"
+    if deep:
+        return "model.n_layers", m.n_layers, "fewer layers, a smaller batch_size or model"
+    return "model.d_model", m.d_model, "a smaller d_model or model"
+
+
+def preflight(spec: ModelSpec, batch_size: int, seq_len: int, param_dtype: torch.dtype,
+              device: torch.device) -> dict[str, Any]:
+    """Refuse, before anything is allocated, a training run that cannot fit on `device`:
+    a ConfigError names the key most to blame, the estimate and what is available.
+    Returns the estimate (`run_memory`) with `available` (None where unknown)."""
+    needs = run_memory(spec, batch_size, seq_len, param_dtype)
+    available = available_memory(device)
+    if available is not None and needs["total"] > available:
+        key, value, valid = _blame(spec, needs, batch_size, seq_len)
+        parts = ", ".join(f"{name.replace('_', ' ')} {human_bytes(needs[name])}"
+                          for name in ("weights", "gradients", "adamw_states", "activations", "logits"))
+        keys = [*SIZE_KEYS, "model.n_experts"] if needs["params_active"] < needs["params_total"] else SIZE_KEYS
+        raise ConfigError(key, value, f"the run needs about {human_bytes(needs['total'])} ({parts}) and "
+                                      f"{human_bytes(available)} is available on {device}; its size grows with "
+                                      f"{', '.join(keys)}", valid)
+    return {**needs, "available": available}
 
 
 def architecture_card(spec: ModelSpec, dtype: str = "bfloat16", context: int | None = None) -> dict[str, Any]:
@@ -138,4 +257,5 @@ def architecture_card(spec: ModelSpec, dtype: str = "bfloat16", context: int | N
     return card
 
 
-__all__ = ["architecture_card", "count_params", "unique_parameters", "DTYPE_BYTES"]
+__all__ = ["architecture_card", "count_params", "unique_parameters", "DTYPE_BYTES", "preflight", "run_memory",
+           "activation_memory", "available_memory"]

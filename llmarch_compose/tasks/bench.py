@@ -12,11 +12,13 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig
 
-from ..bench.harness import ADAMW, VARIANTS, BenchOptions, render_markdown, run_benchmark
+from ..bench.harness import ADAMW, VARIANTS, BenchOptions, render_markdown, resolve_device_of, run_benchmark
 from ..artifacts.atomic import write_atomic
 from ..errors import ConfigError
 from ..config.spec import resolve_spec
 from ..config.structured import to_dataclass
+from ..model.card import preflight
+from ..model.precision import PrecisionConfig
 from .train import output_dir
 from ..plugin.registry import register
 
@@ -67,7 +69,10 @@ def options_for(task: BenchTask, max_seq_len: int) -> BenchOptions:
 @register("task", "bench", params=BenchTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     task: BenchTask = to_dataclass(BenchTask, cfg.task, "task")
-    options = options_for(task, resolve_spec(cfg).model.max_seq_len)
+    spec = resolve_spec(cfg)
+    options = options_for(task, spec.model.max_seq_len)
+    precision = to_dataclass(PrecisionConfig, cfg.precision, "precision")
+    preflight(spec, options.batch_size, options.seq_len, precision.dtype, resolve_device_of(cfg))
     out_dir = output_dir(task)
     with tempfile.TemporaryDirectory(prefix="llmarch-bench-") as workdir:
         report = run_benchmark(cfg, options, Path(workdir))

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from ..config.spec import make_choice, resolve_spec
 from ..config.structured import to_dataclass
 from ..model.build import resolve_device
+from ..model.card import preflight
 from ..model.compiler import CompileConfig
 from ..model.precision import PrecisionConfig
 from ..plugin import registry as plugins
@@ -46,11 +47,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task.seq_len is None:
         task.seq_len = data.natural_seq_len or spec.model.max_seq_len
     check(task, spec.model.vocab_size, spec.model.max_seq_len, data, data_cfg.name)
+    device = resolve_device(cfg.device)
+    preflight(spec, task.batch_size, task.seq_len, precision.dtype, device)  # before anything is allocated
     out_dir = output_dir(task)
     if task.output or not HydraConfig.initialized():  # Hydra's own run directory is a fresh one
         check_output(out_dir, task)
     summary = train(spec, task, data, data_cfg.name, objective, precision,
-                    to_dataclass(CompileConfig, cfg.compile, "compile"), resolve_device(cfg.device), cfg.seed,
+                    to_dataclass(CompileConfig, cfg.compile, "compile"), device, cfg.seed,
                     data_cfg.seed, out_dir, cfg if task.checkpoint else None)
     accuracy = summary["final_val_accuracy"]
     accuracy = f", answer accuracy {accuracy:.1%}" if accuracy is not None else ""

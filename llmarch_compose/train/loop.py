@@ -290,10 +290,6 @@ def prepare(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: s
             precision: PrecisionConfig, compile_cfg: CompileConfig, device: torch.device, seed: int,
             data_seed: Optional[int]) -> Run:
     """The model built, compiled and seeded, and the data stream's generator."""
-    # Each run is independent: in a sweep the jobs share this process, and the
-    # graphs and guards of earlier jobs' models would count against Dynamo's
-    # recompile limit (a hard error under fullgraph).
-    torch._dynamo.reset()
     torch.manual_seed(seed)
     model = build(spec, device=device, dtype=precision.dtype)
     forward = compile_from_config(model, compile_cfg)

@@ -22,7 +22,7 @@ from llmarch_compose.model.masks import (
     softcap,
     spec_mask,
 )
-from llmarch_compose.config.spec import divisors
+from llmarch_compose.errors import valid_divisors
 
 
 @dataclass
@@ -38,7 +38,8 @@ class GQAParams:
     def validate(self, model, key):
         if self.num_kv_heads < 1 or model.n_heads % self.num_kv_heads:
             raise ConfigError(f"{key}.num_kv_heads", self.num_kv_heads,
-                              f"must divide model.n_heads={model.n_heads}", divisors(model.n_heads))
+                              f"must divide model.n_heads={model.n_heads}",
+                              valid_divisors(model.n_heads, self.num_kv_heads))
         if self.window is not None and self.window < 1:
             raise ConfigError(f"{key}.window", self.window, "a window must hold at least one token",
                               "an integer >= 1, or null for none")

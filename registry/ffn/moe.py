@@ -48,7 +48,7 @@ from omegaconf import SI
 from torch import nn
 
 from llmarch_compose import ConfigError, FeedForward, FeedForwardOutput, PreciseBuffers, register
-from llmarch_compose.config.spec import divisors
+from llmarch_compose.errors import valid_divisors, valid_range
 
 from .dense import DenseFFN, DenseParams, gated_product
 from .grouped_mm import grouped_mm
@@ -97,7 +97,7 @@ class MoEParams:
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"{key}.top_k", self.top_k,
                               f"must lie between 1 and num_experts={self.num_experts}",
-                              list(range(1, self.num_experts + 1)))
+                              valid_range(1, self.num_experts))
         if self.hidden < 1:
             raise ConfigError(f"{key}.hidden", self.hidden, "must be positive", "an integer >= 1")
         if self.shared_experts < 0:
@@ -112,15 +112,16 @@ class MoEParams:
             raise ConfigError(f"{key}.router", self.router, "unknown router", ROUTERS)
         if self.n_groups < 1 or self.num_experts % self.n_groups:
             raise ConfigError(f"{key}.n_groups", self.n_groups,
-                              f"must divide num_experts={self.num_experts}", divisors(self.num_experts))
+                              f"must divide num_experts={self.num_experts}",
+                              valid_divisors(self.num_experts, self.n_groups))
         if not 1 <= self.topk_groups <= self.n_groups:
             raise ConfigError(f"{key}.topk_groups", self.topk_groups,
-                              f"must lie between 1 and n_groups={self.n_groups}", list(range(1, self.n_groups + 1)))
+                              f"must lie between 1 and n_groups={self.n_groups}", valid_range(1, self.n_groups))
         eligible = self.topk_groups * (self.num_experts // self.n_groups)
         if self.top_k > eligible:
             raise ConfigError(f"{key}.top_k", self.top_k,
                               f"must not exceed the {eligible} experts in the topk_groups={self.topk_groups} "
-                              f"selected groups of {self.num_experts // self.n_groups}", list(range(1, eligible + 1)))
+                              f"selected groups of {self.num_experts // self.n_groups}", valid_range(1, eligible))
         if not self.routed_scaling > 0:
             raise ConfigError(f"{key}.routed_scaling", self.routed_scaling, "must be positive", "a number > 0")
 
