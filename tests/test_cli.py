@@ -58,6 +58,7 @@ def test_kv_cache_ratio_from_the_command_line(tmp_path):
     assert per_token["mha"] == 64 * per_token["mqa"] and per_token["gqa"] == 8 * per_token["mqa"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_unknown_choice_is_one_paragraph(tmp_path, command):
     proc = run(["attention=gqq"], tmp_path, command=(command,))
@@ -68,6 +69,7 @@ def test_unknown_choice_is_one_paragraph(tmp_path, command):
     assert not (tmp_path / "outputs").exists()  # rejected before Hydra started a run
 
 
+@pytest.mark.slow
 def test_unknown_choice_in_a_sweep_is_rejected_before_any_job(tmp_path):
     proc = run(["-m", "attention=mha,gqq", *TRAIN_SMALL], tmp_path)
     assert proc.returncode != 0

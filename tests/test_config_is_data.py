@@ -56,6 +56,7 @@ def test_torch_load_callback_from_a_config_dir_file_is_refused(tmp_path, victim)
     assert_refused(proc, "hydra.callbacks.x._target_", victim)
 
 
+@pytest.mark.slow
 def test_launcher_and_sweeper_targets_must_be_hydra_plugins(tmp_path, victim):
     proc = llmarch([*B, "hydra.launcher._target_=builtins.open"], tmp_path)
     assert_refused(proc, "hydra.launcher._target_", victim)
@@ -68,6 +69,7 @@ def test_a_target_outside_the_hydra_node_is_refused():
         lc.compose(["+task.x={_target_:os.system}"])
 
 
+@pytest.mark.slow
 def test_registered_and_hydra_callbacks_are_accepted(tmp_path):
     proc = llmarch([*B, "+hydra.callbacks.log={_target_:hydra.experimental.callbacks.LogJobReturnCallback}"],
                    tmp_path)
@@ -77,6 +79,7 @@ def test_registered_and_hydra_callbacks_are_accepted(tmp_path):
 
 # ------------------------------------------------------------------ 2. tokenizers and checkpoint folders run no code
 
+@pytest.mark.slow
 def test_tokenizer_folder_with_auto_map_is_refused_without_a_prompt(tmp_path, victim):
     tok = tmp_path / "tok"
     tok.mkdir()
@@ -190,6 +193,7 @@ def test_a_model_key_no_chosen_plugin_reads_is_refused(overrides, message):
     assert message in refused_key(overrides)
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_a_number_nothing_reads(tmp_path):
     victim = tmp_path / "unused"
     victim.write_text("precious")

@@ -146,6 +146,7 @@ def test_existing_output_is_refused(exported):
     assert package.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_failed_compile_leaves_the_old_file(tmp_path, monkeypatch):
     package = tmp_path / "model.pt2"
     package.write_bytes(b"the earlier package")

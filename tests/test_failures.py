@@ -351,6 +351,7 @@ def llmarch(args, cwd, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_with_an_interrupted_summary(tmp_path):
     out = tmp_path / "D"
     proc = llmarch([*B, "task.steps=100000", "task.eval_every=100000", f"task.output={out}"], tmp_path)
@@ -366,6 +367,7 @@ def test_ctrl_c_exits_130_with_an_interrupted_summary(tmp_path):
     assert len(metric_lines(out)) >= summary["steps_completed"] + 1
 
 
+@pytest.mark.slow
 def test_hydra_run_directory_needs_no_flag(tmp_path):
     for _ in range(2):
         proc = llmarch([*B, "task.checkpoint=false"], tmp_path)

@@ -230,6 +230,7 @@ class ClashNorm{n}(nn.Module):
 '''
 
 
+@pytest.mark.slow
 def test_same_name_from_two_distributions_names_both(tmp_path):
     site = tmp_path / "site"
     for n, dist in enumerate(("kit-norms-alpha", "kit-norms-beta")):
