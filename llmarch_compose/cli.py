@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import traceback
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -37,6 +38,7 @@ from .tasks import run_task
 EXIT_USAGE = 2
 EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 3
 
 #: The summary field a sweep job returns to its sweeper.
 OBJECTIVE = "final_val_loss"
@@ -65,6 +67,13 @@ def _app(cfg: DictConfig):
         if multirun:  # the job fails, the sweep goes on; Hydra prints the message, not a traceback
             raise JobFailed(str(exc)) from exc
         sys.exit(EXIT_USAGE)
+    except Exception:  # not bad input but a bug: the traceback, and a word on what to do with it
+        if multirun:
+            raise
+        traceback.print_exc()
+        print("llmarch: internal error: this is a bug in llmarch_compose or a plugin, not a problem with "
+              "your input; please report it with the command line and the traceback above", file=sys.stderr)
+        sys.exit(EXIT_INTERNAL)
     return sweep_objective(result) if multirun else result
 
 

@@ -3,6 +3,7 @@ sets is used or the run refuses. Hostile files are built here, in temporary fold
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -244,3 +245,40 @@ def test_a_window_longer_than_the_context_is_refused():
 def test_negative_or_non_finite_numbers_are_refused(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}="):
         resolve_spec(lc.compose([override]))
+
+
+# ------------------------------------------------------------------ 4. errors, not tracebacks
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, key", [
+    (["task.output={tmp}/afile"], "task.output"),
+    (["data=text", "data.path={tmp}/empty.txt"], "data.path"),
+    (["data=text", "data.path={tmp}", "data.glob="], "data.glob"),
+    (["=5"], "overrides"),
+    (["task.lr=${{model.nonexistent}}"], "task.lr"),
+    (["model.d_model=${{model.d_model}}"], "model.d_model"),
+])
+def test_bad_input_is_one_line_naming_the_key(tmp_path, args, key):
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "empty.txt").write_text("")
+    victim = tmp_path / "afile"
+    proc = llmarch([*B, *(a.format(tmp=tmp_path) for a in args)], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith(f"llmarch: error: {key}="), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert victim.read_text() == "not a folder"
+
+
+def test_an_internal_error_keeps_its_traceback_and_asks_to_report(tmp_path, monkeypatch):
+    """A bug (here a task that raises) is not dressed up as bad input."""
+    from llmarch_compose import cli
+    from llmarch_compose.plugin import registry as plugins_registry
+
+    def broken(cfg):
+        raise RuntimeError("a bug")
+
+    info = plugins_registry.get("task", "summary")
+    monkeypatch.setitem(plugins_registry._registry["task"], "summary", dataclasses.replace(info, target=broken))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["task=summary", f"hydra.run.dir={tmp_path}/run"])
+    assert exited.value.code == cli.EXIT_INTERNAL

@@ -20,7 +20,7 @@ from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError
+from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 from ..errors import ConfigError, UnknownChoiceError, UnknownKeyError
 from ..plugin import registry as plugins
@@ -56,7 +56,7 @@ def check_overrides(overrides: Sequence[str], config_loader) -> None:
     groups = set(config_loader.list_groups(""))
     try:
         parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(list(overrides))
-    except HydraException as exc:
+    except (HydraException, ValueError) as exc:  # ValueError: `=5`, a group override that is no string
         raise ConfigError("overrides", " ".join(overrides), str(exc).strip().splitlines()[0]) from None
     for override in parsed:
         group = override.key_or_group
@@ -126,10 +126,23 @@ def _compose_checked(overrides: Sequence[str], config_name: str = CONFIG_NAME,
         raise _translate_missing(exc) from None
     except HydraException as exc:
         raise _translate_composition(exc, single, config_name) from None
+    except ValueError as exc:  # Hydra's own check of an override's form (`=5`: a group override that is no string)
+        raise ConfigError("overrides", " ".join(single), str(exc).strip().splitlines()[0]) from None
     check_targets(cfg)
+    _check_resolves(cfg)
     if hydra_node:  # the command line: a model number the user set that nothing reads is refused
         check_used(cfg, single, loader)
     return cfg
+
+
+def _check_resolves(cfg: DictConfig) -> None:
+    """Every interpolation outside `hydra` resolves: a missing key or a key that refers to
+    itself is a ConfigError naming it, before any job starts."""
+    try:
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "overrides"
+        raise ConfigError(key, None, str(getattr(exc, "msg", exc)).strip().splitlines()[0]) from None
 
 
 def _initialize(config_dir: Optional[str], config_path: Optional[str]) -> None:

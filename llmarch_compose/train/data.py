@@ -62,6 +62,8 @@ class TokenCorpus(DataSource):
     natural_seq_len = None
 
     def __init__(self, tokens: torch.Tensor, vocab_size: int, holdout_fraction: float):
+        if len(tokens) == 0:
+            raise ConfigError("data.path", None, "holds no text (every file is empty)", "a file or folder with text")
         if not 0.0 < holdout_fraction < 1.0:
             raise ConfigError("data.holdout_fraction", holdout_fraction, "must lie in (0, 1)", "0 < x < 1")
         cut = int(len(tokens) * (1.0 - holdout_fraction))
@@ -85,6 +87,8 @@ class TokenCorpus(DataSource):
 
 
 def as_bytes(data: bytes) -> torch.Tensor:
+    if not data:  # frombuffer refuses an empty buffer
+        return torch.zeros(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
@@ -109,6 +113,8 @@ def text_files(cfg: TextConfig) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise ConfigError("data.path", cfg.path, "no such file or folder", "an existing file or folder")
+    if not cfg.glob:
+        raise ConfigError("data.glob", cfg.glob, "an empty pattern matches nothing", "a pattern such as **/*.txt")
     files = sorted(p for p in path.glob(cfg.glob) if p.is_file())
     if not files:
         raise ConfigError("data.glob", cfg.glob, f"matches no file under {cfg.path}", "a pattern such as **/*.txt")

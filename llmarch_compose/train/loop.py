@@ -115,6 +115,8 @@ def check(task: TrainSettings, vocab_size: int, max_seq_len: int, data: DataSour
 def check_output(out_dir: Path, task: TrainSettings) -> None:
     """A folder that already holds a run (its summary, metrics or checkpoint) is not
     written into unless task.overwrite=true: two runs' files must never mix."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError("task.output", str(out_dir), "is a file; a run writes a folder", "a folder's path")
     if task.overwrite or not out_dir.is_dir():
         return
     found = [name for name in (SUMMARY, METRICS, CHECKPOINT, f".{CHECKPOINT}.old") if (out_dir / name).exists()]
