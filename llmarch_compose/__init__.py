@@ -40,6 +40,8 @@ _LAZY = {
     "export_program": "llmarch_compose.artifacts.export",
     "export_package": "llmarch_compose.artifacts.export",
     "load_compiled": "llmarch_compose.artifacts.export",
+    "generate": "llmarch_compose.inference.generate",
+    "fill_mask": "llmarch_compose.inference.generate",
 }
 
 
@@ -57,6 +59,6 @@ __all__ = [
     "PositionEncoding", "PositionInputs", "PreciseBuffers", "Norm", "Activation", "Attention", "FeedForward",
     "FeedForwardOutput", "ModelOutput", "Topology", "Objective", "DataSource", "ModelSource", "ComponentParams",
     "CAUSAL_LM", "MASKED_LM", "SEQ2SEQ",
-    "export_program", "export_package", "load_compiled",
+    "export_program", "export_package", "load_compiled", "generate", "fill_mask",
     "ConfigError", "LlmarchError", "PluginConflictError", "UnknownChoiceError", "UnknownKeyError",
 ]

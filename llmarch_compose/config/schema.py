@@ -69,6 +69,7 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None  # an id, or a list of ids (GLM-4 stops at any of three)
     pad_token_id: Optional[int] = None
+    decoder_start_token_id: Optional[int] = None  # where an encoder-decoder's decoding starts (T5: 0, BART: 2)
 
     @property
     def embedding_width(self) -> int:
@@ -82,7 +83,7 @@ class ModelConfig:
 #: that interpolate it (see config/usage.py).
 CORE_FIELDS = ("name", "path", "d_model", "n_layers", "n_heads", "head_dim", "vocab_size", "max_seq_len",
                "tie_embeddings", "embedding_dim", "type_vocab_size", "layer_pattern", "init_std",
-               "bos_token_id", "eos_token_id", "pad_token_id")
+               "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 @dataclass

@@ -45,7 +45,7 @@ from .types import choose_type
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 GENERATION_NAME = "generation_config.json"
-TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")  # config.json fields, model.* fields alike
+TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # config.json and model.* alike
 
 
 # ------------------------------------------------------------------ reading and writing
@@ -175,6 +175,8 @@ def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_ty
     rules = expand(kind.tensors(spec), kind.stacks(spec), spec.model.n_experts)
     theirs = to_theirs(ours, rules)
     tokens = {key: getattr(spec.model, key, None) for key in TOKENS}
+    if tokens["decoder_start_token_id"] is None:  # unset: the type's own rule (T5 starts from its padding id)
+        del tokens["decoder_start_token_id"]
     sizes: dict[str, int] = {}  # the weights' dtype as written: the one most of their elements have
     for t in theirs.values():
         if t.is_floating_point():

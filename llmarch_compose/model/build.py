@@ -81,4 +81,5 @@ def build(cfg: Union[DictConfig, ModelSpec], device: Union[str, torch.device, No
         model_source(spec.model.path).load_weights(model, spec, Path(spec.model.path).expanduser())
     if dtype is not None:
         model = model.to(dtype)
+    model.spec = spec  # what generation and the writers read back (the numbers, the token ids)
     return model

@@ -58,6 +58,9 @@ class PositionInputs(NamedTuple):
     # (MaskSpec, BlockMask) pairs the stack built this forward for FlexAttention (llmarch_compose/model/masks.py);
     # a layer whose spec is missing runs SDPA with a dense mask.
     block_masks: tuple = ()
+    # Set while decoding (llmarch_compose/model/cache.py): the steps of the new tokens, each row's
+    # padding, the prefix and the score bias between steps. Layers then read and write their buffers.
+    decoding: Any = None
 
 
 class PreciseBuffers(nn.Module):
@@ -108,6 +111,12 @@ class PositionEncoding(PreciseBuffers, Labelled):
         """q: [batch, heads, seq, head_dim], k: [batch, kv_heads, seq, head_dim]."""
         return q, k
 
+    def cached_bias(self, query_steps: torch.Tensor, key_steps: torch.Tensor) -> Optional[torch.Tensor]:
+        """While decoding: the additive score bias [heads, t, s] between queries and cached keys at
+        these steps (a row's padding shifts both alike, so only differences count). A plugin whose
+        `attention_inputs` hands out a bias or slopes must implement it; None: no bias."""
+        return None
+
 
 class Norm(nn.Module, Labelled):
     """A normalization over the last dimension: `x -> same shape`. Constructed as
@@ -156,6 +165,13 @@ class Attention(nn.Module, Labelled):
         layer masks by itself."""
         return None
 
+    def new_cache(self, batch: int, capacity: int, pad: torch.Tensor, device=None, dtype=None):
+        """Allocate this layer's decoding state (a `llmarch_compose.model.cache.KVBuffer`) for `batch`
+        rows of up to `capacity` steps, `pad[row]` of them left padding. While decoding, `forward`
+        gets `pos.decoding` set and its buffer as `cache`, writes the new tokens' entries into it and
+        attends over it. A plugin without one cannot generate: it is refused by name."""
+        raise cache_unsupported(self)
+
     def kv_cache_bytes_per_token(self, dtype_bytes: int) -> int:
         raise NotImplementedError
 
@@ -167,6 +183,17 @@ class Attention(nn.Module, Labelled):
         """Forward FLOPs per token spent on scores and the weighted sum, averaged
         over the positions of a sequence of length `context`."""
         raise NotImplementedError
+
+
+def cache_unsupported(layer: nn.Module) -> Exception:
+    """The error for an attention plugin that declares no decoding state."""
+    from ..errors import ConfigError
+    from .registry import entries
+
+    name = getattr(layer, "plugin_name", type(layer).__name__)
+    cached = [n for n, e in entries("attention").items() if getattr(e.cls, "new_cache", None) is not Attention.new_cache]
+    return ConfigError("attention", name, "has no KV cache (it does not implement Attention.new_cache), so a "
+                       "model with it cannot generate", cached)
 
 
 class FeedForwardOutput(NamedTuple):
@@ -218,6 +245,20 @@ class Topology(nn.Module, Labelled):
     stacks: tuple[str, ...] = ("decoder",)
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def new_decode_state(self, batch: int, capacity: int, pad: Optional[torch.Tensor] = None, **kwargs):
+        """The decoding state (`llmarch_compose.model.cache.DecodeState`) of `batch` rows of up to
+        `capacity` steps, `pad[row]` of them left padding: every layer's buffer, allocated now."""
+        from ..errors import ConfigError
+
+        raise ConfigError("topology", getattr(self, "plugin_name", type(self).__name__),
+                          "does not decode (it implements no Topology.new_decode_state)",
+                          "decoder_only, prefix_decoder, encoder_decoder, encoder_only (fill_mask)")
+
+    def decode_step(self, input_ids: torch.Tensor, state: Any, all_logits: bool = False) -> ModelOutput:
+        """The logits of the new tokens `input_ids` (the last one's unless `all_logits`), reading and
+        writing `state`'s buffers and advancing its step: the inference graph."""
         raise NotImplementedError
 
     def after_optimizer_step(self) -> None:

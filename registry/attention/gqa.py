@@ -8,14 +8,14 @@ from torch import nn
 from torch.nn.attention.flex_attention import flex_attention
 
 from llmarch_compose import Attention, ConfigError, PositionInputs, register
+from llmarch_compose.model.cache import KVBuffer, attend_cached
+from llmarch_compose.model.kernels import dense_attention, explicit_attention
 from llmarch_compose.model.masks import (
     MaskSpec,
-    ScoreMod,
     chain,
     dense_bias,
     dense_mask,
     find_block_mask,
-    index_grid,
     is_plain,
     mean_attended,
     position_scores,
@@ -46,21 +46,6 @@ class GQAParams:
         if self.softcap is not None and not self.softcap > 0:
             raise ConfigError(f"{key}.softcap", self.softcap, "the cap on the attention logits must be positive",
                               "a number > 0 (Gemma-2: 50.0), or null for none")
-
-
-def explicit_attention(q, k, v, score: ScoreMod, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """Attention with the scores written out, for a score function SDPA cannot take as an
-    additive bias (a softcap). Query heads are grouped over their KV head, so K and V are
-    broadcast, never repeated."""
-    b, h, t, _ = q.shape
-    kv_heads = k.shape[1]
-    grouped = q.unflatten(1, (kv_heads, h // kv_heads))  # [b, kv_heads, group, t, d]
-    scores = (grouped @ k.unsqueeze(2).transpose(-1, -2) * scale).flatten(1, 2)  # [b, h, t, s]
-    scores = score(scores, *index_grid(b, h, t, k.shape[-2], q.device))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).unflatten(1, (kv_heads, h // kv_heads))
-    return (probs @ v.unsqueeze(2)).flatten(1, 2)
 
 
 def scaled_dot_product(q, k, v, pos: PositionInputs, spec: MaskSpec, scale: Optional[float]) -> torch.Tensor:
@@ -95,10 +80,8 @@ def scaled_dot_product(q, k, v, pos: PositionInputs, spec: MaskSpec, scale: Opti
     if capped:
         return explicit_attention(q, k, v, chain(*biases, *capped), mask,
                                   scale if scale is not None else q.shape[-1] ** -0.5)
-    if biases:
-        bias = dense_bias(chain(*biases), b, h, q_len, k_len, q.device, q.dtype)
-        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    bias = dense_bias(chain(*biases), b, h, q_len, k_len, q.device, q.dtype) if biases else None
+    return dense_attention(q, k, v, mask, bias, None, scale)
 
 
 @register("attention", "gqa", params=GQAParams)
@@ -143,23 +126,48 @@ class GroupedQueryAttention(Attention):
     def heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, pos: PositionInputs, memory: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: PositionInputs, memory: Optional[torch.Tensor] = None,
+                cache: Optional[KVBuffer] = None) -> torch.Tensor:
         b, t, _ = x.shape
+        k = v = None
         if self.cross:
             q = self.q(x)
-            k, v = self.kv(memory).split((self.kv_size, self.kv_size), dim=-1)
+            if memory is not None:  # while decoding, only the first step brings the source
+                k, v = self.kv(memory).split((self.kv_size, self.kv_size), dim=-1)
         else:
             q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q, k, v = self.heads(q, self.n_heads), self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)
+        q = self.heads(q, self.n_heads)
+        if k is not None:
+            k, v = self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.cross:  # no positions across the two sequences
-            pos = PositionInputs()
-        else:
+            q = self.q_norm(q)
+            k = self.k_norm(k) if k is not None else None
+        if not self.cross:  # no positions across the two sequences
             q, k = self.rotate(q, k, pos)
-        spec = MaskSpec(False, softcap=self.softcap) if self.cross else self.mask_spec()
-        out = scaled_dot_product(q, k, v, pos, spec, self.scale)
+        if pos.decoding is not None:
+            out = self._attend_cached(q, k, v, pos, cache)
+        else:
+            spec = MaskSpec(False, softcap=self.softcap) if self.cross else self.mask_spec()
+            out = scaled_dot_product(q, k, v, pos if not self.cross else PositionInputs(), spec, self.scale)
         return self.out(out.transpose(1, 2).reshape(b, t, self.q_size))
+
+    def _attend_cached(self, q, k, v, pos: PositionInputs, cache: KVBuffer) -> torch.Tensor:
+        if self.cross:
+            if k is not None:  # the source's keys and values, written once per sequence
+                cache.write(torch.arange(k.shape[-2], device=k.device), k=k, v=v)
+            keys, key_steps = cache.tensors, cache.steps
+        else:
+            keys, key_steps = cache.write(pos.decoding.steps, k=k, v=v)
+        return attend_cached(q, keys["k"], keys["v"], pos.decoding, key_steps, cache.pad, causal=self.causal,
+                             window=None if self.cross else self.window, cap=self.softcap, scale=self.scale,
+                             self_attention=not self.cross)
+
+    def new_cache(self, batch: int, capacity: int, pad: torch.Tensor, device=None, dtype=None) -> KVBuffer:
+        # num_kv_heads heads, never repeated to the query heads; a causal window rolls.
+        rolling = self.causal and self.window is not None and self.window < capacity
+        shape = (self.n_kv_heads, self.head_dim)
+        return KVBuffer(batch, self.window if rolling else capacity, pad, {"k": shape, "v": shape}, rolling,
+                        device, dtype)
 
     def mask_spec(self) -> Optional[MaskSpec]:
         # Cross-attention sees the whole source: no block mask to build for it.

@@ -37,6 +37,7 @@ from omegaconf import SI
 from torch import nn
 
 from llmarch_compose import Attention, BuildContext, ConfigError, PositionEncoding, PositionInputs, register
+from llmarch_compose.model.cache import KVBuffer, attend_cached
 from llmarch_compose.model.masks import MaskSpec, mean_attended
 
 from ..position.rope import RotaryPosition
@@ -186,7 +187,8 @@ class MultiHeadLatentAttention(Attention):
                               exc.valid) from None
         return rope
 
-    def forward(self, x: torch.Tensor, pos: PositionInputs, memory: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: PositionInputs, memory: Optional[torch.Tensor] = None,
+                cache: Optional[KVBuffer] = None) -> torch.Tensor:
         b, t, _ = x.shape
         h, nope, rope = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         if self.q_lora_rank is None:
@@ -196,17 +198,42 @@ class MultiHeadLatentAttention(Attention):
         q = q.unflatten(-1, (h, nope + rope)).transpose(1, 2)  # [b, h, t, nope + rope]
         q_nope, q_rope = q.split((nope, rope), dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, rope), dim=-1)
+        latent = self.kv_a_layernorm(latent)
         k_rope = k_rope.unsqueeze(1)  # [b, 1, t, rope]: one rotary key per token, for every head
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).unflatten(-1, (h, nope + self.v_head_dim)).transpose(1, 2)
-        k_nope, v = kv.split((nope, self.v_head_dim), dim=-1)
         if self.rotary is not None:
             positions = pos.positions if pos.positions is not None else torch.arange(t, device=x.device)
             tables = self.rotary.attention_inputs(positions, pos.prefix_len)
             q_rope, k_rope = self.rotary.rotate(q_rope, k_rope, tables)
-        q = torch.cat((q_nope, q_rope), dim=-1)
-        k = torch.cat((k_nope, k_rope.expand(b, h, t, rope)), dim=-1)  # a broadcast view until the concatenation
-        out = scaled_dot_product(q, k, v, pos, self.mask_spec(), self.scale)  # v keeps its own width
+        if pos.decoding is not None:
+            out = self._attend_latent(q_nope, q_rope, latent, k_rope, pos, cache)
+        else:
+            kv = self.kv_b_proj(latent).unflatten(-1, (h, nope + self.v_head_dim)).transpose(1, 2)
+            k_nope, v = kv.split((nope, self.v_head_dim), dim=-1)
+            q = torch.cat((q_nope, q_rope), dim=-1)
+            k = torch.cat((k_nope, k_rope.expand(b, h, t, rope)), dim=-1)  # a broadcast view until the concatenation
+            out = scaled_dot_product(q, k, v, pos, self.mask_spec(), self.scale)  # v keeps its own width
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * self.v_head_dim))
+
+    def _attend_latent(self, q_nope, q_rope, latent, k_rope, pos: PositionInputs, cache: KVBuffer) -> torch.Tensor:
+        """Decoding with the absorbed projections, as DeepSeek-V2/V3 decode: the buffer holds
+        [normalized latent, rotated shared key] per token; each head's key and value
+        projections fold into its query and output, so attention runs over the latent as
+        one shared key/value head (MQA over kv_lora_rank + qk_rope_head_dim numbers)."""
+        h, nope, r = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
+        w = self.kv_b_proj.weight.unflatten(0, (h, nope + self.v_head_dim))  # [h, nope + v, r]
+        w_k, w_v = w[:, :nope], w[:, nope:]
+        q = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, w_k), q_rope), dim=-1)
+        entry = torch.cat((latent.unsqueeze(1), k_rope), dim=-1)  # [b, 1, t, r + rope]
+        keys, key_steps = cache.write(pos.decoding.steps, kv=entry)
+        kv = keys["kv"]
+        out = attend_cached(q, kv, kv[..., :r], pos.decoding, key_steps, cache.pad, causal=self.causal,
+                            window=self.window, scale=self.scale)  # [b, h, t, r]
+        return torch.einsum("bhtr,hvr->bhtv", out, w_v)
+
+    def new_cache(self, batch: int, capacity: int, pad: torch.Tensor, device=None, dtype=None) -> KVBuffer:
+        rolling = self.causal and self.window is not None and self.window < capacity
+        return KVBuffer(batch, self.window if rolling else capacity, pad,
+                        {"kv": (1, self.kv_lora_rank + self.qk_rope_head_dim)}, rolling, device, dtype)
 
     def mask_spec(self) -> MaskSpec:
         return MaskSpec(self.causal, self.window)

@@ -52,3 +52,9 @@ class ALiBi(PositionEncoding):
         # The slopes alone: the kernel computes slope * distance per score, never a [heads, q, k]
         # table. Distances are index differences, as the stacks' positions are 0 .. seq-1.
         return PositionInputs(slopes=self.slopes, prefix_len=prefix_len)
+
+    def cached_bias(self, query_steps: torch.Tensor, key_steps: torch.Tensor) -> torch.Tensor:
+        # Distances are step differences while decoding: a row's left padding cancels out.
+        h = torch.arange(self.slopes.numel(), device=query_steps.device)[:, None, None]
+        return alibi(self.slopes)(torch.zeros((), dtype=self.slopes.dtype, device=query_steps.device),
+                                  0, h, query_steps[None, :, None], key_steps[None, None, :])  # [heads, t, s]

@@ -83,3 +83,7 @@ class RelativePositionBias(PositionEncoding):
         relative = positions[..., None, :] - positions[..., :, None]  # [..., q, k]: key minus query
         bias = self.table(self.bucket(relative))  # [..., q, k, heads]
         return PositionInputs(bias=bias.movedim(-1, -3), prefix_len=prefix_len)
+
+    def cached_bias(self, query_steps: torch.Tensor, key_steps: torch.Tensor) -> torch.Tensor:
+        relative = key_steps[None, :] - query_steps[:, None]  # [t, s]: key minus query, as above
+        return self.table(self.bucket(relative)).movedim(-1, 0)  # [heads, t, s]

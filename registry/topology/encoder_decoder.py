@@ -3,6 +3,7 @@ from typing import Optional
 import torch
 
 from llmarch_compose import SEQ2SEQ, ModelOutput, register
+from llmarch_compose.model.cache import DecodeState
 
 from .stack import HeadedTopology, Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
@@ -45,3 +46,27 @@ class EncoderDecoder(HeadedTopology):
         x, dec_aux = self.decoder(x, position_inputs(self.position, positions), memory)
         aux = enc_aux if dec_aux is None else dec_aux if enc_aux is None else enc_aux + dec_aux
         return ModelOutput(self.head(x), aux)
+
+    def new_decode_state(self, batch: int, capacity: int, pad: Optional[torch.Tensor] = None, *,
+                         source_ids: Optional[torch.Tensor] = None, source_pad: Optional[torch.Tensor] = None,
+                         device=None, dtype=None) -> DecodeState:
+        """Encode the (left-padded) source once, then hold the decoder's buffers: `capacity`
+        decoder steps of self-attention and the source's keys and values for cross-attention,
+        which the first `decode_step` writes from the encoder's output."""
+        if source_ids is None:
+            raise ValueError("an encoder-decoder decodes from a source: pass source_ids")
+        device, dtype = self._like(device, dtype)
+        length = source_ids.shape[-1]
+        source_pad = source_pad if source_pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        encoding = DecodeState({"encoder": self.encoder.new_caches(batch, length, source_pad, device, dtype)},
+                               source_pad)
+        memory, _ = self._run_cached(self.encoder, self.encoder_embed, self.encoder_position, source_ids, encoding)
+        pad = pad if pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        caches = self.decoder.new_caches(batch, capacity, pad, device, dtype, source=(length, source_pad))
+        return DecodeState({"decoder": caches}, pad, memory=memory)
+
+    def decode_step(self, input_ids: torch.Tensor, state: DecodeState, all_logits: bool = False) -> ModelOutput:
+        """Decoder tokens; the step after `state.memory` was consumed reads the cross buffers only."""
+        x, aux = self._run_cached(self.decoder, self.embed, self.position, input_ids, state, memory=state.memory)
+        return ModelOutput(self._logits(x, all_logits), aux)
+

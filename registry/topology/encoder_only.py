@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from llmarch_compose import MASKED_LM, ModelOutput, register
+from llmarch_compose.model.cache import DecodeState
 
 from .stack import HeadedTopology, Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
@@ -47,3 +48,18 @@ class EncoderOnly(HeadedTopology):
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
         """The pooler's sentence vector from the encoder's hidden states."""
         return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def new_decode_state(self, batch: int, capacity: int, pad: Optional[torch.Tensor] = None, *,
+                         device=None, dtype=None) -> DecodeState:
+        """An encoder reads its whole input at once: this state serves one padded forward
+        (`decode_step(..., all_logits=True)`), which is how `fill_mask` runs a padded batch."""
+        device, dtype = self._like(device, dtype)
+        pad = pad if pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        return DecodeState({"encoder": self.encoder.new_caches(batch, capacity, pad, device, dtype)}, pad)
+
+    def decode_step(self, input_ids: torch.Tensor, state: DecodeState, all_logits: bool = True,
+                    token_type_ids: Optional[torch.Tensor] = None) -> ModelOutput:
+        x, aux = self._run_cached(self.encoder, self.embed, self.position, input_ids, state,
+                                  token_type_ids=token_type_ids)
+        return ModelOutput(self._logits(x, all_logits), aux)
+

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from omegaconf import SI
 from torch import nn
 
-from llmarch_compose import Attention, ConfigError, PositionInputs, Topology
+from llmarch_compose import Attention, ConfigError, PositionEncoding, PositionInputs, Topology
+from llmarch_compose.model.cache import DecodeInputs, DecodeState, step_positions
 from llmarch_compose.plugin.interfaces import LayerStack
 from llmarch_compose.model.masks import BlockMasks, flex_runs
 
@@ -89,6 +90,14 @@ class Embeddings(nn.Module):
         return self.project(x) if self.project is not None else x
 
 
+class BlockCache(NamedTuple):
+    """One block's decoding state: its self-attention's buffer and its cross-attention's
+    (the source's keys and values, written at the first decoding step)."""
+
+    self_attn: Any
+    cross_attn: Any = None
+
+
 class Block(nn.Module):
     """Self-attention, optional cross-attention, and the FFN, each with its norm and residual."""
 
@@ -114,16 +123,34 @@ class Block(nn.Module):
             return h * self.glm_alpha + y
         return x + y if self.pre_norm else norm(x + y)
 
-    def forward(self, x: torch.Tensor, pos: PositionInputs,
-                memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def new_cache(self, batch: int, capacity: int, pad: torch.Tensor, device, dtype,
+                  source: Optional[tuple[int, torch.Tensor]] = None) -> "BlockCache":
+        """This block's decoding state; `source`: (length, padding) of the encoder's output
+        that cross-attention reads."""
+        cross = None
+        if self.cross_attn is not None:
+            length, source_pad = source
+            cross = self.cross_attn.new_cache(batch, length, source_pad, device, dtype)
+        return BlockCache(self.attn.new_cache(batch, capacity, pad, device, dtype), cross)
+
+    def forward(self, x: torch.Tensor, pos: PositionInputs, memory: Optional[torch.Tensor] = None,
+                cache: Optional["BlockCache"] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # A plugin's forward gets `cache` only while decoding (third-party plugins without one keep
+        # their two- and three-argument forward).
+        def attend(layer, h, memory, buffer):
+            if cache is None:
+                return layer(h, pos) if memory is None else layer(h, pos, memory)
+            return layer(h, pos, memory, cache=buffer)
+
         if self.parallel:
             f = self.ffn(self.ffn_norm(x))
-            return x + self.attn(self.attn_norm(x), pos) + f.output, f.aux_loss
+            return x + attend(self.attn, self.attn_norm(x), None, cache and cache.self_attn) + f.output, f.aux_loss
         h = self._input(x, self.attn_norm)
-        x = self._residual(x, h, self.attn(h, pos), self.attn_norm)
+        x = self._residual(x, h, attend(self.attn, h, None, cache and cache.self_attn), self.attn_norm)
         if self.cross_attn is not None:
             h = self._input(x, self.cross_norm)
-            x = self._residual(x, h, self.cross_attn(h, pos, memory), self.cross_norm)
+            x = self._residual(x, h, attend(self.cross_attn, h, memory, cache and cache.cross_attn),
+                               self.cross_norm)
         h = self._input(x, self.ffn_norm)
         f = self.ffn(h)
         return self._residual(x, h, f.output, self.ffn_norm), f.aux_loss
@@ -167,13 +194,25 @@ class Stack(LayerStack):
         return pos._replace(block_masks=self.block_masks.for_forward(
             self.mask_specs, b, t, t, x.device, pos.prefix_len, pos.slopes, pos.bias))
 
-    def forward(self, x: torch.Tensor, pos: PositionInputs,
-                memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        pos = self.with_block_masks(x, pos)
+    def new_caches(self, batch: int, capacity: int, pad: torch.Tensor, device, dtype,
+                   source: Optional[tuple[int, torch.Tensor]] = None) -> list[BlockCache]:
+        """One decoding state per layer run (a block shared by several layers has one per run)."""
+        return [block.new_cache(batch, capacity, pad, device, dtype, source)
+                for _ in range(self.repeats) for block in self.blocks]
+
+    def forward(self, x: torch.Tensor, pos: PositionInputs, memory: Optional[torch.Tensor] = None,
+                caches: Optional[list[BlockCache]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if caches is None:
+            pos = self.with_block_masks(x, pos)
         aux = None
+        run = 0
         for _ in range(self.repeats):
             for block in self.blocks:
-                x, block_aux = block(x, pos, memory)
+                if caches is None:
+                    x, block_aux = block(x, pos, memory)
+                else:
+                    x, block_aux = block(x, pos, memory, caches[run])
+                run += 1
                 if block_aux is not None:
                     aux = block_aux if aux is None else aux + block_aux
         return self.final_norm(x), aux
@@ -223,6 +262,17 @@ class LMHead(nn.Module):
         return F.linear(x, weight, self.bias)
 
 
+def cached_bias_of(position: PositionEncoding, inputs: PositionInputs):
+    """The position plugin's score bias between steps, or None where it has none; a plugin
+    that biases scores without a `cached_bias` is refused (it would decode unbiased)."""
+    own = type(position).cached_bias is not PositionEncoding.cached_bias
+    if (inputs.bias is not None or inputs.slopes is not None) and not own:
+        raise ConfigError("position", getattr(position, "plugin_name", type(position).__name__),
+                          "biases attention scores but has no cached_bias, so it cannot decode",
+                          "a position plugin that implements PositionEncoding.cached_bias")
+    return position.cached_bias if own else None
+
+
 class HeadedTopology(Topology):
     """A topology whose logits come from an `LMHead` (every built-in one)."""
 
@@ -230,3 +280,27 @@ class HeadedTopology(Topology):
 
     def tied_embedding(self) -> Optional[nn.Embedding]:
         return self.head.tied
+
+    def _like(self, device, dtype):
+        p = next(self.parameters())
+        return device if device is not None else p.device, dtype if dtype is not None else p.dtype
+
+    def _run_cached(self, stack: Stack, embed: Embeddings, position: PositionEncoding, input_ids: torch.Tensor,
+                    state: DecodeState, memory: Optional[torch.Tensor] = None,
+                    token_type_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`stack` over the new tokens `input_ids` of `state`'s batch, reading and writing its buffers."""
+        steps = state.step + torch.arange(input_ids.shape[-1], device=input_ids.device)
+        positions = step_positions(steps, state.pad)
+        x = embed(input_ids, positions, token_type_ids)
+        inputs = position.kernel_inputs(positions, state.prefix_len)
+        decoding = DecodeInputs(steps, state.pad, state.prefix_len, cached_bias_of(position, inputs))
+        pos = inputs._replace(bias=None, slopes=None, positions=positions, decoding=decoding)
+        out = stack(x, pos, memory, state.caches[self._stack_name(stack)])
+        state.step.add_(input_ids.shape[-1])
+        return out
+
+    def _stack_name(self, stack: Stack) -> str:
+        return next(name for name, module in self.named_children() if module is stack)
+
+    def _logits(self, x: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        return self.head(x if all_logits else x[:, -1:])

@@ -34,7 +34,7 @@ DEFAULTS = {"vocab_size": 50265, "max_position_embeddings": 1024, "encoder_layer
             "encoder_attention_heads": 16, "decoder_layers": 12, "decoder_ffn_dim": 4096,
             "decoder_attention_heads": 16, "activation_function": "gelu", "d_model": 1024,
             "tie_word_embeddings": True, "scale_embedding": False, "pad_token_id": 1, "bos_token_id": 0,
-            "eos_token_id": 2}
+            "eos_token_id": 2, "decoder_start_token_id": 2}
 NUMBERS = {
     "d_model": "model.d_model", "encoder_layers": "model.n_layers", "encoder_attention_heads": "model.n_heads",
     "encoder_ffn_dim": "model.ffn_dim", "vocab_size": "model.vocab_size",

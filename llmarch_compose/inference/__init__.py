@@ -1,0 +1,1 @@
+"""The inference graph: generation over the KV cache each attention plugin declares."""
