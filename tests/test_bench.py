@@ -155,3 +155,28 @@ def test_targets_compare_the_deepest_compile_with_the_shallowest():
     assert met["compile time, deepest / shallowest"] == (pytest.approx(1.2), True)
     assert met["training tokens/s vs HF"] == (1.2, True) and met["inference tokens/s vs HF"] == (1.0, False)
     assert met["peak training memory vs HF"] == (0.9, False) and met["cold compile (s)"] == (20.0, True)
+
+
+def test_decode_benchmark_options_are_refused_by_key():
+    from llmarch_compose.tasks.bench import BenchTask, decode_options
+
+    for changes, key in (({"new_tokens": 300}, "task.new_tokens"), ({"contexts": [512, 4096]}, "task.contexts"),
+                         ({"decode_batch_sizes": []}, "task.decode_batch_sizes"), ({"prompt_len": 0}, "task.prompt_len")):
+        with pytest.raises(lc.ConfigError) as exc:
+            decode_options(BenchTask(**{"contexts": [128], **changes}), 1024)
+        assert exc.value.key == key
+
+
+@pytest.mark.slow
+def test_decode_benchmark_measures_every_figure_and_the_cache_matches_the_card(tmp_path):
+    from llmarch_compose.tasks import run_task
+
+    report = run_task(lc.compose(["model=tiny", "model.d_model=32", "model.n_layers=1", "model.vocab_size=64",
+                                  "model.max_seq_len=128", "task=bench", "task.mode=decode", "task.steps=1",
+                                  "task.prompt_len=8", "task.new_tokens=4", "task.seq_len=16", "task.batch_size=2",
+                                  "task.contexts=[16,64]", "task.hf_static=false", f"task.output={tmp_path}"]))
+    assert report["kv_cache"]["allocated_bytes"] == report["kv_cache"]["card_bytes"] > 0
+    assert [c["context"] for c in report["contexts"]] == [16, 64]
+    assert all(c["compiled_s"] > 0 and c["eager_s"] > 0 for c in report["contexts"])
+    assert set(report["decode"][0]["variants"]) >= {"ours eager", "ours compiled"}
+    assert (tmp_path / "bench_decode.md").read_text().startswith("# Inference benchmark")

@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig
 
+from ..bench.decode import DecodeOptions
 from ..bench.harness import ADAMW, VARIANTS, BenchOptions, render_markdown, resolve_device_of, run_benchmark
 from ..artifacts.atomic import write_atomic
 from ..errors import ConfigError
@@ -37,6 +38,12 @@ class BenchTask:
     threads: Optional[int] = None  # torch.set_num_threads; None: as found
     adamw: str = "fused"  # fused | foreach | for_loop (the same for every variant)
     output: Optional[str] = None  # the folder to write; None: Hydra's run directory (or the working directory)
+    mode: str = "train"  # train: training and inference steps; decode: prefill, generation and the KV cache
+    prompt_len: int = 64  # decode: the prompt of the generation runs
+    new_tokens: int = 128  # decode: tokens generated per run
+    decode_batch_sizes: List[int] = field(default_factory=lambda: [1, 8])
+    contexts: List[int] = field(default_factory=lambda: [512, 2048, 8192])  # decode: per-token time at these
+    hf_static: bool = True  # decode: also transformers' static cache, compiled
 
 
 def options_for(task: BenchTask, max_seq_len: int) -> BenchOptions:
@@ -66,9 +73,74 @@ def options_for(task: BenchTask, max_seq_len: int) -> BenchOptions:
                         adamw=task.adamw)
 
 
+MODES = ("train", "decode")
+
+
+def decode_options(task: BenchTask, max_seq_len: int) -> DecodeOptions:
+    for key in ("steps", "prompt_len", "new_tokens", "batch_size"):
+        if getattr(task, key) < 1:
+            raise ConfigError(f"task.{key}", getattr(task, key), "must be at least 1", "an integer >= 1")
+    if task.prompt_len + task.new_tokens > max_seq_len:
+        raise ConfigError("task.new_tokens", task.new_tokens,
+                          f"task.prompt_len={task.prompt_len} plus it passes model.max_seq_len={max_seq_len}",
+                          f"at most {max_seq_len - task.prompt_len}")
+    for key in ("decode_batch_sizes", "contexts"):
+        values = list(getattr(task, key))
+        if not values or any(v < 1 for v in values):
+            raise ConfigError(f"task.{key}", values, "needs positive integers", "a non-empty list of integers >= 1")
+    longest = max(task.contexts)
+    if longest >= max_seq_len:
+        raise ConfigError("task.contexts", list(task.contexts), f"{longest} is not below model.max_seq_len={max_seq_len}",
+                          f"contexts below {max_seq_len}, or a larger model.max_seq_len")
+    seq_len = task.seq_len if task.seq_len is not None else min(256, max_seq_len)
+    if not 1 <= seq_len <= max_seq_len:
+        raise ConfigError("task.seq_len", seq_len, f"must lie within model.max_seq_len={max_seq_len}",
+                          f"1..{max_seq_len}")
+    return DecodeOptions(prompt_len=task.prompt_len, new_tokens=task.new_tokens,
+                         batch_sizes=tuple(task.decode_batch_sizes), prefill_batch=task.batch_size,
+                         prefill_len=seq_len, contexts=tuple(task.contexts), steps=task.steps,
+                         hf_static=task.hf_static)
+
+
+def run_decode(cfg: DictConfig, task: BenchTask) -> dict[str, Any]:
+    """`task.mode=decode`: the inference benchmark (llmarch_compose/bench/decode.py)."""
+    import torch
+
+    from ..bench.decode import render_decode_markdown, run_decode_benchmark, write_report
+    from ..bench.harness import hf_peer
+    from ..model.build import build
+
+    spec = resolve_spec(cfg)
+    options = decode_options(task, spec.model.max_seq_len)
+    precision = to_dataclass(PrecisionConfig, cfg.precision, "precision")
+    device = resolve_device_of(cfg)
+    preflight(spec, options.prefill_batch, options.prefill_len, precision.dtype, device)
+    if task.threads is not None:
+        if task.threads < 1:
+            raise ConfigError("task.threads", task.threads, "must be at least 1", "an integer >= 1, or null")
+        torch.set_num_threads(task.threads)
+    out_dir = output_dir(task)
+    torch.manual_seed(0)
+    model = build(cfg, device=device, dtype=precision.dtype).eval()
+    with tempfile.TemporaryDirectory(prefix="llmarch-bench-") as workdir:
+        hf, why = hf_peer(model, cfg, Path(workdir), precision.dtype, device)
+        if hf is not None:
+            hf.eval()
+        options.notes.append(f"peer: {why}")
+        report = run_decode_benchmark(model, hf, options, device, precision.dtype)
+    write_report(report, out_dir)
+    print(render_decode_markdown(report), end="")
+    print(f"outputs in {out_dir}")
+    return report
+
+
 @register("task", "bench", params=BenchTask)
 def run(cfg: DictConfig) -> dict[str, Any]:
     task: BenchTask = to_dataclass(BenchTask, cfg.task, "task")
+    if task.mode not in MODES:
+        raise ConfigError("task.mode", task.mode, "unknown benchmark mode", MODES)
+    if task.mode == "decode":
+        return run_decode(cfg, task)
     spec = resolve_spec(cfg)
     options = options_for(task, spec.model.max_seq_len)
     precision = to_dataclass(PrecisionConfig, cfg.precision, "precision")

@@ -1,0 +1,261 @@
+"""The inference half measured: prefill, decoding at batch 1 and 8, the KV cache allocated,
+and per-token decode time as the context grows, ours (eager and compiled) beside
+transformers' `generate` on the same weights (its default dynamic cache, and its static
+cache compiled). Every figure is a median over alternating runs in one process.
+
+Per-token time at long contexts is measured on a state filled to that context directly
+(slots marked written, values random): a decode step's cost depends on how many keys it
+reads, not on what they hold, and filling 8K tokens by prefill would dominate the run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..inference.generate import _Stepper, generate
+from ..model.cache import DecodeState
+from ..model.card import kv_cache
+from .harness import round_robin, synchronize
+
+
+@dataclass
+class DecodeOptions:
+    prompt_len: int = 64
+    new_tokens: int = 128
+    batch_sizes: tuple[int, ...] = (1, 8)
+    prefill_batch: int = 8
+    prefill_len: int = 256
+    contexts: tuple[int, ...] = (512, 2048, 8192)
+    steps: int = 3  # timed repetitions (medians)
+    context_steps: int = 16  # decode steps timed per context
+    hf: bool = True
+    hf_static: bool = True  # also transformers' static cache, compiled (slow to compile on CPU)
+    notes: list[str] = field(default_factory=list)
+
+
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
+    """Bytes per second of a large tensor copy (read + write), the bound a decode step's
+    weight reads approach."""
+    src = torch.empty(megabytes * 2 ** 20 // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(5):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / min(times)
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(in, out) of every matrix product the model's layers run per token: its linears and the head."""
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    head = model.head
+    weight = head.tied.weight if head.tied is not None else head.weight
+    shapes.append((weight.shape[1], weight.shape[0]))
+    return shapes
+
+
+def matmul_time(shapes: list[tuple[int, int]], tokens: int, attention: list[tuple[int, int, int]],
+                device: torch.device, dtype: torch.dtype, repeats: int) -> float:
+    """Seconds of the same matrix products alone (torch.mm for the linears at `tokens` rows,
+    torch.bmm for each layer's causal scores and weighted sums, `attention`: (batch*heads,
+    length, head_dim))."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mats = [(torch.randn(tokens, i, generator=g).to(device, dtype), torch.randn(i, o, generator=g).to(device, dtype))
+            for i, o in shapes]
+    att = [(torch.randn(bh, n, d, generator=g).to(device, dtype), torch.randn(bh, d, n, generator=g).to(device, dtype),
+            torch.randn(bh, n, d, generator=g).to(device, dtype)) for bh, n, d in attention]
+
+    def run():
+        for a, b in mats:
+            torch.mm(a, b)
+        for q, kt, v in att:
+            torch.bmm(torch.bmm(q, kt), v)
+
+    run()
+    return _median([_timed(run, device) for _ in range(repeats)])
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def fill_to(state: DecodeState, context: int) -> None:
+    """Mark `state`'s self-attention buffers written up to step `context` (random contents)."""
+    for buffer in state.buffers():
+        held = min(context, buffer.capacity)
+        steps = torch.arange(context - held, context, device=buffer.steps.device)
+        slots = steps % buffer.capacity if buffer.rolling else steps
+        buffer.steps.index_copy_(0, slots, steps)
+        for t in buffer.tensors.values():
+            t.normal_()
+    state.step.fill_(context)
+
+
+def per_token_at(model: nn.Module, context: int, steps: int, compiled: bool, device: torch.device) -> float:
+    """Median seconds of one batch-1 decode step with `context` tokens already cached."""
+    step = _Stepper(model, compiled)  # its own graphs: one per context, apart from generate's
+    state = model.new_decode_state(1, context + steps + 1)
+    fill_to(state, context)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    step(token, state)  # warm-up (and the compile)
+    times = [_timed(lambda: step(token, state), device) for _ in range(steps)]
+    return _median(times)
+
+
+def hf_generate_fn(hf: nn.Module, ids: torch.Tensor, new: int, static: bool) -> Callable[[], torch.Tensor]:
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    return lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+
+def run_decode_benchmark(model: nn.Module, hf: Optional[nn.Module], options: DecodeOptions,
+                         device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The measurements of the module docstring, as one report dict."""
+    spec = model.spec.model
+    vocab = spec.vocab_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    report: dict[str, Any] = {"model": spec.name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                              "threads": torch.get_num_threads(), "notes": list(options.notes)}
+
+    # Prefill: the inference forward of batch x length (last logits), against its matrix products.
+    ids = torch.randint(0, vocab, (options.prefill_batch, options.prefill_len), generator=g).to(device)
+    tokens = ids.numel()
+
+    def ours_prefill(compiled: bool) -> Callable[[], None]:
+        step = _Stepper(model, compiled)
+
+        def run():
+            state = model.new_decode_state(ids.shape[0], ids.shape[1])
+            step(ids, state)
+        return run
+
+    prefill = {"ours eager": ours_prefill(False), "ours compiled": ours_prefill(True)}
+    if hf is not None:
+        prefill["transformers eager"] = lambda: hf(input_ids=ids, use_cache=False, logits_to_keep=1)
+    with torch.no_grad():
+        seconds = round_robin(prefill, warmup=1, timed=options.steps, device=device)
+    heads = spec.n_heads
+    attention = [(options.prefill_batch * heads, options.prefill_len, spec.head_dim)] * spec.n_layers
+    mm = matmul_time(linear_shapes(model)[:-1], tokens, attention, device, dtype, options.steps)
+    head_in, head_out = linear_shapes(model)[-1]
+    mm += matmul_time([(head_in, head_out)], options.prefill_batch, [], device, dtype, options.steps)
+    report["prefill"] = {
+        "batch": options.prefill_batch, "length": options.prefill_len, "matmul_s": mm,
+        "variants": {name: {"s": _median(s), "tokens_per_s": tokens / _median(s), "vs_matmul": _median(s) / mm}
+                     for name, s in seconds.items()}}
+
+    # Decoding: prompt + new tokens through generate, at each batch size.
+    report["decode"] = []
+    for batch in options.batch_sizes:
+        prompt = torch.randint(0, vocab, (batch, options.prompt_len), generator=g).to(device)
+        runs: dict[str, Callable[[], Any]] = {
+            "ours eager": lambda p=prompt: generate(model, p, options.new_tokens),
+            "ours compiled": lambda p=prompt: generate(model, p, options.new_tokens, compile=True),
+        }
+        if hf is not None:
+            runs["transformers (dynamic cache)"] = hf_generate_fn(hf, prompt, options.new_tokens, static=False)
+            if options.hf_static:
+                hf_static = _hf_static_compiled(hf)
+                runs["transformers (static cache, compiled)"] = hf_generate_fn(hf_static, prompt,
+                                                                                options.new_tokens, static=True)
+        with torch.no_grad():
+            seconds = round_robin(runs, warmup=1, timed=options.steps, device=device)
+        new = batch * options.new_tokens
+        row = {"batch": batch, "prompt": options.prompt_len, "new_tokens": options.new_tokens,
+               "variants": {name: {"s": _median(s), "tokens_per_s": new / _median(s)} for name, s in seconds.items()}}
+        report["decode"].append(row)
+
+    # The KV cache allocated, against the card's figure at the same length.
+    length = options.prompt_len + options.new_tokens
+    state = model.new_decode_state(1, length)
+    card = kv_cache(model, torch.tensor([], dtype=dtype).element_size(), length)
+    report["kv_cache"] = {"length": length, "allocated_bytes": state.nbytes,
+                          "card_bytes": card["kv_cache_bytes_full_context"],
+                          "per_token_bytes": card["kv_cache_bytes_per_token"]}
+
+    # Per-token decode time as the context grows.
+    with torch.no_grad():
+        report["contexts"] = [
+            {"context": c, "eager_s": per_token_at(model, c, options.context_steps, False, device),
+             "compiled_s": per_token_at(model, c, options.context_steps, True, device)}
+            for c in options.contexts]
+
+    # The memory-bandwidth bound: every weight read once per decoded token (batch 1).
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(device)
+    bound = weight_bytes / bandwidth
+    best = max(v["tokens_per_s"] for v in report["decode"][0]["variants"].values() if v)
+    ours = report["decode"][0]["variants"]["ours compiled"]["tokens_per_s"]
+    report["bandwidth"] = {"weight_bytes": weight_bytes, "copy_bytes_per_s": bandwidth, "bound_s_per_token": bound,
+                           "bound_tokens_per_s": 1 / bound, "ours_fraction_of_bound": ours * bound,
+                           "best_tokens_per_s": best}
+    return report
+
+
+def _hf_static_compiled(hf: nn.Module) -> nn.Module:
+    """transformers' recipe for a static cache: the forward compiled (kept across calls)."""
+    if getattr(hf, "_llmarch_static_forward", None) is None:
+        hf._llmarch_static_forward = torch.compile(hf.forward, fullgraph=True)
+        hf.forward = hf._llmarch_static_forward
+    return hf
+
+
+def _f(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_decode_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Inference benchmark: {report['model']}", "",
+             f"{report['device']}, {report['dtype']}, {report['threads']} threads; medians.", ""]
+    p = report["prefill"]
+    lines += [f"## Prefill ({p['batch']} x {p['length']} tokens)", "",
+              f"Matrix products alone (torch.mm / torch.bmm, same shapes): {p['matmul_s'] * 1e3:.1f} ms.", "",
+              "| variant | ms | tokens/s | time / matmul |", "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {v['s'] * 1e3:.1f} | {v['tokens_per_s']:.0f} | {v['vs_matmul']:.2f} |"
+              for n, v in p["variants"].items()]
+    for row in report["decode"]:
+        lines += ["", f"## Decode, batch {row['batch']} ({row['prompt']}-token prompt, {row['new_tokens']} new)", "",
+                  "| variant | s | new tokens/s |", "|---|---:|---:|"]
+        lines += [f"| {n} | {v['s']:.2f} | {v['tokens_per_s']:.1f} |" for n, v in row["variants"].items()]
+    kv = report["kv_cache"]
+    lines += ["", "## KV cache", "",
+              f"At {kv['length']} tokens: {kv['allocated_bytes']} bytes allocated, the card's figure "
+              f"{kv['card_bytes']} ({kv['per_token_bytes']} bytes per token).", "",
+              "## Per-token decode time by context (batch 1)", "", "| context | eager ms | compiled ms |",
+              "|---:|---:|---:|"]
+    lines += [f"| {c['context']} | {c['eager_s'] * 1e3:.2f} | {c['compiled_s'] * 1e3:.2f} |" for c in report["contexts"]]
+    b = report["bandwidth"]
+    lines += ["", "## Memory-bandwidth bound", "",
+              f"{b['weight_bytes'] / 2 ** 20:.1f} MiB of weights per token over a measured copy bandwidth of "
+              f"{b['copy_bytes_per_s'] / 1e9:.1f} GB/s: at most {b['bound_tokens_per_s']:.0f} tokens/s at batch 1; "
+              f"ours compiled reaches {b['ours_fraction_of_bound']:.0%} of it."]
+    lines += [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    import json
+
+    from ..artifacts.atomic import write_atomic
+
+    write_atomic(out_dir / "bench_decode.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out_dir / "bench_decode.md", render_decode_markdown(report))
