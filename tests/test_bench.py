@@ -160,7 +160,7 @@ def test_targets_compare_the_deepest_compile_with_the_shallowest():
 def test_decode_benchmark_options_are_refused_by_key():
     from llmarch_compose.tasks.bench import BenchTask, decode_options
 
-    for changes, key in (({"new_tokens": 300}, "task.new_tokens"), ({"contexts": [512, 4096]}, "task.contexts"),
+    for changes, key in (({"new_tokens": 1000}, "task.new_tokens"), ({"contexts": [512, 4096]}, "task.contexts"),
                          ({"decode_batch_sizes": []}, "task.decode_batch_sizes"), ({"prompt_len": 0}, "task.prompt_len")):
         with pytest.raises(lc.ConfigError) as exc:
             decode_options(BenchTask(**{"contexts": [128], **changes}), 1024)
