@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .masks import ScoreMod, chain, index_grid, softcap
 
 
-def explicit_attention(q, k, v, score: ScoreMod, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+def explicit_attention(q, k, v, score: Optional[ScoreMod], mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """Attention with the scores written out, for a score function SDPA cannot take as an
     additive bias (a softcap). Query heads are grouped over their KV head, so K and V are
     broadcast, never repeated."""
@@ -20,7 +20,8 @@ def explicit_attention(q, k, v, score: ScoreMod, mask: Optional[torch.Tensor], s
     kv_heads = k.shape[1]
     grouped = q.unflatten(1, (kv_heads, h // kv_heads))  # [b, kv_heads, group, t, d]
     scores = (grouped @ k.unsqueeze(2).transpose(-1, -2) * scale).flatten(1, 2)  # [b, h, t, s]
-    scores = score(scores, *index_grid(b, h, t, k.shape[-2], q.device))
+    if score is not None:
+        scores = score(scores, *index_grid(b, h, t, k.shape[-2], q.device))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).unflatten(1, (kv_heads, h // kv_heads))
@@ -32,6 +33,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     """SDPA with a boolean mask and an additive bias (both broadcast to [batch, heads, q, k]),
     or, under a softcap (which is not additive), the scores written out. K and V keep
     their own head count: they are broadcast over the query heads, never repeated."""
+    if cap is None and q.shape[-2] == 1 and q.device.type == "cpu":
+        # One query per row (a decode step): two small matrix products. SDPA's CPU kernel, built
+        # for blocks of queries, takes ~10x longer here with a mask.
+        scores = None if bias is None else (lambda score, b, h, q_idx, kv_idx: score + bias.to(score.dtype))
+        return explicit_attention(q, k, v, scores, mask, scale if scale is not None else q.shape[-1] ** -0.5)
     if cap is not None:
         mods: list[ScoreMod] = []
         if bias is not None:
