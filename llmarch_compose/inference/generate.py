@@ -104,12 +104,14 @@ def stepper(model: Topology, compiled: bool) -> _Stepper:
     return kept[compiled]
 
 
-def _bucketed(ids: torch.Tensor, pad: torch.Tensor, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ids` left-padded to a multiple of PROMPT_BUCKET (one compiled graph for nearby lengths)."""
+def _bucketed(ids: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ids` left-padded to a multiple of PROMPT_BUCKET (one compiled graph for nearby lengths).
+    The padding is masked, so any id of the vocabulary serves: 0, never the end or padding
+    id, which may lie outside it (an end id no model emits)."""
     extra = -ids.shape[1] % PROMPT_BUCKET
     if not extra:
         return ids, pad
-    return torch.cat((ids.new_full((ids.shape[0], extra), fill), ids), dim=1), pad + extra
+    return torch.cat((ids.new_zeros((ids.shape[0], extra)), ids), dim=1), pad + extra
 
 
 def _capacity(needed: int, compiled: bool) -> int:
@@ -180,14 +182,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
             prompt = torch.full((batch, 1), start, dtype=torch.long, device=device)
             source, source_pad = input_ids, pad
             if compile:
-                source, source_pad = _bucketed(source, source_pad, fill)
+                source, source_pad = _bucketed(source, source_pad)
             state = topology.new_decode_state(batch, _capacity(1 + max_new_tokens, compile), source_ids=source,
                                               source_pad=source_pad)
             out = prompt
         else:
             prompt = input_ids
             if compile:
-                prompt, pad = _bucketed(prompt, pad, fill)
+                prompt, pad = _bucketed(prompt, pad)
             prefix_len = (prompt.shape[1] - pad) if getattr(topology, "prefix_lm", False) else None
             state = topology.new_decode_state(batch, _capacity(prompt.shape[1] + max_new_tokens, compile), pad,
                                               prefix_len=prefix_len)
