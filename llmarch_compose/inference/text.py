@@ -24,7 +24,7 @@ class ByteCodec:
     byte_level = True
     name = "bytes"
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -66,8 +66,10 @@ class TokenizerCodec:
     def __len__(self) -> int:
         return len(self.tokenizer)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """The ids of `text`; `add_special_tokens` None: the codec's convention (a prompt's)."""
+        special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
