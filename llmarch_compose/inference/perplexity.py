@@ -18,6 +18,7 @@ one window; lengths past the training length are evaluated wherever the position
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -143,12 +144,14 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def plot_png(report: dict[str, Any]) -> Optional[bytes]:
     """Perplexity against context length (lengths in log scale), the training length marked."""
-    from ..sweep.plots import _figure, _png
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot state, no display needed
 
     done = [r for r in report["rows"] if r["status"] == OK and math.isfinite(r["perplexity"])]
     if not done:
         return None
-    fig = _figure()
+    fig = Figure(figsize=(7.0, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     lengths = [r["context_length"] for r in done]
     values = [r["perplexity"] for r in done]
@@ -164,7 +167,9 @@ def plot_png(report: dict[str, Any]) -> Optional[bytes]:
     ax.set(xlabel="context length (tokens)", ylabel="perplexity", title=f"{report['model']}{note}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
-    return _png(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
 
 
 __all__ = ["Length", "plan_lengths", "windows", "window_nll", "evaluate_lengths", "render_markdown", "plot_png",

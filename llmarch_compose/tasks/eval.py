@@ -1,6 +1,6 @@
-"""`task=eval`: the perplexity of a model (nats per token, and bits per byte for byte-level
-models) on a text file, a folder of them, or the held-out split of its data, at one or
-more context lengths, written as eval.json, eval.md and eval.png.
+"""`task=eval`: the perplexity of a model on a text, at one or more context lengths; in
+nats per token (and bits per byte for byte-level models), on a text file, a folder of
+them, or the held-out split of its data, written as eval.json, eval.md and eval.png.
 
     llmarch task=eval task.checkpoint=<folder> task.context_lengths=[128,256,512,1024,2048]
 
