@@ -15,7 +15,6 @@ lengths are still measured (see llmarch_compose/inference/perplexity.py for the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, List, Optional
 

@@ -14,7 +14,6 @@ token ids, tokens/s) is written to generation.json in the output folder.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
