@@ -30,7 +30,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..artifacts.atomic import atomic_folder
+from ..artifacts.checkpoint import trained_tokenizer
 from ..artifacts.reading import read_json
+from ..artifacts.tokenizer import TOKENIZER_FILES, copy_tokenizer, has_tokenizer
 from ..config.compose import compose
 from ..config.spec import resolve_spec
 from ..errors import ConfigError
@@ -155,13 +157,22 @@ def from_hf(path_or_model: Union[str, Path, nn.Module], overrides: Sequence[str]
     return cfg, build(cfg, device=device)  # building from model.path loads every tensor
 
 
-def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_type: Optional[str] = None) -> Path:
+def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_type: Optional[str] = None,
+          tokenizer: Union[str, Path, None] = None) -> Path:
     """Write `config.json`, `model.safetensors` (and `generation_config.json` when the model
     states token ids) that transformers loads with `from_pretrained` and computes with as
-    ours does. A model the type cannot express is refused naming the field, before
-    anything is written; without `model_type`, the first type that fits is chosen (see
-    `fit.guess`). The folder appears whole or not at all."""
+    ours does, and the tokenizer's files (see llmarch_compose/artifacts/tokenizer.py) from
+    the folder `tokenizer`, by default the one the config's data was read with
+    (`data.tokenizer`, if that folder still holds it), so the folder is a complete model. A model the type cannot express
+    is refused naming the field, before anything is written; without `model_type`, the
+    first type that fits is chosen (see `fit.guess`). The folder appears whole or not at all."""
     spec = resolve_spec(cfg)
+    if tokenizer is None:  # the data's tokenizer, where its folder still holds it
+        trained = trained_tokenizer(cfg)
+        tokenizer = trained if trained and has_tokenizer(trained) else None
+    elif not has_tokenizer(tokenizer):
+        raise ConfigError("tokenizer", str(tokenizer), "holds no tokenizer files",
+                          f"a folder with {', '.join(TOKENIZER_FILES[:3])}, ... (a tokenizer's save_pretrained)")
     registry = _registry()
     if model_type:
         if model_type not in registry:
@@ -193,6 +204,8 @@ def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_ty
             stated = {k: v for k, v in tokens.items() if v is not None}
             if stated:
                 (tmp / GENERATION_NAME).write_text(json.dumps(stated, indent=2) + "\n")
+            if tokenizer is not None:
+                copy_tokenizer(tokenizer, tmp)
     except FileExistsError:
         raise InteropError(f"{out} exists: choose a new folder (nothing is overwritten)") from None
     return out

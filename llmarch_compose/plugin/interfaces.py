@@ -93,7 +93,12 @@ class PositionEncoding(PreciseBuffers, Labelled):
     stack it serves is causal (T5's buckets differ for encoder and decoder). The
     topology owns one instance per stack and calls `attention_inputs` once per
     forward, so tables and biases are built once, not once per layer.
+
+    `max_positions`: the most positions the encoding can place (a learned table's rows);
+    None: any number (what `task=eval` reads before evaluating past the training length).
     """
+
+    max_positions: Optional[int] = None
 
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x

@@ -121,7 +121,7 @@ def text_files(cfg: TextConfig) -> list[Path]:
     return files
 
 
-def refuse_remote_code(folder: str, path: Path) -> None:
+def refuse_remote_code(folder: str, path: Path, key: str = "data.tokenizer") -> None:
     """A folder whose configs map classes to its own Python (`auto_map`) is refused: a
     tokenizer is data, and loading one never runs code that came with it."""
     for name in ("tokenizer_config.json", "config.json"):
@@ -131,30 +131,32 @@ def refuse_remote_code(folder: str, path: Path) -> None:
         try:
             content = read_json(file)
         except LlmarchError as exc:
-            raise ConfigError("data.tokenizer", folder, str(exc), "a folder written by a tokenizer's "
+            raise ConfigError(key, folder, str(exc), "a folder written by a tokenizer's "
                               "save_pretrained, or null for bytes") from None
         if isinstance(content, dict) and "auto_map" in content:
-            raise ConfigError("data.tokenizer", folder, f"{file} has auto_map: loading it would run the folder's "
+            raise ConfigError(key, folder, f"{file} has auto_map: loading it would run the folder's "
                               "own Python, which is never done", "a tokenizer transformers implements itself "
                               "(no auto_map), or null for bytes")
 
 
-def load_tokenizer(folder: str) -> Any:
+def load_tokenizer(folder: str, key: str = "data.tokenizer") -> Any:
+    """The tokenizer saved in the local `folder` (never downloaded, never code of its own);
+    errors name `key`, the setting that pointed at the folder."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise ConfigError("data.tokenizer", folder, "a tokenizer needs the transformers package, not installed",
+        raise ConfigError(key, folder, "a tokenizer needs the transformers package, not installed",
                           "null (bytes), after `pip install transformers` a local tokenizer folder") from None
     path = Path(folder).expanduser()
     if not path.is_dir():
-        raise ConfigError("data.tokenizer", folder, "no such folder (tokenizers are read locally, never downloaded)",
+        raise ConfigError(key, folder, "no such folder (tokenizers are read locally, never downloaded)",
                           "a folder written by a tokenizer's save_pretrained, or null for bytes")
-    refuse_remote_code(folder, path)
+    refuse_remote_code(folder, path, key)
     try:
         # trust_remote_code=False: transformers refuses custom code instead of asking on stdin.
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, LlmarchError) as exc:
-        raise ConfigError("data.tokenizer", folder, f"cannot load a tokenizer from it ({exc})",
+        raise ConfigError(key, folder, f"cannot load a tokenizer from it ({exc})",
                           "a folder written by a tokenizer's save_pretrained, or null for bytes") from None
 
 

@@ -28,6 +28,7 @@ class LearnedPosition(PositionEncoding):
     def __init__(self, params: LearnedParams, ctx, causal: bool = True):
         super().__init__()
         self.offset = params.offset
+        self.max_positions = params.max_positions  # a longer sequence has no row to look up
         self.table = nn.Embedding(params.max_positions + params.offset, ctx.model.embedding_width)
         nn.init.normal_(self.table.weight, std=ctx.model.init_std)
 
