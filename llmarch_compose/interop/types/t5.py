@@ -34,8 +34,7 @@ from .common import ACTIVATIONS, RMSNORM, activation_back, dense, family_guess, 
 DEFAULTS = {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_heads": 8,
             "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
             "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu", "num_decoder_layers": None,
-            "pad_token_id": 0, "eos_token_id": 1,
-            "decoder_start_token_id": 0}
+            "pad_token_id": 0, "eos_token_id": 1}
 NUMBERS = {
     "d_model": "model.d_model", "num_layers": "model.n_layers", "num_heads": "model.n_heads",
     "d_kv": "model.head_dim", "d_ff": "model.ffn_dim", "vocab_size": "model.vocab_size",
