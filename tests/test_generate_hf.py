@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 import llmarch_compose as lc  # noqa: E402
 from llmarch_compose.interop.hf import from_hf  # noqa: E402
+from test_interop_moe_glm import SMALL, _deepseek_v3  # noqa: E402  (the same tiny configs)
 
 VOCAB = 128
 NEW = 32
@@ -35,22 +36,7 @@ MARGIN = 2e-4  # the least lead of the best logit over the runner-up: twice the 
 PROMPT = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))  # 0 .. 2: special ids
 WINDOW = 8  # mistral's sliding window: the 12-token prompt alone exceeds it, and 44 tokens in all
 
-SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-             max_position_embeddings=64)
 LLAMA = dict(SMALL, num_hidden_layers=2, num_key_value_heads=2)
-
-
-def _deepseek_v3():
-    # q_lora, one dense layer then experts in 4 groups (top 2 groups), YaRN with DeepSeek's mscales,
-    # interleaved rotary pairs: what the absorbed MLA decode must reproduce.
-    yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32,
-                beta_fast=32.0, beta_slow=1.0, mscale=0.9, mscale_all_dim=0.8)
-    return transformers.DeepseekV3Config(**{**SMALL, "max_position_embeddings": 128}, num_hidden_layers=3,
-                                         num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8,
-                                         num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
-                                         routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=32,
-                                         kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-                                         rope_parameters=yarn)
 
 
 #: case -> (transformers config, model class)

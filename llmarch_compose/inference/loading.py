@@ -93,6 +93,19 @@ def _checkpoint_folder(checkpoint: str) -> Path:
     return folder
 
 
+def run_settings(cfg: DictConfig):
+    """(compile settings, precision, device) of an inference task's run, validated."""
+    from ..config.structured import to_dataclass
+    from ..model.build import resolve_device
+    from ..model.compiler import CompileConfig
+    from ..model.precision import PrecisionConfig
+
+    compile_cfg = to_dataclass(CompileConfig, cfg.compile, "compile")
+    precision = to_dataclass(PrecisionConfig, cfg.precision, "precision")
+    precision.validate()
+    return compile_cfg, precision, resolve_device(cfg.device)
+
+
 def plan_model(cfg: DictConfig, checkpoint: Optional[str]) -> ModelPlan:
     """The model `cfg` and `task.checkpoint` name, from their configs only."""
     if checkpoint:
@@ -154,4 +167,4 @@ def check_ids(key: str, ids: list[int], vocab_size: int, what: str) -> None:
                           f"text whose ids lie in 0..{vocab_size - 1} (a model whose vocabulary covers its text)")
 
 
-__all__ = ["ModelPlan", "plan_model", "text_codec", "load_model", "check_ids", "CHECKPOINT", "HF", "RANDOM"]
+__all__ = ["ModelPlan", "run_settings", "plan_model", "text_codec", "load_model", "check_ids", "CHECKPOINT", "HF", "RANDOM"]

@@ -25,12 +25,10 @@ from tqdm.auto import tqdm
 from ..artifacts.atomic import write_atomic
 from ..config.structured import to_dataclass
 from ..errors import ConfigError
-from ..inference.loading import CHECKPOINT, ModelPlan, load_model, plan_model, text_codec
+from ..inference.loading import run_settings, CHECKPOINT, ModelPlan, load_model, plan_model, text_codec
 from ..inference.perplexity import OK, evaluate_lengths, plan_lengths, plot_png, render_markdown
 from ..inference.text import ByteCodec
-from ..model.build import resolve_device
-from ..model.compiler import CompileConfig, compile_from_config
-from ..model.precision import PrecisionConfig
+from ..model.compiler import compile_from_config
 from ..plugin import registry as plugins
 from ..plugin.registry import register
 from ..train.data import TextConfig, as_bytes, data_config, make_source, text_files
@@ -130,10 +128,7 @@ def token_stream(task: EvalTask, plan: ModelPlan, codec) -> tuple[torch.Tensor, 
 def run(cfg: DictConfig) -> dict[str, Any]:
     task: EvalTask = to_dataclass(EvalTask, cfg.task, "task")
     check_settings(task)
-    compile_cfg = to_dataclass(CompileConfig, cfg.compile, "compile")
-    precision = to_dataclass(PrecisionConfig, cfg.precision, "precision")
-    precision.validate()
-    device = resolve_device(cfg.device)
+    compile_cfg, precision, device = run_settings(cfg)
     plan = plan_model(cfg, task.checkpoint)
     if not plan.objective.causal:
         raise ConfigError("topology", plan.topology, f"perplexity here is left to right, and this topology trains "

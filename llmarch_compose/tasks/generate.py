@@ -25,11 +25,8 @@ from omegaconf import DictConfig
 from ..artifacts.atomic import write_atomic
 from ..config.structured import to_dataclass
 from ..errors import ConfigError
-from ..inference.loading import check_ids, load_model, plan_model, text_codec
+from ..inference.loading import run_settings, check_ids, load_model, plan_model, text_codec
 from ..inference.sampling import check_sampling
-from ..model.build import resolve_device
-from ..model.compiler import CompileConfig
-from ..model.precision import PrecisionConfig
 from ..plugin.objectives import MASKED_LM, SEQ2SEQ
 from ..plugin.registry import register
 from ..train.loop import to_json
@@ -119,10 +116,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     task: GenerateTask = to_dataclass(GenerateTask, cfg.task, "task")
     check_settings(task)
-    compile_cfg = to_dataclass(CompileConfig, cfg.compile, "compile")
-    precision = to_dataclass(PrecisionConfig, cfg.precision, "precision")
-    precision.validate()
-    device = resolve_device(cfg.device)
+    compile_cfg, precision, device = run_settings(cfg)
+    if compile_cfg.mode not in ("eager", "default"):  # generate compiles its decode step one way only
+        raise ConfigError("compile", compile_cfg.name, "decoding is compiled whole, in the default mode (CUDA graphs "
+                          "on CUDA); other modes are not applied to it", ["eager", "default"])
     plan = plan_model(cfg, task.checkpoint)
     objective = plan.objective
     if objective is MASKED_LM:
