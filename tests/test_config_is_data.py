@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import llmarch_compose as lc
+from llmarch_compose.config.compose import check
 from llmarch_compose.errors import ConfigError
 
 B = ["model.d_model=32", "model.n_layers=1", "task.steps=2", "task.batch_size=2", "task.seq_len=16",
@@ -68,6 +69,33 @@ def test_launcher_and_sweeper_targets_must_be_hydra_plugins(tmp_path, victim):
 def test_a_target_outside_the_hydra_node_is_refused():
     with pytest.raises(ConfigError, match=r"task\.x\._target_='os\.system'"):
         lc.compose(["+task.x={_target_:os.system}"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("hydra.job_logging.handlers.console.class=subprocess.Popen", "hydra.job_logging.handlers.console.class"),
+    ("+hydra.hydra_logging.formatters.x={class:builtins.eval}", "hydra.hydra_logging.formatters.x.class"),
+    ("hydra.job_logging.handlers.console.class=logging.Formatter", "hydra.job_logging.handlers.console.class"),
+    ("hydra.job_logging.handlers.console.stream=ext://os.system", "hydra.job_logging.handlers.console.stream"),
+    ("hydra.job_logging.handlers.file.filename=/tmp/victim", "hydra.job_logging.handlers.file.filename"),
+    ("hydra.job_logging.handlers.file.filename=${hydra.runtime.output_dir}/../victim",
+     "hydra.job_logging.handlers.file.filename"),
+    ("hydra.job.name=../victim", "hydra.job.name"),
+])
+def test_a_logging_config_may_name_only_logging_classes_and_files_in_the_run(override, key):
+    with pytest.raises(ConfigError) as info:
+        check([override])
+    assert info.value.key == key
+
+
+def test_logging_inside_the_run_folder_passes():
+    check(["hydra.job_logging.handlers.file.filename=logs/train.log", "hydra.job_logging.root.level=DEBUG",
+           "hydra.job_logging.handlers.console.stream=ext://sys.stderr"])
+
+
+def test_a_log_handler_cannot_truncate_a_file_outside_the_run(tmp_path, victim):
+    proc = llmarch([*B, f"+hydra.job_logging.handlers.x={{class:logging.FileHandler,filename:{victim},mode:w}}"],
+                   tmp_path)
+    assert_refused(proc, "hydra.job_logging.handlers.x.filename", victim)
 
 
 @pytest.mark.slow

@@ -13,11 +13,20 @@ node included, may name only:
 - inside the sweeper node: the sampler and pruner classes the Optuna sweeper builds.
 
 Any other `_target_` (or a logging `()` factory) is a ConfigError naming its key.
+
+Logging configs (`hydra.job_logging`, `hydra.hydra_logging`) go to
+`logging.config.dictConfig`, which imports and calls the `class` of every handler,
+formatter and filter and resolves `ext://` values by import: those may name only classes
+of the logging package, `ext://` only the standard streams, and a handler's `filename`
+only a file inside the run's folder (a relative path, or one under
+`${hydra.runtime.output_dir}`), so a config can neither run code nor truncate a file
+elsewhere.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -96,6 +105,70 @@ def _allowed(key: str, target: str, callbacks: dict[str, str]) -> tuple[bool, st
     return False, "nothing: a config selects components by registry name, never by import path"
 
 
+LOGGING_NODES = ("hydra.job_logging", "hydra.hydra_logging")
+LOGGING_BASES = {"handlers": "logging.Handler", "formatters": "logging.Formatter", "filters": "logging.Filter"}
+STREAMS = ("ext://sys.stdout", "ext://sys.stderr")
+RUN_DIR = "${hydra.runtime.output_dir}/"
+
+
+def _raw(node: DictConfig, key: str) -> Any:
+    child = node._get_node(key) if key in node else None  # struct nodes raise on a missing key
+    return child._value() if child is not None else None
+
+
+JOB_NAME = "${hydra.job.name}"  # Hydra's default log file is named after the job
+
+
+def _inside_run_dir(filename: Any) -> bool:
+    text = str(filename)
+    rest = (text[len(RUN_DIR):] if text.startswith(RUN_DIR) else text).replace(JOB_NAME, "job")
+    return not (rest.startswith(("/", "~", "$")) or ".." in Path(rest).parts or "${" in rest)
+
+
+def _walk_values(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """(key path, raw value) of every leaf under `node`."""
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            yield from _walk_values(node._get_node(key), f"{path}.{key}")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from _walk_values(node._get_node(i), f"{path}[{i}]")
+    elif node is not None:
+        yield path, node._value()
+
+
+def check_logging(cfg: DictConfig) -> None:
+    """Refuse a logging config that would import anything but the logging package's
+    classes, or write a log file outside the run's folder (see the module docstring)."""
+    job_name = OmegaConf.select(cfg, "hydra.job.name", default=None)
+    if isinstance(job_name, str) and ("/" in job_name or job_name in ("", ".", "..")):
+        raise ConfigError("hydra.job.name", job_name, "the job's log file is named after it", "a name without '/'")
+    for name in LOGGING_NODES:
+        node = OmegaConf.select(cfg, name, default=None)
+        if not isinstance(node, DictConfig):
+            continue
+        for key, value in _walk_values(node, name):
+            if isinstance(value, str) and value.startswith("ext://") and value not in STREAMS:
+                raise ConfigError(key, value, "`ext://` imports what it names", STREAMS)
+        for section, base in LOGGING_BASES.items():
+            entries = node.get(section)
+            if not isinstance(entries, DictConfig):
+                continue
+            for entry_name in entries.keys():
+                entry, key = entries._get_node(entry_name), f"{name}.{section}.{entry_name}"
+                if not isinstance(entry, DictConfig):
+                    continue
+                cls = _raw(entry, "class")
+                if cls is not None and not (isinstance(cls, str) and cls.startswith("logging.")
+                                            and _is_subclass(cls, base)):
+                    raise ConfigError(f"{key}.class", cls, "logging imports and calls this class",
+                                      f"a {base} class of the logging package (logging.*)")
+                filename = _raw(entry, "filename")
+                if filename is not None and not _inside_run_dir(filename):
+                    raise ConfigError(f"{key}.filename", filename, "a log file is written inside the run's folder",
+                                      f"a relative path, or one under {RUN_DIR}")
+
+
 def check_targets(cfg: DictConfig) -> None:
     """Refuse any import path in `cfg` (composed with or without its `hydra` node) that is
     not one of those the module docstring lists."""
@@ -110,3 +183,4 @@ def check_targets(cfg: DictConfig) -> None:
         ok, valid = _allowed(key, target, callbacks) if isinstance(target, str) else (False, "a class path")
         if not ok:
             raise ConfigError(key, target, "this import path may not be instantiated from a config", valid)
+    check_logging(cfg)
