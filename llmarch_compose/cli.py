@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         plugins.discover()
         args, _ = get_args_parser().parse_known_args(sys.argv[1:])
         check(args.overrides, config_dir=args.config_dir, config_path=args.config_path,
-              config_name=args.config_name)
+              config_name=args.config_name, multirun=args.multirun)
     except LlmarchError as exc:
         _report(exc)
         sys.exit(EXIT_USAGE)

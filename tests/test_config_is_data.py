@@ -297,6 +297,24 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, args, key):
     assert victim.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("key, folder, multirun", [
+    ("hydra.run.dir", "/proc/llmarch-run", False),
+    ("hydra.run.dir", "{tmp}/afile/run", False),
+    ("hydra.sweep.dir", "/proc/llmarch-sweep", True),
+])
+def test_a_run_folder_that_cannot_be_created_is_refused_before_hydra(tmp_path, key, folder, multirun):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(ConfigError) as info:
+        check(["task=summary", f"{key}={folder.format(tmp=tmp_path)}"], multirun=multirun)
+    assert info.value.key == key
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe left nothing
+
+
+def test_a_creatable_run_folder_passes_and_is_not_created_by_the_check(tmp_path):
+    check(["task=summary", f"hydra.run.dir={tmp_path}/new/run"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_internal_error_keeps_its_traceback_and_asks_to_report(tmp_path, monkeypatch):
     """A bug (here a task that raises) is not dressed up as bad input."""
     from llmarch_compose import cli

@@ -27,7 +27,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -251,3 +251,21 @@ def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
 
 
 __all__ = ["atomic_folder", "atomic_path", "write_atomic", "published", "recover"]
+
+
+def creatable_folder(path: PathLike) -> Optional[str]:
+    """Why the folder `path` cannot be created or written here (None: it can), found by
+    making and removing a probe in its deepest existing ancestor, so nothing is left
+    behind and a path the system refuses (a file on the way, `/proc`, no permission)
+    is named before a run starts."""
+    path = Path(path).expanduser().absolute()
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".llmarch-probe-", dir=ancestor))
+    except OSError as exc:
+        return f"cannot create a folder in {ancestor}: {exc.strerror or exc}"
+    return None

@@ -28,6 +28,7 @@ from ..plugin.interfaces import ModelSource
 from . import schema  # noqa: F401  (stores the root schema the defaults list names)
 from .targets import check_targets
 from .usage import check_used
+from ..artifacts.atomic import creatable_folder
 
 CONFIG_MODULE = "llmarch_compose.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -158,8 +159,22 @@ def _initialize(config_dir: Optional[str], config_path: Optional[str]) -> None:
     Hydra.create_main_hydra2(task_name="llmarch", config_search_path=search_path)
 
 
+def _check_run_folder(cfg: DictConfig, multirun: bool) -> None:
+    """The folder Hydra will create for this run (or sweep) can be created: a path through a
+    file, under `/proc` or without permission is a ConfigError, not a traceback from Hydra."""
+    key = "hydra.sweep.dir" if multirun or str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN" \
+        else "hydra.run.dir"
+    try:
+        folder = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+    except OmegaConfBaseException:  # refers to what Hydra fills in per job: it checks that one itself
+        return
+    problem = creatable_folder(folder) if isinstance(folder, str) and folder else None
+    if problem:
+        raise ConfigError(key, folder, problem, "a folder that can be created and written")
+
+
 def check(overrides: Sequence[str], config_dir: Optional[str] = None, config_path: Optional[str] = None,
-          config_name: Optional[str] = None) -> None:
+          config_name: Optional[str] = None, multirun: bool = False) -> None:
     """Everything Hydra would reject in `overrides` (the first job of a sweep), as a
     ConfigError with suggestions, and every import path the composed config (its `hydra`
     node included) may not name; the CLI runs this, with its `--config-dir`,
@@ -168,7 +183,7 @@ def check(overrides: Sequence[str], config_dir: Optional[str] = None, config_pat
     GlobalHydra.instance().clear()
     try:
         _initialize(config_dir, config_path)
-        _compose_checked(overrides, config_name or CONFIG_NAME, hydra_node=True)
+        _check_run_folder(_compose_checked(overrides, config_name or CONFIG_NAME, hydra_node=True), multirun)
     finally:
         GlobalHydra.instance().clear()
 
