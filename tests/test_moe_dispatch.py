@@ -204,3 +204,19 @@ def test_bf16_rows_the_fused_kernel_cannot_align_take_the_loop(monkeypatch):
     offsets = torch.tensor([3, 7], dtype=torch.int32)
     want = naive_grouped(rows.double(), weights.double(), [3, 7])
     torch.testing.assert_close(gmm.grouped_mm(rows, weights, offsets).double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_under_autocast_both_operands_take_its_dtype():
+    """bf16 rows (an autocast product's output) against fp32 expert weights: the grouped
+    product runs in bf16 as `torch.mm` would under autocast, and the fp32 weights get
+    their gradient."""
+    rows = randn(8, 16, dtype=torch.bfloat16)
+    weights = randn(2, 16, 8, seed=1, dtype=torch.float32).requires_grad_()
+    offsets = torch.tensor([3, 8], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gmm.grouped_mm(rows, weights, offsets)
+        want = torch.cat([rows[:3] @ weights[0], rows[3:] @ weights[1]])  # autocast's mm
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    out.float().sum().backward()
+    assert weights.grad is not None and weights.grad.dtype == torch.float32

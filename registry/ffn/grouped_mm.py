@@ -32,7 +32,12 @@ FUSED_DTYPES = (torch.bfloat16,)
 
 
 def grouped_mm(rows: Tensor, weights: Tensor, offsets: Tensor) -> Tensor:
-    """rows [n, k] @ weights [groups, k, m] group by group -> [n, m]."""
+    """rows [n, k] @ weights [groups, k, m] group by group -> [n, m]. Under autocast both
+    operands take its dtype, as `torch.mm` would (a custom op is not cast by autocast)."""
+    device = rows.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        rows, weights = rows.to(dtype), weights.to(dtype)
     if _fused_kernel_takes(rows, weights):
         return torch._grouped_mm(rows, weights, offs=offsets)
     return grouped_mm_loop(rows, weights, offsets)
