@@ -27,6 +27,7 @@ COMBOS = {
     "parallel-mqa": ["topology.parallel_residual=true", "attention=mqa"],
     "rope-llama3": ["model.rope_scaling={type:llama3,factor:8,original_max_seq_len:32}"],
     "gpt2": ["model=gpt2"],
+    "mla-alibi": ["attention=mla", "position=alibi"],  # score bias on an unrotated latent attention
 }
 
 

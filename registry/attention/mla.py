@@ -196,20 +196,22 @@ class MultiHeadLatentAttention(Attention):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.unflatten(-1, (h, nope + rope)).transpose(1, 2)  # [b, h, t, nope + rope]
-        q_nope, q_rope = q.split((nope, rope), dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, rope), dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_rope = k_rope.unsqueeze(1)  # [b, 1, t, rope]: one rotary key per token, for every head
         if self.rotary is not None:
             positions = pos.positions if pos.positions is not None else torch.arange(t, device=x.device)
             tables = self.rotary.attention_inputs(positions, pos.prefix_len)
+            q_nope, q_rope = q.split((nope, rope), dim=-1)
             q_rope, k_rope = self.rotary.rotate(q_rope, k_rope, tables)
+            q = torch.cat((q_nope, q_rope), dim=-1)
+        # Nothing rotated: q stays one tensor (its split and re-concatenation, fed to a
+        # score-biased attention such as ALiBi's, fails to lower in Inductor).
         if pos.decoding is not None:
-            out = self._attend_latent(q_nope, q_rope, latent, k_rope, pos, cache)
+            out = self._attend_latent(*q.split((nope, rope), dim=-1), latent, k_rope, pos, cache)
         else:
             kv = self.kv_b_proj(latent).unflatten(-1, (h, nope + self.v_head_dim)).transpose(1, 2)
             k_nope, v = kv.split((nope, self.v_head_dim), dim=-1)
-            q = torch.cat((q_nope, q_rope), dim=-1)
             k = torch.cat((k_nope, k_rope.expand(b, h, t, rope)), dim=-1)  # a broadcast view until the concatenation
             out = scaled_dot_product(q, k, v, pos, self.mask_spec(), self.scale)  # v keeps its own width
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * self.v_head_dim))
