@@ -160,7 +160,7 @@ def saved(tmp_path):
     model = lc.build(cfg)
     path = save_checkpoint(model, cfg, tmp_path / "ckpt" / "checkpoint")
     files = {p.name: p.read_bytes() for p in path.iterdir()}
-    assert set(files) == {"model.safetensors", "config.yaml"}
+    assert set(files) == {"model.safetensors", "config.yaml", "checksums.json"}
     torch.manual_seed(1)
     other = lc.build(cfg)
     return dict(cfg=cfg, model=model, other=other, path=path, files=files)
