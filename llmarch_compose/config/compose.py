@@ -7,6 +7,7 @@ Hydra's ConfigStore when they are discovered.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -49,6 +50,17 @@ def presets() -> list[str]:
                   if p.name.endswith(".yaml") and p.name[:-5] not in PLACEHOLDER_PRESETS)
 
 
+#: The model's true/false keys. OmegaConf would read any number there as a bool (-1 as
+#: true), so a number set on one is refused instead.
+SWITCHES = frozenset(f.name for f in dataclasses.fields(schema.ModelConfig) if f.type in ("bool", bool))
+
+
+def _check_switch(key: str, values: Sequence[str]) -> None:
+    for value in values:
+        if value.strip().lower() not in ("true", "false") and not value.strip().startswith("${"):
+            raise ConfigError(key, value, "a switch is true or false", ["true", "false"])
+
+
 def check_overrides(overrides: Sequence[str], config_loader) -> None:
     """Reject an unknown group choice (also inside a sweep) with the closest names.
 
@@ -61,12 +73,16 @@ def check_overrides(overrides: Sequence[str], config_loader) -> None:
         raise ConfigError("overrides", " ".join(overrides), str(exc).strip().splitlines()[0]) from None
     for override in parsed:
         group = override.key_or_group
-        if group not in groups or override.is_delete() or override.package:
+        if override.is_delete():
             continue
         if override.is_sweep_override():
             values = list(override.sweep_string_iterator())
         else:
             values = [override.get_value_element_as_str()]
+        if group.startswith("model.") and group[len("model."):] in SWITCHES:
+            _check_switch(group, values)
+        if group not in groups or override.package:
+            continue
         options = set(config_loader.get_group_options(group))
         for value in values:
             if value not in options:

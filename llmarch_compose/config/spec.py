@@ -78,11 +78,26 @@ def divisors(n: int) -> list[int]:
 
 
 #: Upper bounds far beyond any published model, so that an impossible value fails
-#: here at once instead of in a build that takes minutes (the card builds every
-#: layer on meta, about a millisecond each; RoPE's frequencies are made per head
-#: dimension in Python). The deepest transformers have about a thousand layers, the
-#: widest a model width near 20k.
-MAX_SIZES = {"n_layers": 10_000, "d_model": 1 << 20, "head_dim": 1 << 20}
+#: here at once instead of in a build that takes minutes or allocates until memory
+#: runs out (the card builds every layer on meta, about a millisecond each; RoPE's
+#: frequencies are made per head dimension in Python). The deepest transformers have
+#: about a thousand layers, the widest a model width near 20k, the largest
+#: vocabularies about 256k tokens, the most experts a few hundred. Every integer of
+#: the schema has one (tests/test_properties.py checks that none is missing).
+WIDTH = 1 << 20
+MAX_SIZES = {
+    "n_layers": 10_000, "d_model": WIDTH, "head_dim": WIDTH, "n_heads": 1 << 16, "n_kv_heads": 1 << 16,
+    "ffn_dim": WIDTH, "expert_ffn_dim": WIDTH, "embedding_dim": WIDTH, "vocab_size": 1 << 24,
+    "max_seq_len": 1 << 30, "window": 1 << 30, "type_vocab_size": 1 << 20, "position_offset": 1 << 20,
+    "q_lora_rank": WIDTH, "kv_lora_rank": WIDTH, "qk_rope_head_dim": WIDTH, "qk_nope_head_dim": WIDTH,
+    "v_head_dim": WIDTH, "n_experts": 1 << 20, "experts_per_token": 1 << 20, "n_shared_experts": 1 << 10,
+    "n_expert_groups": 1 << 20, "topk_expert_groups": 1 << 20, "expert_capacity": 1 << 30,
+}
+#: Token ids: -1 is a common "none" in Hugging Face configs; ids are stored as int32 or less.
+TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+TOKEN_RANGE = (-1, (1 << 31) - 1)
+#: A float must be finite in float32, the widest dtype a model computes in here.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _require_positive(model: ModelConfig, *keys: str) -> None:
@@ -92,31 +107,33 @@ def _require_positive(model: ModelConfig, *keys: str) -> None:
             raise ConfigError(f"model.{key}", value, "must be positive", "a number > 0")
 
 
-#: Numbers that may be negative: token ids (-1 is a common "none" in Hugging Face configs).
-SIGNED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+def _require_token_ids(model: ModelConfig) -> None:
+    low, high = TOKEN_RANGE
+    for key in TOKEN_FIELDS:
+        value = getattr(model, key)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high):
+                raise ConfigError(f"model.{key}", value, "a token id is an integer", f"{low}..{high}, or null")
 
 
 def _require_finite(model: ModelConfig) -> None:
+    """Every number is finite (in float32), not negative, and an integer within its bound."""
     for f in dataclasses.fields(model):
         value = getattr(model, f.name)
-        if f.name in SIGNED_FIELDS or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if f.name in TOKEN_FIELDS or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if not math.isfinite(value) or value < 0:
+        if not math.isfinite(value) or value < 0 or abs(value) > FLOAT32_MAX:
             raise ConfigError(f"model.{f.name}", value, "must be a finite number >= 0", "a number >= 0")
-
-
-def _require_at_most(model: ModelConfig, *keys: str) -> None:
-    for key in keys:
-        if getattr(model, key) > MAX_SIZES[key]:
-            raise ConfigError(f"model.{key}", getattr(model, key),
-                              f"is beyond any buildable model (at most {MAX_SIZES[key]})", f"1..{MAX_SIZES[key]}")
+        if isinstance(value, int) and f.name in MAX_SIZES and value > MAX_SIZES[f.name]:
+            raise ConfigError(f"model.{f.name}", value, f"is beyond any buildable model (at most "
+                              f"{MAX_SIZES[f.name]})", f"0..{MAX_SIZES[f.name]}")
+    _require_token_ids(model)
 
 
 def validate_model(model: ModelConfig) -> ModelConfig:
     _require_finite(model)
     _require_positive(model, "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
                       "max_seq_len", "norm_eps", "rope_theta", "n_experts", "experts_per_token")
-    _require_at_most(model, "n_layers", "d_model")
     if model.head_dim is None:
         if model.d_model % model.n_heads:
             raise ConfigError("model.n_heads", model.n_heads, f"must divide model.d_model={model.d_model} "
@@ -124,7 +141,6 @@ def validate_model(model: ModelConfig) -> ModelConfig:
         model = dataclasses.replace(model, head_dim=model.d_model // model.n_heads)
     else:
         _require_positive(model, "head_dim")
-        _require_at_most(model, "head_dim")
     if not 0.0 < model.rotary_fraction <= 1.0:
         raise ConfigError("model.rotary_fraction", model.rotary_fraction, "must lie in (0, 1]", "0 < x <= 1")
     if model.window is not None and model.window < 1:
