@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import llmarch_compose as lc
-from llmarch_compose.config.compose import CONFIG_MODULE, VERSION_BASE
+from llmarch_compose.config.compose import CONFIG_MODULE, VERSION_BASE, presets
 from llmarch_compose.config.schema import ModelConfig
 from llmarch_compose.config.spec import MAX_SIZES, TOKEN_FIELDS, TOKEN_RANGE, resolve_spec
 from llmarch_compose.config.structured import to_dataclass
@@ -104,6 +104,28 @@ def test_every_combination_builds_and_trains_or_names_a_key(groups, nums):
     assert math.isfinite(loss.item()), overrides
     for name, p in model.named_parameters():
         assert p.grad is None or bool(torch.isfinite(p.grad).all()), f"{overrides}: {name}"
+
+
+PRESET_EXAMPLES = 20
+#: Any preset at scale=tiny with some of its groups swapped for other choices (a hybrid).
+swaps = st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.none(), max_size=3).flatmap(
+    lambda chosen: st.fixed_dictionaries({g: st.sampled_from(OPTIONS[g]) for g in chosen}))
+
+
+@settings(PROPERTY, max_examples=PRESET_EXAMPLES)
+@given(preset=st.sampled_from(presets()), groups=swaps)
+def test_every_preset_with_swapped_groups_builds_and_trains_or_names_a_key(preset, groups):
+    overrides = [f"model={preset}", "scale=tiny", *(f"{g}={c}" for g, c in groups.items())]
+    torch.manual_seed(0)
+    model = build_or_refuse(overrides)
+    if model is None:
+        return
+    event("built")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model.spec.model.vocab_size, (2, 8), generator=g)
+    loss = loss_of(model(x), torch.randint(0, model.spec.model.vocab_size, (2, 8), generator=g))
+    loss.backward()
+    assert math.isfinite(loss.item()), overrides
 
 
 @pytest.mark.slow
