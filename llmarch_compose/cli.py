@@ -32,7 +32,7 @@ from .config.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, VERSION_BAS
 from .errors import LlmarchError
 from .plugin import registry as plugins
 from .sweep.callback import JobFailed, take_reports
-from .sweep.report import FAILED, INCOMPLETE
+from .sweep.report import FAILED, INCOMPLETE, INTERRUPTED, NOT_STARTED
 from .tasks import run_task
 
 EXIT_USAGE = 2
@@ -87,10 +87,10 @@ def _run_app() -> None:
         status = exc.code
     except KeyboardInterrupt:
         status = EXIT_INTERRUPTED
-    reports = take_reports()
+    reports = take_reports(INTERRUPTED if status == EXIT_INTERRUPTED else FAILED)
     ending = "interrupted" if status == EXIT_INTERRUPTED else "error"
     for report in reports:
-        failed = [job for job in report.jobs if job.status in (FAILED, INCOMPLETE)]
+        failed = [job for job in report.jobs if job.status in (FAILED, INCOMPLETE, NOT_STARTED)]
         if failed:
             jobs = ", ".join(f"{job.number} ({job.status})" for job in failed)
             print(f"llmarch: {ending}: {len(failed)} of {len(report.jobs)} sweep jobs did not complete: job {jobs}; "

@@ -48,3 +48,50 @@ def test_optuna_sweeper_minimizes_the_held_out_loss(tmp_path):
     losses = [json.loads((sweep / r["job"] / "summary.json").read_text())["final_val_loss"] for r in rows]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["best_value"] == min(losses)  # each trial's value was its job's held-out loss
+
+
+#: A norm whose construction kills its own process when asked: a worker that dies
+#: without a word (as on a signal or the out-of-memory killer).
+KILLER_NORM = '''
+import os
+import signal
+from dataclasses import dataclass
+
+from torch import nn
+
+from llmarch_compose import register
+
+
+@dataclass
+class KillerParams:
+    die: bool = False
+
+
+@register("norm", "killer", params=KillerParams)
+class KillerNorm(nn.LayerNorm):
+    def __init__(self, params, ctx, dim=None):
+        if params.die:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().__init__(dim or ctx.model.d_model)
+'''
+
+
+def test_a_joblib_worker_that_dies_is_a_failed_row(tmp_path):
+    from llmarch_compose.testing import run_llmarch, write_distribution
+
+    site = tmp_path / "site"
+    write_distribution(site, "killer-norm", {"killer_norm.py": KILLER_NORM}, {"killer": "killer_norm"})
+    proc = run_llmarch(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "norm=killer",
+                        "norm.die=false,true", *TINY_JOB], pythonpath=[site], cwd=tmp_path)
+    assert proc.returncode != 0
+    sweep = only_sweep(tmp_path).absolute()
+    assert "did not complete" in proc.stderr and str(sweep / "report.md") in proc.stderr
+    rows = {r["norm.die"]: r for r in csv_rows(sweep)}
+    assert rows["True"]["status"] == "failed"
+    assert rows["True"]["error"].startswith("ProcessDied: the job left neither a summary nor an error record")
+    # The healthy sibling either finished before the pool broke or was stopped with it
+    # (joblib's loky backend ends every worker when one dies): either way its row says
+    # so, and a completed one has its figures.
+    assert rows["False"]["status"] in ("completed", "failed")
+    if rows["False"]["status"] == "completed":
+        assert float(rows["False"]["held-out loss"]) > 0

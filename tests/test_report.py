@@ -179,3 +179,79 @@ def test_a_failed_job_is_a_row_with_its_message(tmp_path):
     assert rows["2"]["status"] == "completed" and rows["2"]["error"] == ""
     assert rows["3"]["status"] == "failed" and rows["3"]["held-out loss"] == ""
     assert rows["3"]["error"] == f"ConfigError: {failure['message']}"
+
+
+# ------------------------------------------------- jobs that died or never started (folders made here)
+
+def fake_job(sweep: Path, number: int, attention: str, summary=None, failure=None) -> Path:
+    """A job folder as Hydra and the training task leave it (summary and failure optional)."""
+    job = sweep / str(number)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  mode: MULTIRUN\n  runtime:\n    choices: {task: train, attention: " + attention + "}\n"
+        f"  overrides:\n    task: [attention={attention}]\n  job:\n    num: {number}\n")
+    if summary is not None:
+        (job / "summary.json").write_text(json.dumps(summary))
+    if failure is not None:
+        (job / "failure.json").write_text(json.dumps(failure))
+    return job
+
+
+DONE = {"status": "completed", "final_val_loss": 1.5}
+
+
+@pytest.mark.parametrize("ended, status", [(None, "incomplete"), ("interrupted", "incomplete"), ("failed", "failed")])
+def test_a_job_without_summary_or_failure_is_failed_once_the_sweep_failed(tmp_path, ended, status):
+    from llmarch_compose.sweep.report import END, collect
+
+    fake_job(tmp_path, 0, "mha", summary=DONE)
+    fake_job(tmp_path, 1, "mqa")  # its process was killed: no summary, no failure.json
+    if ended:
+        (tmp_path / END).write_text(json.dumps({"ended": ended}))
+    jobs, _ = collect(tmp_path)
+    assert [(j.number, j.status) for j in jobs] == [(0, "completed"), (1, status)]
+    assert ("ProcessDied: the job left neither a summary nor an error record" in jobs[1].error) == (status == "failed")
+
+
+def test_planned_jobs_without_a_folder_are_not_started_rows(tmp_path):
+    from llmarch_compose.sweep.report import PLAN, write_report
+
+    plan = [["attention=mha"], ["attention=mqa"], ["attention=gqa"], ["attention=swa"]]
+    (tmp_path / PLAN).write_text(json.dumps({"jobs": plan}))
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  runtime:\n    choices: {task: train}\n  overrides:\n"
+                                            "    task: ['attention=mha,mqa,gqa,swa']\n")
+    fake_job(tmp_path, 0, "mha", summary=DONE)
+    fake_job(tmp_path, 1, "mqa", failure={"type": "ConfigError", "message": "bad"})
+    report = write_report(tmp_path)
+    assert report.describe() == "4 jobs: 1 completed, 1 failed, 2 not started"
+    rows = table(tmp_path)
+    assert [(r["job"], r["attention"], r["status"]) for r in rows] == [
+        ("0", "mha", "completed"), ("1", "mqa", "failed"), ("2", "gqa", "not started"), ("3", "swa", "not started")]
+    assert rows[2]["held-out loss"] == "" and rows[2]["error"] == ""
+
+
+def test_the_plan_of_a_basic_sweep_is_its_jobs_in_order():
+    from omegaconf import OmegaConf
+
+    from llmarch_compose.sweep.callback import BASIC_SWEEPER, planned_jobs
+
+    config = OmegaConf.create({"hydra": {
+        "sweeper": {"_target_": BASIC_SWEEPER, "max_batch_size": None, "params": {"norm": "rmsnorm,layernorm"}},
+        "overrides": {"task": ["attention=mha,mqa", "task.steps=2"]}}})
+    assert planned_jobs(config) == [
+        ["norm=rmsnorm", "attention=mha", "task.steps=2"], ["norm=rmsnorm", "attention=mqa", "task.steps=2"],
+        ["norm=layernorm", "attention=mha", "task.steps=2"], ["norm=layernorm", "attention=mqa", "task.steps=2"]]
+    config.hydra.sweeper._target_ = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert planned_jobs(config) is None  # its trials are not known in advance
+
+
+@pytest.mark.slow
+def test_jobs_after_a_failed_batch_are_not_started_rows(tmp_path):
+    proc = llmarch(["-m", "hydra.sweeper.max_batch_size=1", "attention.num_kv_heads=3,2", *TINY_JOB], tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    sweep = only_sweep(tmp_path).absolute()
+    assert f"2 of 2 sweep jobs did not complete: job 0 (failed), 1 (not started); see {sweep / 'report.md'}" \
+        in proc.stderr
+    rows = {r["attention.num_kv_heads"]: r["status"] for r in table(sweep)}
+    assert rows == {"3": "failed", "2": "not started"}
+    assert not (sweep / "1").exists()

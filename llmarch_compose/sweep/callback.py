@@ -4,29 +4,35 @@
   in its own folder, wherever the launcher ran it (a joblib worker, a submitit
   process): the report reads files, not return values.
 - `on_multirun_start` / `on_multirun_end`: the sweep folder is remembered, then
-  reported on.
+  reported on. At the start, for Hydra's basic sweeper, every job the sweep will
+  run is listed in `sweep_plan.json`, so jobs that never start (a failed batch
+  stops the sweep; an interrupt; a dead worker) are rows of the report too.
 
 Hydra calls `on_multirun_end` only when every job succeeded: the sweeper
 re-raises the first failed job's exception once the batch has run (Hydra 1.3,
 `BasicSweeper.sweep`), and an interrupted sweep never gets there. The command
-line therefore calls `take_reports()` after every sweep, which also writes the
-report of a sweep that was started and not ended.
+line therefore calls `take_reports(ending)` after every sweep, which also writes the
+report of a sweep that was started and not ended, recording how it ended in
+`sweep_end.json`: a job that left neither a summary nor `failure.json` in a sweep
+that ended in a failure had its process killed (a dead worker), and is a failed row.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts.atomic import write_atomic
 from ..plugin.registry import add
-from .report import FAILURE, SweepReport, write_report
+from .report import END, FAILURE, PLAN, SweepReport, write_report
 
 
 class JobFailed(CompactHydraException):
@@ -46,7 +52,30 @@ def failure_record(job_return: JobReturn) -> dict[str, Any]:
     return {"type": type(exc).__name__, "message": str(exc), "overrides": list(job_return.overrides or [])}
 
 
-def report_on(sweep_dir: Path) -> SweepReport:
+BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"
+
+
+def planned_jobs(config: DictConfig) -> Optional[list[list[str]]]:
+    """The overrides of every job Hydra's basic sweeper will run, in job order (None for
+    another sweeper, whose jobs are not known in advance)."""
+    sweeper = config.hydra.sweeper
+    if sweeper.get("_target_") != BASIC_SWEEPER:
+        return None
+    params = sweeper.get("params")
+    params = [f"{k}={v}" for k, v in (OmegaConf.to_container(params) if params else {}).items()]
+    try:
+        overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+        batches = BasicSweeper.split_arguments(overrides, sweeper.get("max_batch_size"))
+    except (HydraException, ValueError):  # a sweep this parser cannot expand alone (a glob over groups)
+        return None
+    return [list(job) for batch in batches for job in batch]
+
+
+def report_on(sweep_dir: Path, ending: Optional[str] = None) -> SweepReport:
+    """Write the sweep's report; `ending` (failed, interrupted), for a sweep Hydra did not
+    end, is recorded first so that the report, and any rebuilt later, reads it."""
+    if ending is not None and sweep_dir.is_dir():
+        write_atomic(sweep_dir / END, json.dumps({"ended": ending}) + "\n")
     if sweep_dir in _open_sweeps:
         _open_sweeps.remove(sweep_dir)
     report = write_report(sweep_dir)
@@ -56,11 +85,12 @@ def report_on(sweep_dir: Path) -> SweepReport:
     return report
 
 
-def take_reports() -> list[SweepReport]:
+def take_reports(ending: str = "failed") -> list[SweepReport]:
     """Every report written in this process since the last call, after writing the
-    reports of sweeps that Hydra started but did not end (a failed job, an interrupt)."""
+    reports of sweeps that Hydra started but did not end (`ending`: a failed job or a
+    dead worker, `failed`; an interrupt, `interrupted`)."""
     for sweep_dir in list(_open_sweeps):
-        report_on(sweep_dir)
+        report_on(sweep_dir, ending)
     reports = list(_written)
     _written.clear()
     return reports
@@ -68,7 +98,14 @@ def take_reports() -> list[SweepReport]:
 
 class SweepReportCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _open_sweeps.append(Path(config.hydra.sweep.dir).absolute())
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        _open_sweeps.append(sweep_dir)
+        if (sweep_dir / END).exists():  # an earlier sweep's ending, in a reused sweep folder
+            (sweep_dir / END).unlink()
+        plan = planned_jobs(config)
+        if plan is not None:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(sweep_dir / PLAN, json.dumps({"jobs": plan}, indent=1) + "\n")
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status == JobStatus.FAILED:

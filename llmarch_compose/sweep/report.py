@@ -6,9 +6,12 @@ group choices (`hydra.runtime.choices`) and its overrides
 (`hydra.overrides.task`). Folder names are never parsed. What a job measured
 comes from the files it wrote: `summary.json` (a finished run),
 `failure.json` (a failed one, see `sweep_callback`) and `metrics.jsonl` (the
-curve); a job with neither summary nor failure did not finish. A summary's
+curve); a job with neither summary nor failure did not finish: it is incomplete
+while the sweep runs or after an interrupt, and failed once the sweep has ended
+in a failure (`sweep_end.json`), since then its process was killed. A summary's
 `status` counts too: a diverged or failed run is a failed job, an interrupted
-one an incomplete job. Every file is
+one an incomplete job. Jobs listed in `sweep_plan.json` that have no folder never
+started: they are `not started` rows. Every file is
 written through a temporary file and a rename, and nothing a job wrote is
 touched, so a report can be rebuilt at any time, also while a sweep runs.
 """
@@ -36,9 +39,16 @@ REPORT_CSV = "report.csv"
 SUMMARY = "summary.json"
 FAILURE = "failure.json"
 METRICS = "metrics.jsonl"
+PLAN = "sweep_plan.json"  # every job's overrides, written as the sweep starts (sweep/callback.py)
+END = "sweep_end.json"  # how a sweep Hydra did not end ended: failed or interrupted
 HYDRA_YAML = Path(".hydra") / "hydra.yaml"
 
-COMPLETED, FAILED, INCOMPLETE = "completed", "failed", "incomplete"
+COMPLETED, FAILED, INCOMPLETE, NOT_STARTED = "completed", "failed", "incomplete", "not started"
+STATUSES = (COMPLETED, FAILED, INCOMPLETE, NOT_STARTED)
+INTERRUPTED = "interrupted"  # how a sweep ended (sweep_end.json), besides FAILED
+#: What a failed row says of a job whose process died without a word.
+DIED = {"type": "ProcessDied", "message": "the job left neither a summary nor an error record: its process was "
+        "killed (a signal, out of memory) or its worker died"}
 
 #: The tasks whose jobs write a run summary; jobs of other tasks (a sweep of
 #: architecture cards, say) have nothing to tabulate.
@@ -129,7 +139,7 @@ class SweepReport:
 
 def describe(jobs: Sequence[Job]) -> str:
     """The counts by status, as in "4 jobs: 3 completed, 1 failed"."""
-    counts = [(status, sum(job.status == status for job in jobs)) for status in (COMPLETED, FAILED, INCOMPLETE)]
+    counts = [(status, sum(job.status == status for job in jobs)) for status in STATUSES]
     text = ", ".join(f"{n} {status}" for status, n in counts if n)
     return f"{len(jobs)} job{'s' * (len(jobs) != 1)}: {text or 'none'}"
 
@@ -188,7 +198,7 @@ def summary_status(summary: dict[str, Any]) -> str:
     return {"completed": COMPLETED, "interrupted": INCOMPLETE}.get(ended, FAILED)
 
 
-def read_job(path: Path) -> Job:
+def read_job(path: Path, ended: Optional[str] = None) -> Job:
     hydra = OmegaConf.to_container(OmegaConf.load(path / HYDRA_YAML).hydra, resolve=False)
     choices = {k: str(v) for k, v in (hydra["runtime"]["choices"] or {}).items()
                if v is not None and not k.startswith("hydra/")}
@@ -201,6 +211,8 @@ def read_job(path: Path) -> Job:
     summary = _read_json(path / SUMMARY)
     failure = _read_json(path / FAILURE)
     status = FAILED if failure is not None else INCOMPLETE if summary is None else summary_status(summary)
+    if status == INCOMPLETE and summary is None and ended == FAILED:
+        status, failure = FAILED, DIED
     number = hydra.get("job", {}).get("num")
     return Job(number=int(number) if isinstance(number, int) else -1, path=path, task=choices.get("task"),
                settings=settings, status=status, summary=summary or {}, failure=failure or {})
@@ -227,10 +239,38 @@ def declared_sweeps(sweep_dir: Path) -> list[str]:
     return list(dict.fromkeys([*keys, *params]))
 
 
+def _sweep_task(sweep_dir: Path) -> Optional[str]:
+    try:
+        return OmegaConf.load(sweep_dir / "multirun.yaml").hydra.runtime.choices.get("task")
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException, AttributeError):
+        return None
+
+
+def not_started(sweep_dir: Path, started: set[int]) -> list[Job]:
+    """The jobs `sweep_plan.json` lists that have no folder."""
+    plan = _read_json(sweep_dir / PLAN)
+    jobs = plan.get("jobs") if plan else None
+    if not isinstance(jobs, list):
+        return []
+    default_task, out = _sweep_task(sweep_dir), []
+    for number, overrides in enumerate(jobs):
+        if number in started or not isinstance(overrides, list):
+            continue
+        settings = {}
+        for override in overrides:
+            key, _, value = str(override).partition("=")
+            settings[key.lstrip("+~")] = value
+        out.append(Job(number=number, path=sweep_dir, task=settings.get("task", default_task), settings=settings,
+                       status=NOT_STARTED))
+    return out
+
+
 def collect(sweep_dir: Path) -> tuple[list[Job], list[str]]:
-    """The sweep's reported jobs in job order, and the swept keys: declared as
-    sweeps, or differing between jobs."""
-    jobs = [read_job(p) for p in job_dirs(sweep_dir)]
+    """The sweep's reported jobs in job order (with those planned that never started),
+    and the swept keys: declared as sweeps, or differing between jobs."""
+    end = _read_json(sweep_dir / END) or {}
+    jobs = [read_job(p, end.get("ended")) for p in job_dirs(sweep_dir)]
+    jobs += not_started(sweep_dir, {j.number for j in jobs})
     jobs = sorted((j for j in jobs if j.task in REPORTED_TASKS), key=lambda j: (j.number, j.path.name))
     keys = list(dict.fromkeys(k for job in jobs for k in job.settings))
     varying = [k for k in keys if len({job.settings.get(k) for job in jobs}) > 1]
@@ -343,5 +383,5 @@ def write_report(sweep_dir: Path) -> SweepReport:
     return SweepReport(sweep_dir, jobs, swept, files)
 
 
-__all__ = ["COMPLETED", "FAILED", "INCOMPLETE", "Job", "SweepReport", "collect", "is_sweep", "job_dirs",
+__all__ = ["COMPLETED", "FAILED", "INCOMPLETE", "NOT_STARTED", "Job", "SweepReport", "collect", "is_sweep", "job_dirs",
            "write_report"]

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from ..errors import ConfigError
-from ..sweep.report import COMPLETED, FAILED, INCOMPLETE, REPORTED_TASKS, is_sweep, write_report
+from ..sweep.report import REPORTED_TASKS, STATUSES, is_sweep, write_report
 from ..config.structured import to_dataclass
 from ..plugin.registry import register
 
@@ -44,4 +44,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           WHAT_IS_VALID)
     print(f"sweep report: {report.markdown} ({report.describe()})")
     return {"report": str(report.markdown), "jobs": len(report.jobs),
-            **{status: report.count(status) for status in (COMPLETED, FAILED, INCOMPLETE)}}
+            **{status: report.count(status) for status in STATUSES}}
