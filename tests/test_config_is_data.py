@@ -266,6 +266,12 @@ def test_a_window_longer_than_the_context_is_refused():
         resolve_spec(lc.compose(["attention=swa", "model.window=100000"]))
 
 
+@pytest.mark.parametrize("node", ["model", "attention", "task", "data"])
+def test_deleting_a_node_every_run_needs_is_refused(node):
+    with pytest.raises(ConfigError, match=rf"^{node}='~{node}': every run needs this node"):
+        lc.compose([f"~{node}"])
+
+
 @pytest.mark.parametrize("override, key", [("model.init_std=-1", "model.init_std"),
                                            ("model.norm_eps=nan", "model.norm_eps"),
                                            ("model.rope_theta=inf", "model.rope_theta"),

@@ -32,7 +32,7 @@ from llmarch_compose.errors import ConfigError
 from llmarch_compose.plugin import registry as plugins
 from llmarch_compose.testing import loss_of
 from llmarch_compose.train.data import data_config, make_source
-from llmarch_compose.train.loop import TrainSettings, check
+from llmarch_compose.train.loop import MAX_COUNT, TrainSettings, check
 
 VOCAB = 64
 COMBO_EXAMPLES = 30
@@ -213,14 +213,14 @@ TRAIN_BAD = {
     "lr": st.one_of(st.floats(max_value=0.0), st.sampled_from(["nan", "inf"])),
     "grad_clip": st.one_of(st.floats(max_value=0.0), st.just("nan")),
     "weight_decay": st.one_of(st.floats(max_value=-1e-9), st.sampled_from(["nan", "inf"])),
-    "warmup_steps": st.integers(max_value=-1),
+    "warmup_steps": st.one_of(st.integers(max_value=-1), st.integers(min_value=MAX_COUNT + 1)),
     "min_lr_ratio": st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.0001, max_value=1e9), st.just("nan")),
     "beta1": st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.0, max_value=1e9), st.just("nan")),
     "beta2": st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.0, max_value=1e9), st.just("nan")),
-    "steps": st.integers(max_value=0),
-    "batch_size": st.integers(max_value=0),
-    "eval_every": st.integers(max_value=0),
-    "eval_batches": st.integers(max_value=0),
+    "steps": st.one_of(st.integers(max_value=0), st.integers(min_value=MAX_COUNT + 1)),
+    "batch_size": st.one_of(st.integers(max_value=0), st.integers(min_value=MAX_COUNT + 1)),
+    "eval_every": st.one_of(st.integers(max_value=0), st.integers(min_value=MAX_COUNT + 1)),
+    "eval_batches": st.one_of(st.integers(max_value=0), st.integers(min_value=MAX_COUNT + 1)),
     "on_nonfinite": st.sampled_from(["ignore", "retry", ""]),
 }
 

@@ -55,6 +55,10 @@ def presets() -> list[str]:
 SWITCHES = frozenset(f.name for f in dataclasses.fields(schema.ModelConfig) if f.type in ("bool", bool))
 
 
+#: The top-level nodes of the schema: deleting one is never what a run means.
+REQUIRED_NODES = frozenset(f.name for f in dataclasses.fields(schema.RootConfig))
+
+
 def _check_switch(key: str, values: Sequence[str]) -> None:
     for value in values:
         if value.strip().lower() not in ("true", "false") and not value.strip().startswith("${"):
@@ -74,6 +78,9 @@ def check_overrides(overrides: Sequence[str], config_loader) -> None:
     for override in parsed:
         group = override.key_or_group
         if override.is_delete():
+            if group in REQUIRED_NODES:  # the schema would fill it back with its defaults, silently
+                raise ConfigError(group, f"~{group}", "every run needs this node; choose or set its values instead",
+                                  f"{group}=<choice>" if group in groups else f"{group}.<key>=<value>")
             continue
         if override.is_sweep_override():
             values = list(override.sweep_string_iterator())

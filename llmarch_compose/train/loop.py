@@ -68,6 +68,8 @@ class TrainSettings:
 
 
 NONFINITE_ACTIONS = ("stop", "skip")
+#: The most steps, tokens per batch row or batches a count may name (2^40, about 10^12).
+MAX_COUNT = 1 << 40
 COMPLETED, DIVERGED, INTERRUPTED, FAILED = "completed", "diverged", "interrupted", "failed"
 #: The files of a run in its folder; one that holds any of them holds a run.
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "checkpoint"
@@ -89,13 +91,14 @@ def _hyper(task: TrainSettings, key: str, ok: Callable[[float], bool], valid: st
 
 
 def check(task: TrainSettings, vocab_size: int, max_seq_len: int, data: DataSource, data_name: str) -> None:
-    for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
-        if getattr(task, key) < 1:
-            raise ConfigError(f"task.{key}", getattr(task, key), "must be at least 1", "an integer >= 1")
+    for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "warmup_steps"):
+        value, low = getattr(task, key), 0 if key == "warmup_steps" else 1
+        if not low <= value <= MAX_COUNT:  # past it, counts overflow the int64 tensors they reach
+            raise ConfigError(f"task.{key}", value, f"must be an integer in {low}..{MAX_COUNT}",
+                              f"an integer >= {low}")
     _hyper(task, "lr", lambda v: 0 < v < math.inf, "a finite number > 0")
     _hyper(task, "grad_clip", lambda v: v > 0, "a number > 0 (inf: no clipping)")
     _hyper(task, "weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0")
-    _hyper(task, "warmup_steps", lambda v: v >= 0, "an integer >= 0")
     _hyper(task, "min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]")
     _hyper(task, "beta1", lambda v: 0 <= v < 1, "a number in [0, 1)")
     _hyper(task, "beta2", lambda v: 0 <= v < 1, "a number in [0, 1)")
