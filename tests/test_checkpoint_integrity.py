@@ -158,3 +158,18 @@ def test_the_command_line_names_the_corrupt_tensor_in_one_line(copy, tmp_path):
     assert proc.stderr.startswith("llmarch: error: ") and "does not hold the bytes that were saved" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_save_of_non_finite_weights_publishes_nothing(saved, tmp_path):
+    folder, model = saved
+    target = tmp_path / "checkpoint"
+    shutil.copytree(folder, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    cfg = lc.compose(TINY_MODEL)
+    broken = lc.build(cfg)
+    with torch.no_grad():
+        next(broken.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match="holds NaN or infinite values"):
+        save_checkpoint(broken, cfg, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the earlier checkpoint stands
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temporary folder left

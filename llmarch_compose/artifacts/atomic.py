@@ -250,9 +250,6 @@ def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
-__all__ = ["atomic_folder", "atomic_path", "write_atomic", "published", "recover"]
-
-
 def creatable_folder(path: PathLike) -> Optional[str]:
     """Why the folder `path` cannot be created or written here (None: it can), found by
     making and removing a probe in its deepest existing ancestor, so nothing is left
@@ -269,3 +266,6 @@ def creatable_folder(path: PathLike) -> Optional[str]:
     except OSError as exc:
         return f"cannot create a folder in {ancestor}: {exc.strerror or exc}"
     return None
+
+
+__all__ = ["atomic_folder", "atomic_path", "write_atomic", "published", "recover", "creatable_folder"]

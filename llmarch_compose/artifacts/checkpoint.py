@@ -9,7 +9,7 @@ is interrupted or is killed at any point leaves the earlier checkpoint loadable
 (`load_checkpoint` finds it, `published`); the next save removes what a killed one left.
 
 `checksums.json` holds the SHA-256 of every stored tensor's bytes. Loading checks them,
-and refuses non-finite weights (a save refuses them too), so a flipped bit, a NaN or a
+and both saving and loading refuse non-finite weights, so a flipped bit, a NaN or a
 truncated file is an error that names the file and the tensor, never a model that
 quietly computes something else. (A checkpoint written before checksums were saved
 loads without that check.)
@@ -59,29 +59,33 @@ def _stored_tensors(file: Path):
 
 
 def _checksums(file: Path) -> dict[str, str]:
-    return {name: _digest(tensor) for name, tensor in _stored_tensors(file)}
+    """name -> SHA-256 of every tensor in `file`; a non-finite tensor is a CheckpointError."""
+    sums = {}
+    for name, tensor in _stored_tensors(file):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{file}: tensor {name!r} holds NaN or infinite values")
+        sums[name] = _digest(tensor)
+    return sums
 
 
 def _verify(folder: Path) -> None:
     """Every stored tensor is finite and, where the folder has `checksums.json`, holds the
     bytes that were saved: a CheckpointError names the file and the first tensor that does not."""
     file, sums_file = folder / WEIGHTS, folder / CHECKSUMS
-    expected = read_json(sums_file, error=CheckpointError) if sums_file.is_file() else None
-    if expected is not None and not isinstance(expected, dict):
+    found = _checksums(file)
+    if not sums_file.is_file():
+        return
+    expected = read_json(sums_file, error=CheckpointError)
+    if not isinstance(expected, dict):
         raise CheckpointError(f"{sums_file}: not a JSON object of tensor name -> SHA-256")
-    seen = set()
-    for name, tensor in _stored_tensors(file):
-        seen.add(name)
-        if expected is not None:
-            if name not in expected:
-                raise CheckpointError(f"{file}: tensor {name!r} is not in {CHECKSUMS}: the files come from two saves")
-            if _digest(tensor) != expected[name]:
-                raise CheckpointError(f"{file}: tensor {name!r} does not hold the bytes that were saved "
-                                      f"(its SHA-256 differs from {CHECKSUMS}): the file is corrupt")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{file}: tensor {name!r} holds NaN or infinite values")
-    if expected is not None and set(expected) - seen:
-        raise CheckpointError(f"{file}: lacks tensor(s) {sorted(set(expected) - seen)[:3]} listed in {CHECKSUMS}")
+    for name, digest in found.items():
+        if name not in expected:
+            raise CheckpointError(f"{file}: tensor {name!r} is not in {CHECKSUMS}: the files come from two saves")
+        if digest != expected[name]:
+            raise CheckpointError(f"{file}: tensor {name!r} does not hold the bytes that were saved "
+                                  f"(its SHA-256 differs from {CHECKSUMS}): the file is corrupt")
+    if set(expected) - set(found):
+        raise CheckpointError(f"{file}: lacks tensor(s) {sorted(set(expected) - set(found))[:3]} listed in {CHECKSUMS}")
 
 
 def trained_tokenizer(cfg: DictConfig) -> Optional[str]:
@@ -96,6 +100,7 @@ def save_checkpoint(model: nn.Module, cfg: DictConfig, path: Union[str, Path]) -
     with atomic_folder(path) as tmp:
         # save_model stores tied tensors once (safetensors refuses shared storage otherwise).
         save_model(model, str(tmp / WEIGHTS))
+        # Read back from the file: what is hashed is what was written (and NaN weights never publish).
         (tmp / CHECKSUMS).write_text(json.dumps(_checksums(tmp / WEIGHTS), indent=1, sort_keys=True))
         # Scaled first: resolving a `scale=tiny` config alone would freeze the preset's full-size numbers.
         (tmp / CONFIG).write_text(OmegaConf.to_yaml(apply_scale(cfg), resolve=True))

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts.atomic import write_atomic
 from ..plugin.registry import add
-from .report import END, FAILURE, PLAN, SweepReport, write_report
+from .report import END, FAILED, FAILURE, PLAN, SweepReport, write_report
 
 
 class JobFailed(CompactHydraException):
@@ -85,7 +85,7 @@ def report_on(sweep_dir: Path, ending: Optional[str] = None) -> SweepReport:
     return report
 
 
-def take_reports(ending: str = "failed") -> list[SweepReport]:
+def take_reports(ending: str = FAILED) -> list[SweepReport]:
     """Every report written in this process since the last call, after writing the
     reports of sweeps that Hydra started but did not end (`ending`: a failed job or a
     dead worker, `failed`; an interrupt, `interrupted`)."""

@@ -198,15 +198,21 @@ def summary_status(summary: dict[str, Any]) -> str:
     return {"completed": COMPLETED, "interrupted": INCOMPLETE}.get(ended, FAILED)
 
 
+def settings_of(overrides: Sequence[Any]) -> dict[str, str]:
+    """key -> value of a job's overrides, in their order."""
+    settings = {}
+    for override in overrides:
+        key, _, value = str(override).partition("=")
+        settings[key.lstrip("+~")] = value
+    return settings
+
+
 def read_job(path: Path, ended: Optional[str] = None) -> Job:
     hydra = OmegaConf.to_container(OmegaConf.load(path / HYDRA_YAML).hydra, resolve=False)
     choices = {k: str(v) for k, v in (hydra["runtime"]["choices"] or {}).items()
                if v is not None and not k.startswith("hydra/")}
-    settings = {}  # the command line's order first, then the other group choices
-    for override in hydra["overrides"]["task"] or []:
-        key, _, value = str(override).partition("=")
-        settings[key.lstrip("+~")] = value
-    for group in reversed(choices):  # Hydra lists the choices last-composed first
+    settings = settings_of(hydra["overrides"]["task"] or [])  # the command line's order first,
+    for group in reversed(choices):  # then the other group choices (Hydra lists them last-composed first)
         settings.setdefault(group, choices[group])
     summary = _read_json(path / SUMMARY)
     failure = _read_json(path / FAILURE)
@@ -256,10 +262,7 @@ def not_started(sweep_dir: Path, started: set[int]) -> list[Job]:
     for number, overrides in enumerate(jobs):
         if number in started or not isinstance(overrides, list):
             continue
-        settings = {}
-        for override in overrides:
-            key, _, value = str(override).partition("=")
-            settings[key.lstrip("+~")] = value
+        settings = settings_of(overrides)
         out.append(Job(number=number, path=sweep_dir, task=settings.get("task", default_task), settings=settings,
                        status=NOT_STARTED))
     return out
@@ -383,5 +386,5 @@ def write_report(sweep_dir: Path) -> SweepReport:
     return SweepReport(sweep_dir, jobs, swept, files)
 
 
-__all__ = ["COMPLETED", "FAILED", "INCOMPLETE", "NOT_STARTED", "Job", "SweepReport", "collect", "is_sweep", "job_dirs",
-           "write_report"]
+__all__ = ["COMPLETED", "FAILED", "INCOMPLETE", "NOT_STARTED", "Job", "SweepReport", "collect", "is_sweep",
+           "job_dirs", "write_report"]
