@@ -180,3 +180,26 @@ def test_decode_benchmark_measures_every_figure_and_the_cache_matches_the_card(t
     assert all(c["compiled_s"] > 0 and c["eager_s"] > 0 for c in report["contexts"])
     assert set(report["decode"][0]["variants"]) >= {"ours eager", "ours compiled"}
     assert (tmp_path / "bench_decode.md").read_text().startswith("# Inference benchmark")
+
+
+@pytest.mark.slow
+def test_transformers_static_cache_compiles_once_and_matches_its_dynamic_cache():
+    """The peer's compiled variant is transformers' own recipe (a static cache, its
+    automatic compilation of the decoding step): it runs at two batch sizes without
+    reaching Dynamo's recompile limit and decodes the tokens its dynamic cache does."""
+    import transformers
+
+    from llmarch_compose.bench.decode import hf_generate_fn
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 2):
+        ids = torch.randint(1, 64, (batch, 8), generator=g)
+        with torch.no_grad():
+            static = [hf_generate_fn(hf, ids, 6, static=True)() for _ in range(2)]
+            dynamic = hf_generate_fn(hf, ids, 6, static=False)()
+        assert static[0].shape == (batch, 14)
+        assert torch.equal(static[0], dynamic) and torch.equal(static[1], dynamic)
