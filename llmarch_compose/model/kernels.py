@@ -14,18 +14,25 @@ from .masks import ScoreMod, chain, index_grid, softcap
 
 def explicit_attention(q, k, v, score: Optional[ScoreMod], mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """Attention with the scores written out, for a score function SDPA cannot take as an
-    additive bias (a softcap). Query heads are grouped over their KV head, so K and V are
-    broadcast, never repeated."""
+    additive bias (a softcap). The query heads of one KV head are stacked along the query
+    axis, so each product is one batched matmul against that head's K or V as they are:
+    never repeated, nor broadcast (a broadcast matmul copies K per query head)."""
     b, h, t, _ = q.shape
-    kv_heads = k.shape[1]
-    grouped = q.unflatten(1, (kv_heads, h // kv_heads))  # [b, kv_heads, group, t, d]
-    scores = (grouped @ k.unsqueeze(2).transpose(-1, -2) * scale).flatten(1, 2)  # [b, h, t, s]
+    kv_heads, group = k.shape[1], h // k.shape[1]
+
+    def stacked(x: torch.Tensor) -> torch.Tensor:  # [b, h, t, n] -> [b, kv_heads, group * t, n]
+        return x.unflatten(1, (kv_heads, group)).flatten(2, 3)
+
+    def unstacked(x: torch.Tensor) -> torch.Tensor:  # the inverse
+        return x.unflatten(2, (group, t)).flatten(1, 2)
+
+    scores = unstacked(stacked(q) @ k.transpose(-1, -2) * scale)  # [b, h, t, s]
     if score is not None:
         scores = score(scores, *index_grid(b, h, t, k.shape[-2], q.device))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).unflatten(1, (kv_heads, h // kv_heads))
-    return (probs @ v.unsqueeze(2)).flatten(1, 2)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return unstacked(stacked(probs) @ v)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
