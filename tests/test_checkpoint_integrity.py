@@ -50,8 +50,9 @@ def rewrite(folder, change, checksums: bool) -> None:
     tensors = change(load_file(folder / WEIGHTS))
     save_file(tensors, folder / WEIGHTS)
     if checksums:
-        from llmarch_compose.artifacts.checkpoint import _checksums
-        (folder / CHECKSUMS).write_text(json.dumps(_checksums(folder / WEIGHTS)))
+        from llmarch_compose.artifacts.checkpoint import _digest
+        sums = {name: _digest(t) for name, t in load_file(folder / WEIGHTS).items()}
+        (folder / CHECKSUMS).write_text(json.dumps(sums))
     else:
         (folder / CHECKSUMS).unlink()
 
