@@ -179,7 +179,13 @@ def test_decode_benchmark_measures_every_figure_and_the_cache_matches_the_card(t
     assert [c["context"] for c in report["contexts"]] == [16, 64]
     assert all(c["compiled_s"] > 0 and c["eager_s"] > 0 for c in report["contexts"])
     assert set(report["decode"][0]["variants"]) >= {"ours eager", "ours compiled"}
-    assert (tmp_path / "bench_decode.md").read_text().startswith("# Inference benchmark")
+    claims = {c["attention"]: c for c in report["kv_claims"]}
+    assert all(r == 1 / 32 for r in claims["mqa"]["vs_mha"].values())  # the seed: 1 / num_heads
+    assert all(r == 1 / 8 for r in claims["gqa, 4 KV heads"]["vs_mha"].values())  # 32 query / 4 KV heads
+    assert len(set(claims["swa, 256-token window"]["bytes"].values())) == 1  # flat in the length
+    assert 0 < claims["mla (latent + rotary key)"]["vs_mha"][8192] < 1
+    text = (tmp_path / "bench_decode.md").read_text()
+    assert text.startswith("# Inference benchmark") and "| mqa | " in text
 
 
 @pytest.mark.slow

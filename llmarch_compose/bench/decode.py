@@ -136,6 +136,35 @@ def hf_generate_fn(hf: nn.Module, ids: torch.Tensor, new: int, static: bool) -> 
     return lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
 
 
+#: The seed's claims about the KV cache, each a configuration on the benchmark's width and
+#: depth with 32 query heads (the seed's GQA example: 32 query heads share 4 KV heads).
+KV_CLAIMS = (
+    ("mha", ["attention=mha"]),
+    ("mqa", ["attention=mqa"]),
+    ("gqa, 4 KV heads", ["attention=gqa", "model.n_kv_heads=4"]),
+    ("mla (latent + rotary key)", ["attention=mla"]),
+    ("swa, 256-token window", ["attention=swa", "model.n_kv_heads=4", "model.window=256"]),
+)
+
+
+def kv_cache_claims(d_model: int, n_layers: int, lengths: tuple[int, ...] = (512, 2048, 8192)) -> list[dict]:
+    """Bytes of the decoding buffers each KV_CLAIMS variant allocates at each length
+    (built on meta: the buffers' shapes, no memory), and each one's ratio to MHA's."""
+    from ..config.compose import compose
+    from ..model.build import build
+
+    base = [f"model.d_model={d_model}", f"model.n_layers={n_layers}", "model.n_heads=32",
+            f"model.head_dim={max(8, d_model // 32)}", f"model.max_seq_len={max(lengths)}"]
+    rows = []
+    for label, extra in KV_CLAIMS:
+        model = build(compose([*base, *extra]), device="meta")
+        rows.append({"attention": label, "bytes": {n: model.new_decode_state(1, n).nbytes for n in lengths}})
+    mha = rows[0]["bytes"]
+    for row in rows:
+        row["vs_mha"] = {n: row["bytes"][n] / mha[n] for n in lengths}
+    return rows
+
+
 def run_decode_benchmark(model: nn.Module, hf: Optional[nn.Module], options: DecodeOptions,
                          device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The measurements of the module docstring, as one report dict."""
@@ -199,6 +228,7 @@ def run_decode_benchmark(model: nn.Module, hf: Optional[nn.Module], options: Dec
     report["kv_cache"] = {"length": length, "allocated_bytes": state.nbytes,
                           "card_bytes": card["kv_cache_bytes_full_context"],
                           "per_token_bytes": card["kv_cache_bytes_per_token"]}
+    report["kv_claims"] = kv_cache_claims(spec.d_model, spec.n_layers)
 
     # Per-token decode time as the context grows.
     with torch.no_grad():
@@ -239,8 +269,18 @@ def render_decode_markdown(report: dict[str, Any]) -> str:
     kv = report["kv_cache"]
     lines += ["", "## KV cache", "",
               f"At {kv['length']} tokens: {kv['allocated_bytes']} bytes allocated, the card's figure "
-              f"{kv['card_bytes']} ({kv['per_token_bytes']} bytes per token).", "",
-              "## Per-token decode time by context (batch 1)", "", "| context | eager ms | compiled ms |",
+              f"{kv['card_bytes']} ({kv['per_token_bytes']} bytes per token).", ""]
+    claims = report.get("kv_claims") or []
+    if claims:
+        lengths = list(claims[0]["bytes"])
+        lines += ["The seed's claims, as the buffers built for each attention with 32 query heads "
+                  f"({report['model']}'s width and depth), batch 1:", "",
+                  "| attention | " + " | ".join(f"bytes at {n}" for n in lengths) + f" | vs mha at {lengths[-1]} |",
+                  "|---|" + "---:|" * (len(lengths) + 1)]
+        lines += [f"| {c['attention']} | " + " | ".join(f"{c['bytes'][n]:,}" for n in lengths)
+                  + f" | {c['vs_mha'][lengths[-1]]:.4g} |" for c in claims]
+        lines += [""]
+    lines += ["## Per-token decode time by context (batch 1)", "", "| context | eager ms | compiled ms |",
               "|---:|---:|---:|"]
     lines += [f"| {c['context']} | {c['eager_s'] * 1e3:.2f} | {c['compiled_s'] * 1e3:.2f} |" for c in report["contexts"]]
     b = report["bandwidth"]
