@@ -90,6 +90,9 @@ def test_a_logging_config_may_name_only_logging_classes_and_files_in_the_run(ove
 def test_logging_inside_the_run_folder_passes():
     check(["hydra.job_logging.handlers.file.filename=logs/train.log", "hydra.job_logging.root.level=DEBUG",
            "hydra.job_logging.handlers.console.stream=ext://sys.stderr"])
+    for job, hydra_logging in (("default", "default"), ("disabled", "disabled"), ("none", "none"),
+                               ("stdout", "hydra_debug")):  # every logging config Hydra ships
+        check([f"hydra/job_logging={job}", f"hydra/hydra_logging={hydra_logging}"])
 
 
 def test_a_log_handler_cannot_truncate_a_file_outside_the_run(tmp_path, victim):
