@@ -49,7 +49,9 @@ from torch._dynamo.utils import counters
 from .plugin import registry as plugins
 from .model.build import build
 from .model.compiler import compile as compile_model
+from .errors import LlmarchError
 from .plugin.interfaces import FeedForwardOutput, ModelOutput, PositionInputs
+from .plugin.objectives import CAUSAL_LM
 from .config.compose import compose
 from .config.spec import resolve_spec
 
@@ -305,12 +307,45 @@ def check_compiled(pm: PluginModel, input_ids: torch.Tensor, whole: bool = False
     return worst
 
 
+def check_decoding(pm: PluginModel, input_ids: torch.Tensor, split: Optional[int] = None,
+                   atol: float = 1e-5) -> float:
+    """Generation's path through the plugin: a prefill of `split` tokens (half, by default),
+    then one token per step through the decoding state its attention declares, gives the
+    logits of the full forward, within `atol`, in a causal LM. Returns the largest difference."""
+    model = pm.model
+    if model.objective is not CAUSAL_LM or getattr(model, "prefix_lm", False):
+        raise _fail(pm, "decoding", f"the check decodes a causal LM; this topology's objective is "
+                                    f"{model.objective.name}")
+    b, t = input_ids.shape
+    split = t // 2 if split is None else split
+    with torch.no_grad():
+        full = model(input_ids).logits
+        try:
+            state = model.new_decode_state(b, t)
+            parts = [model.decode_step(input_ids[:, :split], state, all_logits=True).logits]
+            parts += [model.decode_step(input_ids[:, i:i + 1], state, all_logits=True).logits for i in range(split, t)]
+        except LlmarchError as exc:  # a plugin without a decoding state, refused by name
+            raise _fail(pm, "decoding", str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - any failure of the plugin's cached path is the finding
+            raise _fail(pm, "decoding", f"cached decoding raised {_short(exc)}") from exc
+    error = (torch.cat(parts, dim=1) - full).abs()
+    worst = error.max().item()
+    if not worst <= atol:
+        first = int((error.amax(dim=(0, 2)) > atol).nonzero()[0])
+        raise _fail(pm, "decoding", f"cached decoding differs from the full forward by {worst:.3g} (first at "
+                                    f"position {first}; the prefill holds {split}): the cache is not what the "
+                                    f"plugin attends over without it")
+    return worst
+
+
 def check_plugin(group: str, choice: str, overrides: Sequence[str] = (), *, batch: int = 2, seq_len: int = 8,
-                 causal: Optional[bool] = None, compiled: bool = True, rtol: float = 1e-5, atol: float = 1e-5,
-                 seed: int = 0) -> PluginReport:
+                 causal: Optional[bool] = None, compiled: bool = True, decoding: bool = False,
+                 rtol: float = 1e-5, atol: float = 1e-5, seed: int = 0) -> PluginReport:
     """Every check on a tiny model with `group=choice`: shapes, gradients, causality
-    (by default when the topology is a causal LM) and, when `compiled`, regional and
-    whole-model compilation against eager. Raises PluginCheckError on the first failure."""
+    (by default when the topology is a causal LM), with `decoding` cached decoding against
+    the full forward (an attention plugin that declares a decoding state) and, when
+    `compiled`, regional and whole-model compilation against eager. Raises
+    PluginCheckError on the first failure."""
     pm = build_with(group, choice, overrides, seed=seed)
     ids = pm.input_ids(batch, seq_len)
     report = PluginReport(pm.label, len(pm.instances), sum(p.numel() for p in pm.parameters().values()))
@@ -321,6 +356,9 @@ def check_plugin(group: str, choice: str, overrides: Sequence[str] = (), *, batc
     if causal if causal is not None else pm.model.objective.causal:
         check_causal(pm, ids)
         report.checks.append("causal")
+    if decoding:
+        check_decoding(pm, ids, atol=atol)
+        report.checks.append("decoding")
     if compiled:
         for whole in (False, True):
             how = "whole" if whole else "regional"
@@ -388,7 +426,8 @@ def run_llmarch(args: Sequence[str], pythonpath: Sequence[Path] = (), cwd: Optio
 
 __all__ = [
     "TINY_MODEL", "PluginCheckError", "PluginModel", "PluginReport",
-    "build_with", "check_shapes", "check_gradients", "check_causal", "check_compiled", "check_plugin",
+    "build_with", "check_shapes", "check_gradients", "check_causal", "check_compiled", "check_decoding",
+    "check_plugin",
     "shared_graphs",
     "loss_of", "temporary_plugins", "write_distribution", "run_module", "run_llmarch",
 ]

@@ -14,9 +14,10 @@ import llmarch_compose as lc
 from llmarch_compose import ConfigError
 from llmarch_compose.plugin import registry as plugins
 from llmarch_compose.tasks import plugins as plugins_task
-from llmarch_compose.testing import (PluginCheckError, build_with, check_causal, check_compiled, check_gradients,
-                                     check_plugin, check_shapes, run_llmarch, shared_graphs, temporary_plugins,
-                                     write_distribution)
+from llmarch_compose.plugin.interfaces import Attention
+from llmarch_compose.testing import (PluginCheckError, build_with, check_causal, check_compiled, check_decoding,
+                                     check_gradients, check_plugin, check_shapes, run_llmarch, shared_graphs,
+                                     temporary_plugins, write_distribution)
 
 DIST = "llmarch-compose"
 
@@ -242,3 +243,48 @@ def test_same_name_from_two_distributions_names_both(tmp_path):
     err = proc.stderr
     assert err.startswith("llmarch: error: norm plugin 'clashnorm' is registered twice")
     assert "kit-norms-alpha (kit_norms_alpha.ClashNorm0)" in err and "kit-norms-beta (kit_norms_beta.ClashNorm1)" in err
+
+
+# ------------------------------------------------------------ the decoding check
+
+@pytest.mark.parametrize("group, choice, overrides", [
+    ("attention", "gqa", []),
+    ("attention", "mqa", []),
+    ("attention", "swa", ["model.window=3"]),
+    ("attention", "mla", ["model.kv_lora_rank=16", "model.qk_rope_head_dim=4", "model.qk_nope_head_dim=8",
+                          "model.v_head_dim=8"]),
+    ("position", "alibi", []),
+    ("position", "learned", []),
+])
+def test_builtins_decode_with_the_full_forward_logits(group, choice, overrides):
+    report = check_plugin(group, choice, overrides, compiled=False, decoding=True)
+    assert "decoding" in report.checks
+
+
+def decodes_differently(self, x, pos, memory=None, cache=None):
+    """A cached path that computes something other than the training path."""
+    out = super(type(self), self).forward(x, pos, memory, cache=cache)
+    return out * 1.01 if pos.decoding is not None else out
+
+
+@pytest.mark.parametrize("name, methods, message", [
+    ("kit_drifting", {"forward": decodes_differently}, "cached decoding differs from the full forward by"),
+    ("kit_uncached", {"new_cache": Attention.new_cache}, "kit_uncached"),
+])
+def test_a_plugin_whose_cache_is_wrong_or_missing_fails_the_decoding_check(name, methods, message):
+    with temporary_plugins():
+        gqa_subclass(name, **methods)
+        pm = build_with("attention", name)
+        check_shapes(pm, pm.input_ids())  # its training path is fine
+        with pytest.raises(PluginCheckError) as info:
+            check_decoding(pm, pm.input_ids())
+        text = str(info.value)
+        assert text.startswith(f"attention={name} from ") and ": decoding: " in text and message in text, text
+        with pytest.raises(PluginCheckError):
+            check_plugin("attention", name, compiled=False, decoding=True)
+
+
+def test_the_decoding_check_needs_a_causal_lm():
+    pm = build_with("topology", "encoder_only")
+    with pytest.raises(PluginCheckError, match="decoding: the check decodes a causal LM"):
+        check_decoding(pm, pm.input_ids())
