@@ -13,6 +13,7 @@ explores others.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -82,13 +83,23 @@ def build_or_refuse(overrides: list[str]):
 
 
 def train_step(model, seq: int = 8):
+    vocab = model.spec.model.vocab_size
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, VOCAB, (2, seq), generator=g)
-    targets = torch.randint(0, VOCAB, (2, seq), generator=g)
+    x = torch.randint(0, vocab, (2, seq), generator=g)
+    targets = torch.randint(0, vocab, (2, seq), generator=g)
     out = model(x)
     loss = loss_of(out, targets)
     loss.backward()
     return out, loss
+
+
+def assert_trains(model, overrides: list[str], seq: int = 8) -> None:
+    """One step gives a finite loss and finite gradients."""
+    event("built")
+    _, loss = train_step(model, seq)
+    assert math.isfinite(loss.item()), overrides
+    for name, p in model.named_parameters():
+        assert p.grad is None or bool(torch.isfinite(p.grad).all()), f"{overrides}: {name}"
 
 
 @settings(PROPERTY, max_examples=COMBO_EXAMPLES)
@@ -97,13 +108,8 @@ def test_every_combination_builds_and_trains_or_names_a_key(groups, nums):
     overrides = overrides_of(groups, nums)
     torch.manual_seed(0)
     model = build_or_refuse(overrides)
-    if model is None:
-        return
-    event("built")
-    _, loss = train_step(model, seq=min(8, nums["max_seq_len"]))
-    assert math.isfinite(loss.item()), overrides
-    for name, p in model.named_parameters():
-        assert p.grad is None or bool(torch.isfinite(p.grad).all()), f"{overrides}: {name}"
+    if model is not None:
+        assert_trains(model, overrides, seq=min(8, nums["max_seq_len"]))
 
 
 PRESET_EXAMPLES = 20
@@ -118,22 +124,14 @@ def test_every_preset_with_swapped_groups_builds_and_trains_or_names_a_key(prese
     overrides = [f"model={preset}", "scale=tiny", *(f"{g}={c}" for g, c in groups.items())]
     torch.manual_seed(0)
     model = build_or_refuse(overrides)
-    if model is None:
-        return
-    event("built")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, model.spec.model.vocab_size, (2, 8), generator=g)
-    loss = loss_of(model(x), torch.randint(0, model.spec.model.vocab_size, (2, 8), generator=g))
-    loss.backward()
-    assert math.isfinite(loss.item()), overrides
+    if model is not None:
+        assert_trains(model, overrides)
 
 
 @pytest.mark.slow
 @settings(PROPERTY, max_examples=8)
 @given(groups=choices, nums=numbers)
 def test_every_combination_compiles_fullgraph_like_eager(groups, nums):
-    import copy
-
     overrides = overrides_of(groups, nums)
     torch.manual_seed(0)
     model = build_or_refuse(overrides)
