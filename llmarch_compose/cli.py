@@ -34,6 +34,7 @@ from .plugin import registry as plugins
 from .sweep.callback import JobFailed, take_reports
 from .sweep.report import FAILED, INCOMPLETE, INTERRUPTED, NOT_STARTED
 from .tasks import run_task
+from .train import parallel
 
 EXIT_USAGE = 2
 EXIT_JOB_FAILED = 1
@@ -124,7 +125,7 @@ def help_text() -> str:
              "usage: llmarch [-m] [group=choice ...] [key=value ...]", "", "Config groups (group=choice):"]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
         loader = GlobalHydra.instance().config_loader()
-        for group in (*plugins.GROUPS, "model", "scale", "data", "precision", "compile"):
+        for group in (*plugins.GROUPS, "model", "scale", "data", "precision", "compile", "parallel"):
             choices = ", ".join(loader.get_group_options(group))
             lines += textwrap.wrap(choices, width=100, initial_indent=f"  {group:<11} ", subsequent_indent=" " * 14)
     GlobalHydra.instance().clear()
@@ -150,14 +151,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             sys.exit(EXIT_USAGE)
         return
     try:
+        sys.argv += parallel.agree_on_run_folder(sys.argv[1:])  # torchrun's ranks share one run folder
         plugins.discover()
         args, _ = get_args_parser().parse_known_args(sys.argv[1:])
         check(args.overrides, config_dir=args.config_dir, config_path=args.config_path,
               config_name=args.config_name, multirun=args.multirun)
     except LlmarchError as exc:
         _report(exc)
+        parallel.close_process_group()
         sys.exit(EXIT_USAGE)
-    _run_app()
+    try:
+        _run_app()
+    finally:
+        parallel.close_process_group()
 
 
 if __name__ == "__main__":

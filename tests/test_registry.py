@@ -223,7 +223,8 @@ def test_builtins_are_declared_as_entry_points():
     # The component groups, and the modules that register the other named choices.
     others = {"tasks": "llmarch_compose.tasks", "data": "llmarch_compose.train.data",
               "precision": "llmarch_compose.model.precision", "scale": "llmarch_compose.config.scale",
-              "compile": "llmarch_compose.model.compiler", "hf": "llmarch_compose.interop.hf",
+              "compile": "llmarch_compose.model.compiler", "parallel": "llmarch_compose.train.parallel",
+              "hf": "llmarch_compose.interop.hf",
               "sweep": "llmarch_compose.sweep.callback"}
     assert set(eps) == set(plugins.GROUPS) | set(others)
     for name, ep in eps.items():

@@ -100,6 +100,7 @@ class RootConfig:
     compile: Any = None
     precision: Any = None
     scale: Any = None
+    parallel: Any = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 

@@ -37,7 +37,7 @@ from .interfaces import ComponentParams
 #: The component groups a plugin can belong to, in build order.
 GROUPS = ("position", "norm", "activation", "attention", "ffn", "topology")
 #: The other config groups whose choices are registered: each node names itself (`name`).
-CHOICE_GROUPS = ("task", "data", "precision", "scale", "compile")
+CHOICE_GROUPS = ("task", "data", "precision", "scale", "compile", "parallel")
 #: Named parts that are not config groups: read by the adapters above the core.
 ADAPTER_GROUPS = ("hf_model_type", "model_source", "hydra_callback")
 ALL_GROUPS = (*GROUPS, *CHOICE_GROUPS, *ADAPTER_GROUPS)

@@ -20,6 +20,7 @@ from ..model.compiler import CompileConfig
 from ..model.precision import PrecisionConfig
 from ..plugin import registry as plugins
 from ..plugin.registry import register
+from ..train import parallel
 from ..train.data import data_config, make_source
 from ..train.loop import TrainSettings, check, check_output, lr_at, train
 
@@ -47,14 +48,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task.seq_len is None:
         task.seq_len = data.natural_seq_len or spec.model.max_seq_len
     check(task, spec.model.vocab_size, spec.model.max_seq_len, data, data_cfg.name)
-    device = resolve_device(cfg.device)
+    parallel_cfg = make_choice("parallel", cfg.parallel)
+    world = parallel.world_for(parallel_cfg.name)
+    device = parallel.device_for(world, resolve_device(cfg.device))
     preflight(spec, task.batch_size, task.seq_len, precision.dtype, device)  # before anything is allocated
     out_dir = output_dir(task)
     if task.output or not HydraConfig.initialized():  # Hydra's own run directory is a fresh one
         check_output(out_dir, task)
+    parallel.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
     summary = train(spec, task, data, data_cfg.name, objective, precision,
                     to_dataclass(CompileConfig, cfg.compile, "compile"), device, cfg.seed,
-                    data_cfg.seed, out_dir, cfg if task.checkpoint else None)
+                    data_cfg.seed, out_dir, cfg if task.checkpoint else None,
+                    parallel_cfg if parallel_cfg.name != "none" else None, world)
+    if not world.is_main:
+        return summary
     accuracy = summary["final_val_accuracy"]
     accuracy = f", answer accuracy {accuracy:.1%}" if accuracy is not None else ""
     print(f"held-out loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f}{accuracy} after "

@@ -41,6 +41,8 @@ from ..model.precision import PrecisionConfig
 from ..plugin.interfaces import DataSource, Topology
 from ..plugin.objectives import Objective
 from .metrics import causal_scores
+from . import parallel
+from .parallel import SINGLE, World
 
 
 @dataclass
@@ -49,7 +51,8 @@ class TrainSettings:
 
     name: str = "train"
     steps: int = 200
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per rank and micro-step; the global batch is this x ranks x grad_accum_steps
+    grad_accum_steps: int = 1  # micro-steps whose gradients one optimizer step sums
     seq_len: Optional[int] = None  # None: the data's own length (a synthetic problem's), else model.max_seq_len
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
@@ -91,7 +94,7 @@ def _hyper(task: TrainSettings, key: str, ok: Callable[[float], bool], valid: st
 
 
 def check(task: TrainSettings, vocab_size: int, max_seq_len: int, data: DataSource, data_name: str) -> None:
-    for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "warmup_steps"):
+    for key in ("steps", "batch_size", "grad_accum_steps", "seq_len", "eval_every", "eval_batches", "warmup_steps"):
         value, low = getattr(task, key), 0 if key == "warmup_steps" else 1
         if not low <= value <= MAX_COUNT:  # past it, counts overflow the int64 tensors they reach
             raise ConfigError(f"task.{key}", value, f"must be an integer in {low}..{MAX_COUNT}",
@@ -212,20 +215,23 @@ class PeakMemory:
 
 @torch.no_grad()
 def evaluate(model, objective: Objective, vocab_size: int, data: DataSource, task: TrainSettings,
-             device: torch.device, precision: PrecisionConfig) -> dict[str, float]:
-    """Held-out loss, and exact-match accuracy on the answers where the data has answers."""
+             device: torch.device, precision: PrecisionConfig, world: World = SINGLE) -> dict[str, float]:
+    """Held-out loss, and exact-match accuracy on the answers where the data has answers.
+    Each batch is `task.batch_size` rows per rank, every rank scoring its own rows."""
     generator = torch.Generator().manual_seed(1234)  # the same held-out windows (and masks) every time
     losses, counts = [], [0, 0, 0, 0]
     for _ in range(task.eval_batches):
-        x, y = data.batch("val", task.batch_size, task.seq_len, generator)
-        x, y = x.to(device), y.to(device)
+        x, y = data.batch("val", task.batch_size * world.size, task.seq_len, generator)
+        x, y = parallel.rank_rows(x, world).to(device), parallel.rank_rows(y, world).to(device)
         with precision.autocast(device):
             if data.has_accuracy:  # sources with answers train causal models only (see data.make_source)
                 ce, batch_counts = causal_scores(model, x, y)
                 counts = [a + b for a, b in zip(counts, batch_counts)]
             else:
                 ce = objective.loss(model, x, y, vocab_size, generator)[1]
-        losses.append(ce.item())
+        losses.append(ce.detach().float())
+    losses = parallel.mean_over_ranks(torch.stack(losses), world).tolist()
+    counts = parallel.sum_over_ranks(torch.tensor(counts, dtype=torch.float64), world).tolist()
     result = {"val_loss": sum(losses) / len(losses)}
     if data.has_accuracy:
         tokens_right, tokens, rows_right, rows = counts
@@ -237,15 +243,17 @@ def evaluate(model, objective: Objective, vocab_size: int, data: DataSource, tas
 class MetricsLog:
     """metrics.jsonl in the run folder, one record a line, and the records in memory."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Optional[Path]):
+        self.path = path  # None: the records are kept in memory only (the ranks other than 0)
         self.records: list[dict[str, Any]] = []
-        path.write_text("")  # a reused output folder starts a fresh log
+        if path is not None:
+            path.write_text("")  # a reused output folder starts a fresh log
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(to_json(record) + "\n")
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(to_json(record) + "\n")
 
 
 @dataclass
@@ -260,16 +268,35 @@ class Run:
     precision: PrecisionConfig
     device: torch.device
     model: Topology
-    forward: Callable  # the compiled (or eager) model
+    forward: Callable  # the compiled (or eager) model, what evaluation calls
     generator: torch.Generator
+    world: World = SINGLE
+    parallel: Any = None  # the `parallel` node (None: one process)
+    step_forward: Optional[Callable] = None  # what a training step calls (DDP's wrapper); None: `forward`
+
+    @property
+    def sequences_per_step(self) -> int:
+        """The global batch: sequences per rank and micro-step x ranks x micro-steps."""
+        return self.task.batch_size * self.world.size * self.task.grad_accum_steps
 
     @property
     def tokens_per_step(self) -> int:
-        return self.task.batch_size * self.task.seq_len
+        return self.sequences_per_step * self.task.seq_len
+
+    def micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of one step. The global batch is drawn whole from the
+        run's generator, which every rank advances alike, and sliced by micro-step and rank:
+        N ranks at batch B, one rank at N*B and grad_accum_steps=N at B train on the same rows."""
+        task = self.task
+        x, y = self.data.batch("train", self.sequences_per_step, task.seq_len, self.generator)
+        per_micro = task.batch_size * self.world.size
+        return [(parallel.rank_rows(x[m * per_micro:(m + 1) * per_micro], self.world),
+                 parallel.rank_rows(y[m * per_micro:(m + 1) * per_micro], self.world))
+                for m in range(task.grad_accum_steps)]
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.forward, self.objective, self.spec.model.vocab_size, self.data, self.task,
-                        self.device, self.precision)
+                        self.device, self.precision, self.world)
 
 
 @dataclass
@@ -293,13 +320,23 @@ class Throughput:
 
 def prepare(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str, objective: Objective,
             precision: PrecisionConfig, compile_cfg: CompileConfig, device: torch.device, seed: int,
-            data_seed: Optional[int]) -> Run:
-    """The model built, compiled and seeded, and the data stream's generator."""
+            data_seed: Optional[int], parallel_cfg: Any = None, world: World = SINGLE) -> Run:
+    """The model built (equal on every rank: the same seed), spread over the ranks,
+    compiled, and the data stream's generator."""
     torch.manual_seed(seed)
     model = build(spec, device=device, dtype=precision.dtype)
-    forward = compile_from_config(model, compile_cfg)
+    name = parallel_cfg.name if parallel_cfg is not None else "none"
+    autocast = parallel.autocast_dtype(precision)
+    if name == "fsdp2":  # sharded in place, then compiled block by block (FSDP2's hooks stay outside the graphs)
+        parallel.wrap(model, parallel_cfg, world, device, precision.dtype, autocast)
+        forward = step_forward = compile_from_config(model, compile_cfg)
+    else:
+        forward = compile_from_config(model, compile_cfg)
+        step_forward = parallel.wrap(forward, parallel_cfg, world, device, precision.dtype, autocast) \
+            if parallel_cfg is not None else forward
     generator = torch.Generator().manual_seed(seed if data_seed is None else data_seed)
-    return Run(spec, task, data, data_name, objective, precision, device, model, forward, generator)
+    return Run(spec, task, data, data_name, objective, precision, device, model, forward, generator, world,
+               parallel_cfg, step_forward)
 
 
 @dataclass
@@ -322,11 +359,33 @@ def check_evaluation(step: int, record: dict[str, Any]) -> None:
         raise TrainingDiverged(step, "val_loss", record["val_loss"])
 
 
-def check_weights(model: torch.nn.Module, step: int) -> None:
-    """The last update is checked by no later loss: look at the weights before saving them."""
-    for name, param in model.named_parameters():
-        if not bool(torch.isfinite(param).all()):
-            raise TrainingDiverged(step, f"weights ({name})", float("nan"))
+def check_weights(model: torch.nn.Module, step: int, world: World = SINGLE) -> None:
+    """The last update is checked by no later loss: look at the weights before saving them
+    (each rank its own shards; every rank stops if any found one)."""
+    bad = next((name for name, param in model.named_parameters()
+                if not bool(torch.isfinite(parallel.local_tensor(param)).all())), None)
+    if parallel.any_rank(bad is not None, world):
+        raise TrainingDiverged(step, f"weights ({bad or 'on another rank'})", float("nan"))
+
+
+def accumulate_gradients(run: Run, optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """One step's gradients, summed over its micro-batches (each loss divided by their
+    number) and, on the last, synchronized over the ranks; (cross-entropy, loss with its
+    auxiliary terms), both averaged over micro-batches and ranks."""
+    task = run.task
+    optimizer.zero_grad(set_to_none=True)
+    forward = run.step_forward or run.forward
+    figures = torch.zeros(2, device=run.device)
+    micro = run.micro_batches()
+    for m, (x, y) in enumerate(micro):
+        with parallel.gradient_sync(forward, sync=m == len(micro) - 1):
+            with run.precision.autocast(run.device):
+                loss, ce = run.objective.loss(forward, x.to(run.device), y.to(run.device),
+                                              run.spec.model.vocab_size, run.generator)
+            (loss / len(micro)).backward()
+        figures += torch.stack([ce.detach().float(), loss.detach().float()]) / len(micro)
+    ce_value, loss_value = parallel.mean_over_ranks(figures, run.world).tolist()
+    return ce_value, loss_value
 
 
 def train_steps(run: Run, log: MetricsLog, start: float, progress: Progress) -> None:
@@ -336,18 +395,13 @@ def train_steps(run: Run, log: MetricsLog, start: float, progress: Progress) -> 
     optimizer = optimizer_for(model, task)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, task))
     throughput = progress.throughput
-    bar = tqdm(range(1, task.steps + 1), desc="train", disable=not task.progress, dynamic_ncols=True)
+    bar = tqdm(range(1, task.steps + 1), desc="train", disable=not (task.progress and run.world.is_main),
+               dynamic_ncols=True)
     for step in bar:
-        x, y = run.data.batch("train", task.batch_size, task.seq_len, run.generator)
         t0 = time.perf_counter()
-        with run.precision.autocast(run.device):
-            loss, ce = run.objective.loss(run.forward, x.to(run.device), y.to(run.device),
-                                          run.spec.model.vocab_size, run.generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), task.grad_clip)
-        loss_value = ce.item()
-        bad = _first_nonfinite({"train_loss": loss_value, "loss": loss.item(), "grad_norm": float(grad_norm)})
+        loss_value, total_value = accumulate_gradients(run, optimizer)
+        grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), task.grad_clip))
+        bad = _first_nonfinite({"train_loss": loss_value, "loss": total_value, "grad_norm": float(grad_norm)})
         if bad and task.on_nonfinite == "stop":
             progress.train_loss = loss_value
             log({"step": step, "train_loss": loss_value, "grad_norm": float(grad_norm), "diverged": bad[0],
@@ -358,6 +412,7 @@ def train_steps(run: Run, log: MetricsLog, start: float, progress: Progress) -> 
             progress.skipped += 1
         else:
             optimizer.step()
+            parallel.sum_counters(model, run.world)
             model.after_optimizer_step()  # e.g. DeepSeek-V3's auxiliary-loss-free expert balance
         scheduler.step()  # the schedule follows the step number, skipped or not
         progress.steps_done, progress.train_loss = step, loss_value
@@ -393,6 +448,11 @@ def summarize(run: Run, log: MetricsLog, progress: Progress, memory: PeakMemory,
         "skipped_steps": progress.skipped,
         "seq_len": task.seq_len,
         "tokens_trained": (progress.steps_done - progress.skipped) * run.tokens_per_step,
+        "parallel": run.parallel.name if run.parallel is not None else "none",
+        "world_size": run.world.size,
+        "grad_accum_steps": task.grad_accum_steps,
+        "global_batch_sequences": run.sequences_per_step,
+        "global_batch_tokens": run.tokens_per_step,
         "initial_val_loss": initial.get("val_loss"),
         "final_train_loss": progress.train_loss,
         "final_val_loss": final.get("val_loss"),
@@ -419,36 +479,41 @@ def summarize(run: Run, log: MetricsLog, progress: Progress, memory: PeakMemory,
 
 def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str, objective: Objective,
           precision: PrecisionConfig, compile_cfg: CompileConfig, device: torch.device, seed: int,
-          data_seed: Optional[int], out_dir: Path, checkpoint_config: Optional[DictConfig]) -> dict[str, Any]:
+          data_seed: Optional[int], out_dir: Path, checkpoint_config: Optional[DictConfig],
+          parallel_cfg: Any = None, world: World = SINGLE) -> dict[str, Any]:
     """Train the model `spec` describes and write metrics.jsonl, summary.json and (with
     `checkpoint_config`, the config saved beside the weights) a checkpoint in `out_dir`.
 
     summary.json is written however the run ends, with its `status`; a diverged,
     interrupted or failed run raises after writing it and saves no checkpoint (an
-    earlier run's, in a folder reused with task.overwrite=true, stays)."""
+    earlier run's, in a folder reused with task.overwrite=true, stays). Over several
+    ranks, every rank trains and rank 0 alone writes."""
     memory = PeakMemory(device)
-    run = prepare(spec, task, data, data_name, objective, precision, compile_cfg, device, seed, data_seed)
+    run = prepare(spec, task, data, data_name, objective, precision, compile_cfg, device, seed, data_seed,
+                  parallel_cfg, world)
     counts = count_params(run.model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if os.path.lexists(out_dir / SUMMARY):
-        os.unlink(out_dir / SUMMARY)  # a replaced run's summary must not describe this run's partial log
-    log = MetricsLog(out_dir / METRICS)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(out_dir / SUMMARY):
+            os.unlink(out_dir / SUMMARY)  # a replaced run's summary must not describe this run's partial log
+    log = MetricsLog(out_dir / METRICS if world.is_main else None)
     start = time.perf_counter()
     progress = Progress(Throughput(run.tokens_per_step))
 
     def write_summary(status: str, **extra: Any) -> dict[str, Any]:
         summary = {**summarize(run, log, progress, memory, counts, compile_cfg.mode, start, status), **extra}
-        write_atomic(out_dir / SUMMARY, to_json(summary, indent=2) + "\n")
+        if world.is_main:
+            write_atomic(out_dir / SUMMARY, to_json(summary, indent=2) + "\n")
         return summary
 
     try:
         log({"step": 0, **run.evaluate(), "elapsed_s": time.perf_counter() - start})
         check_evaluation(0, log.records[-1])
         train_steps(run, log, start, progress)
-        check_weights(run.model, progress.steps_done)
+        check_weights(run.model, progress.steps_done, world)
         checkpoint = None
         if checkpoint_config is not None:
-            checkpoint = str(save_checkpoint(run.model, checkpoint_config, out_dir / CHECKPOINT))
+            checkpoint = str(save_final_weights(run, checkpoint_config, out_dir / CHECKPOINT))
         return write_summary(COMPLETED, checkpoint=checkpoint)
     except TrainingDiverged as exc:
         _write_on_the_way_out(write_summary, DIVERGED, diverged_at_step=exc.step, error=str(exc), checkpoint=None)
@@ -459,6 +524,23 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
     except BaseException as exc:
         _write_on_the_way_out(write_summary, FAILED, error=f"{type(exc).__name__}: {exc}", checkpoint=None)
         raise
+
+
+def save_final_weights(run: Run, cfg: DictConfig, path: Path) -> Path:
+    """The trained model as one consolidated checkpoint, written by rank 0 (FSDP2's
+    shards gathered to it first)."""
+    if run.parallel is None or run.parallel.name != "fsdp2":
+        if run.world.is_main:
+            save_checkpoint(run.model, cfg, path)
+        parallel.barrier(run.world)
+        return path
+    state = parallel.full_state_dict(run.model, run.world)
+    if run.world.is_main:
+        whole = build(run.spec, device="cpu", dtype=run.precision.dtype)
+        whole.load_state_dict(state, strict=True)
+        save_checkpoint(whole, cfg, path)
+    parallel.barrier(run.world)
+    return path
 
 
 def _write_on_the_way_out(write_summary: Callable[..., dict[str, Any]], status: str, **extra: Any) -> None:
