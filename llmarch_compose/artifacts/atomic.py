@@ -46,7 +46,7 @@ def _refuse_existing(path: Path) -> None:
 # ---------------------------------------------------------------- durability
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_folder(path: Path) -> None:
     """Make a folder's entries (a rename into it) durable."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -75,7 +75,7 @@ def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
             _fsync_file(Path(folder) / name)
-        _fsync_dir(Path(folder))
+        fsync_folder(Path(folder))
 
 
 # ---------------------------------------------------------------- temporary siblings
@@ -118,7 +118,7 @@ def recover(path: PathLike) -> None:
             _remove(old)
         else:
             os.replace(old, path)
-            _fsync_dir(path.parent)
+            fsync_folder(path.parent)
     marker = f".{path.name}.tmp-"
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(path.parent):
@@ -163,7 +163,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def _replace_file(tmp: Path, path: Path) -> None:
     _fsync_file(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
 
 
 def _replace_folder(tmp: Path, path: Path) -> None:
@@ -176,10 +176,10 @@ def _replace_folder(tmp: Path, path: Path) -> None:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
         if _exchange(tmp, path):
-            _fsync_dir(path.parent)  # the old folder is now at `tmp`, removed by the caller
+            fsync_folder(path.parent)  # the old folder is now at `tmp`, removed by the caller
             return
         _replace_by_two_renames(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
 
 
 def _replace_by_two_renames(tmp: Path, path: Path) -> None:
@@ -194,7 +194,7 @@ def _replace_by_two_renames(tmp: Path, path: Path) -> None:
         if not os.path.lexists(path):
             os.replace(old, path)  # put the previous output back
         raise
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
     _remove(old)
 
 

@@ -20,7 +20,7 @@ from ..model.compiler import CompileConfig
 from ..model.precision import PrecisionConfig
 from ..plugin import registry as plugins
 from ..plugin.registry import register
-from ..train import parallel
+from ..train import parallel, resume
 from ..train.data import data_config, make_source
 from ..train.loop import TrainSettings, check, check_output, lr_at, train
 
@@ -55,11 +55,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = output_dir(task)
     if task.output or not HydraConfig.initialized():  # Hydra's own run directory is a fresh one
         check_output(out_dir, task)
+    resume_from = resume.resolve(task.resume, out_dir)
     parallel.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
     summary = train(spec, task, data, data_cfg.name, objective, precision,
                     to_dataclass(CompileConfig, cfg.compile, "compile"), device, cfg.seed,
                     data_cfg.seed, out_dir, cfg if task.checkpoint else None,
-                    parallel_cfg if parallel_cfg.name != "none" else None, world)
+                    parallel_cfg if parallel_cfg.name != "none" else None, world, resume_from)
     if not world.is_main:
         return summary
     accuracy = summary["final_val_accuracy"]

@@ -41,7 +41,7 @@ from ..model.precision import PrecisionConfig
 from ..plugin.interfaces import DataSource, Topology
 from ..plugin.objectives import Objective
 from .metrics import causal_scores
-from . import parallel
+from . import parallel, resume
 from .parallel import SINGLE, World
 
 
@@ -68,6 +68,9 @@ class TrainSettings:
     output: Optional[str] = None  # the folder to write; None: Hydra's run directory (or the working directory)
     overwrite: bool = False  # replace the run an existing `output` holds (refused otherwise)
     on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop the run, or skip the update
+    checkpoint_every: int = 0  # write a checkpoint to resume from every K steps (0: none; see train/resume.py)
+    keep_checkpoints: int = 2  # the newest M of them are kept
+    resume: Optional[str] = None  # auto (the newest checkpoint in the output, if any), a checkpoint folder, or null
 
 
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -99,6 +102,12 @@ def check(task: TrainSettings, vocab_size: int, max_seq_len: int, data: DataSour
         if not low <= value <= MAX_COUNT:  # past it, counts overflow the int64 tensors they reach
             raise ConfigError(f"task.{key}", value, f"must be an integer in {low}..{MAX_COUNT}",
                               f"an integer >= {low}")
+    if not 0 <= task.checkpoint_every <= MAX_COUNT:
+        raise ConfigError("task.checkpoint_every", task.checkpoint_every, f"must be an integer in 0..{MAX_COUNT}",
+                          "0 (no checkpoints to resume from) or a number of steps")
+    if not 1 <= task.keep_checkpoints <= 10_000:
+        raise ConfigError("task.keep_checkpoints", task.keep_checkpoints, "must be an integer in 1..10000",
+                          "how many of the newest checkpoints to keep, e.g. 2")
     _hyper(task, "lr", lambda v: 0 < v < math.inf, "a finite number > 0")
     _hyper(task, "grad_clip", lambda v: v > 0, "a number > 0 (inf: no clipping)")
     _hyper(task, "weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0")
@@ -125,7 +134,10 @@ def check_output(out_dir: Path, task: TrainSettings) -> None:
         raise ConfigError("task.output", str(out_dir), "is a file; a run writes a folder", "a folder's path")
     if task.overwrite or not out_dir.is_dir():
         return
-    found = [name for name in (SUMMARY, METRICS, CHECKPOINT, f".{CHECKPOINT}.old") if (out_dir / name).exists()]
+    if task.resume is not None:  # continuing the run the folder holds (or, with auto and no checkpoint, redoing it)
+        return
+    found = [name for name in (SUMMARY, METRICS, CHECKPOINT, f".{CHECKPOINT}.old", resume.FOLDER)
+             if (out_dir / name).exists()]
     if found:
         raise ConfigError("task.output", str(out_dir), f"already holds a run ({', '.join(found)})",
                           "a new folder, or task.overwrite=true to replace that run")
@@ -243,11 +255,18 @@ def evaluate(model, objective: Objective, vocab_size: int, data: DataSource, tas
 class MetricsLog:
     """metrics.jsonl in the run folder, one record a line, and the records in memory."""
 
-    def __init__(self, path: Optional[Path]):
+    def __init__(self, path: Optional[Path], records: Optional[list[dict[str, Any]]] = None):
         self.path = path  # None: the records are kept in memory only (the ranks other than 0)
-        self.records: list[dict[str, Any]] = []
-        if path is not None:
-            path.write_text("")  # a reused output folder starts a fresh log
+        self.records = list(records or [])
+        if path is not None:  # a reused output folder starts a fresh log, a resumed run its own records
+            write_atomic(path, "".join(to_json(r) + "\n" for r in self.records))
+
+    @staticmethod
+    def records_until(source: Path, step: int) -> list[dict[str, Any]]:
+        """The records of a resumed run's log up to its checkpoint's `step` (those after it
+        were written after the checkpoint, and are written again)."""
+        lines = source.read_text().splitlines() if source.is_file() else []
+        return [r for r in map(json.loads, filter(None, lines)) if isinstance(r, dict) and r.get("step", 0) <= step]
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -348,6 +367,18 @@ class Progress:
     skipped: int = 0  # updates skipped for a non-finite loss or gradient norm (task.on_nonfinite=skip)
     train_loss: float = float("nan")
 
+    def state(self) -> dict[str, Any]:
+        """As a resumable checkpoint stores it."""
+        return finite_or_null({"steps_done": self.steps_done, "skipped": self.skipped, "train_loss": self.train_loss,
+                               "timed_seconds": self.throughput.seconds, "timed_steps": self.throughput.steps})
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.steps_done, self.skipped = int(state.get("steps_done", 0)), int(state.get("skipped", 0))
+        loss = state.get("train_loss")
+        self.train_loss = float("nan") if loss is None else float(loss)
+        self.throughput.seconds = float(state.get("timed_seconds") or 0.0)
+        self.throughput.steps = int(state.get("timed_steps") or 0)
+
 
 def _first_nonfinite(figures: dict[str, float]) -> Optional[tuple[str, float]]:
     return next(((k, v) for k, v in figures.items() if not math.isfinite(v)), None)
@@ -388,15 +419,15 @@ def accumulate_gradients(run: Run, optimizer: torch.optim.Optimizer) -> tuple[fl
     return ce_value, loss_value
 
 
-def train_steps(run: Run, log: MetricsLog, start: float, progress: Progress) -> None:
-    """Every optimizer step, logged in `progress` and `log`; a non-finite loss or gradient
-    norm raises TrainingDiverged before the update (or skips it: task.on_nonfinite=skip)."""
+def train_steps(run: Run, log: MetricsLog, start: float, progress: Progress, optimizer: torch.optim.Optimizer,
+                scheduler: Any, out_dir: Path, first_step: int = 1) -> None:
+    """Every optimizer step from `first_step`, logged in `progress` and `log`; a non-finite
+    loss or gradient norm raises TrainingDiverged before the update (or skips it:
+    task.on_nonfinite=skip); every task.checkpoint_every steps, a checkpoint to resume from."""
     task, model = run.task, run.model
-    optimizer = optimizer_for(model, task)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, task))
     throughput = progress.throughput
-    bar = tqdm(range(1, task.steps + 1), desc="train", disable=not (task.progress and run.world.is_main),
-               dynamic_ncols=True)
+    bar = tqdm(range(first_step, task.steps + 1), desc="train", initial=first_step - 1, total=task.steps,
+               disable=not (task.progress and run.world.is_main), dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         loss_value, total_value = accumulate_gradients(run, optimizer)
@@ -426,6 +457,10 @@ def train_steps(run: Run, log: MetricsLog, start: float, progress: Progress) -> 
         log(record)
         check_evaluation(step, record)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
+        if task.checkpoint_every and step % task.checkpoint_every == 0:
+            check_weights(model, step, run.world)  # a diverged model never replaces a good checkpoint
+            resume.save(out_dir, step, model, optimizer, scheduler, run.generator, progress.state(),
+                        task.keep_checkpoints, run.world)
     bar.close()
 
 
@@ -480,25 +515,31 @@ def summarize(run: Run, log: MetricsLog, progress: Progress, memory: PeakMemory,
 def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str, objective: Objective,
           precision: PrecisionConfig, compile_cfg: CompileConfig, device: torch.device, seed: int,
           data_seed: Optional[int], out_dir: Path, checkpoint_config: Optional[DictConfig],
-          parallel_cfg: Any = None, world: World = SINGLE) -> dict[str, Any]:
+          parallel_cfg: Any = None, world: World = SINGLE, resume_from: Optional[Path] = None) -> dict[str, Any]:
     """Train the model `spec` describes and write metrics.jsonl, summary.json and (with
     `checkpoint_config`, the config saved beside the weights) a checkpoint in `out_dir`.
 
     summary.json is written however the run ends, with its `status`; a diverged,
     interrupted or failed run raises after writing it and saves no checkpoint (an
     earlier run's, in a folder reused with task.overwrite=true, stays). Over several
-    ranks, every rank trains and rank 0 alone writes."""
+    ranks, every rank trains and rank 0 alone writes. With `resume_from` (a checkpoint
+    train/resume.py wrote), the run continues after its step."""
     memory = PeakMemory(device)
     run = prepare(spec, task, data, data_name, objective, precision, compile_cfg, device, seed, data_seed,
                   parallel_cfg, world)
     counts = count_params(run.model)
+    optimizer = optimizer_for(run.model, task)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, task))
+    progress = Progress(Throughput(run.tokens_per_step))
+    # Restored before anything is written: a checkpoint that does not fit leaves the folder as it was.
+    resumed = resume.load(resume_from, run.model, optimizer, scheduler, run.generator) if resume_from else None
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if os.path.lexists(out_dir / SUMMARY):
             os.unlink(out_dir / SUMMARY)  # a replaced run's summary must not describe this run's partial log
-    log = MetricsLog(out_dir / METRICS if world.is_main else None)
+    earlier = MetricsLog.records_until(resumed.folder.parent.parent / METRICS, resumed.step) if resumed else []
+    log = MetricsLog(out_dir / METRICS if world.is_main else None, earlier)
     start = time.perf_counter()
-    progress = Progress(Throughput(run.tokens_per_step))
 
     def write_summary(status: str, **extra: Any) -> dict[str, Any]:
         summary = {**summarize(run, log, progress, memory, counts, compile_cfg.mode, start, status), **extra}
@@ -507,9 +548,14 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
         return summary
 
     try:
-        log({"step": 0, **run.evaluate(), "elapsed_s": time.perf_counter() - start})
-        check_evaluation(0, log.records[-1])
-        train_steps(run, log, start, progress)
+        first_step = 1
+        if resumed is not None:
+            progress.restore(resumed.progress)
+            first_step = resumed.step + 1
+        else:
+            log({"step": 0, **run.evaluate(), "elapsed_s": time.perf_counter() - start})
+            check_evaluation(0, log.records[-1])
+        train_steps(run, log, start, progress, optimizer, scheduler, out_dir, first_step)
         check_weights(run.model, progress.steps_done, world)
         checkpoint = None
         if checkpoint_config is not None:
