@@ -41,7 +41,7 @@ from ..model.precision import PrecisionConfig
 from ..plugin.interfaces import DataSource, Topology
 from ..plugin.objectives import Objective
 from .metrics import causal_scores
-from . import parallel, resume
+from . import parallel, recompute, resume
 from .parallel import SINGLE, World
 
 
@@ -70,6 +70,7 @@ class TrainSettings:
     on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop the run, or skip the update
     checkpoint_every: int = 0  # write a checkpoint to resume from every K steps (0: none; see train/resume.py)
     keep_checkpoints: int = 2  # the newest M of them are kept
+    activation_checkpointing: str = "none"  # none | full | selective: recompute block activations in the backward
     resume: Optional[str] = None  # auto (the newest checkpoint in the output, if any), a checkpoint folder, or null
 
 
@@ -114,6 +115,9 @@ def check(task: TrainSettings, vocab_size: int, max_seq_len: int, data: DataSour
     _hyper(task, "min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]")
     _hyper(task, "beta1", lambda v: 0 <= v < 1, "a number in [0, 1)")
     _hyper(task, "beta2", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if task.activation_checkpointing not in recompute.MODES:
+        raise ConfigError("task.activation_checkpointing", task.activation_checkpointing, "unknown mode",
+                          recompute.MODES)
     if task.on_nonfinite not in NONFINITE_ACTIONS:
         raise ConfigError("task.on_nonfinite", task.on_nonfinite, "is not an action", NONFINITE_ACTIONS)
     if task.seq_len > max_seq_len:
@@ -349,8 +353,10 @@ def prepare(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: s
     if name == "fsdp2":  # sharded in place, then compiled block by block (FSDP2's hooks stay outside the graphs)
         parallel.wrap(model, parallel_cfg, world, device, precision.dtype, autocast)
         forward = step_forward = compile_from_config(model, compile_cfg)
+        recompute.apply(model, task.activation_checkpointing)
     else:
         forward = compile_from_config(model, compile_cfg)
+        recompute.apply(model, task.activation_checkpointing)
         step_forward = parallel.wrap(forward, parallel_cfg, world, device, precision.dtype, autocast) \
             if parallel_cfg is not None else forward
     generator = torch.Generator().manual_seed(seed if data_seed is None else data_seed)
