@@ -13,7 +13,7 @@ never uses when the vocabulary is larger than 256.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,11 @@ def _mask(tokens: torch.Tensor, mask_id: int, generator: Optional[torch.Generato
     chosen = torch.rand(tokens.shape, generator=generator) < MASK_RATE
     chosen[:, 0] |= ~chosen.any(dim=1)  # at least one prediction per row
     return tokens.masked_fill(chosen.to(tokens.device), mask_id), chosen.to(tokens.device)
+
+
+def full_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that ask something, in float32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
 class Objective:
@@ -46,10 +51,14 @@ class Objective:
         raise NotImplementedError
 
     def loss(self, model, x: torch.Tensor, y: torch.Tensor, vocab_size: int,
-             generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss with auxiliary terms, cross-entropy alone)."""
+             generator: Optional[torch.Generator] = None,
+             cross_entropy: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss with auxiliary terms, cross-entropy alone). `cross_entropy(output, targets)`
+        replaces the cross-entropy of the whole logits (the chunked head's, which gets
+        hidden states as `output`)."""
         out, targets = self.forward(model, x, y, vocab_size, generator)
-        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+        ce = (cross_entropy or full_cross_entropy)(out.logits, targets)
         return (ce + out.aux_loss if out.aux_loss is not None else ce), ce
 
     def __repr__(self) -> str:

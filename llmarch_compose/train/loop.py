@@ -41,7 +41,7 @@ from ..model.precision import PrecisionConfig
 from ..plugin.interfaces import DataSource, Topology
 from ..plugin.objectives import Objective
 from .metrics import causal_scores
-from . import parallel, recompute, resume
+from . import chunked_loss, parallel, recompute, resume
 from .parallel import SINGLE, World
 
 
@@ -70,6 +70,7 @@ class TrainSettings:
     on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop the run, or skip the update
     checkpoint_every: int = 0  # write a checkpoint to resume from every K steps (0: none; see train/resume.py)
     keep_checkpoints: int = 2  # the newest M of them are kept
+    loss_chunk_tokens: int = 0  # the LM head and loss over this many tokens at a time (0: the whole batch at once)
     activation_checkpointing: str = "none"  # none | full | selective: recompute block activations in the backward
     resume: Optional[str] = None  # auto (the newest checkpoint in the output, if any), a checkpoint folder, or null
 
@@ -103,6 +104,9 @@ def check(task: TrainSettings, vocab_size: int, max_seq_len: int, data: DataSour
         if not low <= value <= MAX_COUNT:  # past it, counts overflow the int64 tensors they reach
             raise ConfigError(f"task.{key}", value, f"must be an integer in {low}..{MAX_COUNT}",
                               f"an integer >= {low}")
+    if not 0 <= task.loss_chunk_tokens <= MAX_COUNT:
+        raise ConfigError("task.loss_chunk_tokens", task.loss_chunk_tokens, f"must be an integer in 0..{MAX_COUNT}",
+                          "0 (the whole batch's logits at once) or a number of tokens, e.g. 1024")
     if not 0 <= task.checkpoint_every <= MAX_COUNT:
         raise ConfigError("task.checkpoint_every", task.checkpoint_every, f"must be an integer in 0..{MAX_COUNT}",
                           "0 (no checkpoints to resume from) or a number of steps")
@@ -346,9 +350,13 @@ def prepare(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: s
             data_seed: Optional[int], parallel_cfg: Any = None, world: World = SINGLE) -> Run:
     """The model built (equal on every rank: the same seed), spread over the ranks,
     compiled, and the data stream's generator."""
+    name = parallel_cfg.name if parallel_cfg is not None else "none"
+    if name == "fsdp2" and task.loss_chunk_tokens:
+        raise ConfigError("task.loss_chunk_tokens", task.loss_chunk_tokens, "cannot run under parallel=fsdp2 yet: "
+                          "the chunked loss runs the LM head after the model's forward, when FSDP2 has resharded "
+                          "its weights", ["0", "parallel=ddp", "parallel=none"])
     torch.manual_seed(seed)
     model = build(spec, device=device, dtype=precision.dtype)
-    name = parallel_cfg.name if parallel_cfg is not None else "none"
     autocast = parallel.autocast_dtype(precision)
     if name == "fsdp2":  # sharded in place, then compiled block by block (FSDP2's hooks stay outside the graphs)
         parallel.wrap(model, parallel_cfg, world, device, precision.dtype, autocast)
@@ -415,10 +423,11 @@ def accumulate_gradients(run: Run, optimizer: torch.optim.Optimizer) -> tuple[fl
     figures = torch.zeros(2, device=run.device)
     micro = run.micro_batches()
     for m, (x, y) in enumerate(micro):
-        with parallel.gradient_sync(forward, sync=m == len(micro) - 1):
+        with parallel.gradient_sync(forward, sync=m == len(micro) - 1), \
+                chunked_loss.deferred_head(run.model, task.loss_chunk_tokens) as cross_entropy:
             with run.precision.autocast(run.device):
                 loss, ce = run.objective.loss(forward, x.to(run.device), y.to(run.device),
-                                              run.spec.model.vocab_size, run.generator)
+                                              run.spec.model.vocab_size, run.generator, cross_entropy)
             (loss / len(micro)).backward()
         figures += torch.stack([ce.detach().float(), loss.detach().float()]) / len(micro)
     ce_value, loss_value = parallel.mean_over_ranks(figures, run.world).tolist()

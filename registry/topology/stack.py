@@ -251,7 +251,19 @@ class LMHead(nn.Module):
         """The token table this head reuses, or None for a head of its own."""
         return self._tied[0] if self._tied else None
 
+    #: Set while a training step computes the loss chunk by chunk (train/chunked_loss.py):
+    #: the head then returns its input, and the loss calls `project` on chunks of it.
+    defer = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.defer else self.project(x)
+
+    def parameters_of_projection(self) -> list[nn.Parameter]:
+        """Every parameter `project` reads: its own, and the token table it is tied to."""
+        return [*self.parameters(), *([self.tied.weight] if self.tied is not None else [])]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states to logits."""
         if self.transform is not None:
             x = self.transform(x)
         if self.scale is not None:
