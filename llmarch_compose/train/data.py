@@ -14,6 +14,7 @@ Choices, each a typed node in Hydra's ConfigStore:
 - `text`: a user's text file, or a folder of them (`data.path`), as bytes, or as
   the ids of a tokenizer saved in a local folder (`data.tokenizer`, read with
   transformers' AutoTokenizer, never downloaded);
+- `tokens`: memory-mapped token shards `task=tokenize` wrote (llmarch_compose/train/shards.py);
 - `recall`, `copy`, `sort`: synthetic tasks (llmarch_compose/train/synthetic.py).
 """
 
@@ -33,7 +34,7 @@ from ..plugin import registry as plugins
 from ..plugin.interfaces import DataSource
 from ..plugin.objectives import Objective
 from ..plugin.registry import register
-from . import synthetic  # noqa: F401  (registers the synthetic tasks beside the text sources)
+from . import shards, synthetic  # noqa: F401  (register token shards and the synthetic tasks beside the text sources)
 
 BYTE_VOCAB = 256
 
