@@ -35,7 +35,8 @@ def loss_and_grads(cfg, chunk: int, x, y):
 
 
 @pytest.mark.parametrize("head", list(HEADS))
-@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 7,
+                                   pytest.param(64, marks=pytest.mark.slow), 10_000])
 def test_chunked_loss_and_gradients_equal_the_whole_logits(head, chunk):
     cfg = lc.compose([*SMALL, *HEADS[head]])
     x = torch.randint(0, 299, (3, 20), generator=torch.Generator().manual_seed(1))

@@ -54,8 +54,9 @@ X = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(1))
 PRODUCTS = ("mm", "addmm", "bmm")
 
 
-@pytest.mark.parametrize("extra", [(), ("attention=mla", "model.kv_lora_rank=16"),
-                                   ("ffn=moe", "model.n_experts=4", "model.experts_per_token=2")])
+@pytest.mark.parametrize("extra", [(), pytest.param(("attention=mla", "model.kv_lora_rank=16"), marks=pytest.mark.slow),
+                                   pytest.param(("ffn=moe", "model.n_experts=4", "model.experts_per_token=2"),
+                                                marks=pytest.mark.slow)])
 def test_gradients_equal_and_what_the_backward_recomputes(extra):
     ops, grads = {}, {}
     for mode in recompute.MODES:
