@@ -125,7 +125,7 @@ def help_text() -> str:
              "usage: llmarch [-m] [group=choice ...] [key=value ...]", "", "Config groups (group=choice):"]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
         loader = GlobalHydra.instance().config_loader()
-        for group in (*plugins.GROUPS, "model", "scale", "data", "precision", "compile", "parallel"):
+        for group in (*plugins.GROUPS, "model", "scale", "data", "precision", "compile", "parallel", "logger"):
             choices = ", ".join(loader.get_group_options(group))
             lines += textwrap.wrap(choices, width=100, initial_indent=f"  {group:<11} ", subsequent_indent=" " * 14)
     GlobalHydra.instance().clear()

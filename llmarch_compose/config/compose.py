@@ -84,6 +84,8 @@ def check_overrides(overrides: Sequence[str], config_loader) -> None:
             continue
         if override.is_sweep_override():
             values = list(override.sweep_string_iterator())
+        elif isinstance(override.value(), list):  # several choices of one group: logger=[jsonl,tensorboard]
+            values = [str(v) for v in override.value()]
         else:
             values = [override.get_value_element_as_str()]
         if group.startswith("model.") and group[len("model."):] in SWITCHES:

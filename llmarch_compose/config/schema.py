@@ -101,6 +101,7 @@ class RootConfig:
     precision: Any = None
     scale: Any = None
     parallel: Any = None
+    logger: Any = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..config.spec import make_choice, resolve_spec
 from ..config.structured import to_dataclass
@@ -20,7 +20,7 @@ from ..model.compiler import CompileConfig
 from ..model.precision import PrecisionConfig
 from ..plugin import registry as plugins
 from ..plugin.registry import register
-from ..train import parallel, resume
+from ..train import loggers, parallel, resume
 from ..train.data import data_config, make_source
 from ..train.loop import TrainSettings, check, check_output, lr_at, train
 
@@ -48,6 +48,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task.seq_len is None:
         task.seq_len = data.natural_seq_len or spec.model.max_seq_len
     check(task, spec.model.vocab_size, spec.model.max_seq_len, data, data_cfg.name)
+    loggers.check(cfg.get("logger"))
     parallel_cfg = make_choice("parallel", cfg.parallel)
     world = parallel.world_for(parallel_cfg.name)
     device = parallel.device_for(world, resolve_device(cfg.device))
@@ -60,7 +61,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = train(spec, task, data, data_cfg.name, objective, precision,
                     to_dataclass(CompileConfig, cfg.compile, "compile"), device, cfg.seed,
                     data_cfg.seed, out_dir, cfg if task.checkpoint else None,
-                    parallel_cfg if parallel_cfg.name != "none" else None, world, resume_from)
+                    parallel_cfg if parallel_cfg.name != "none" else None, world, resume_from,
+                    lambda card, first_step: loggers.open_loggers(
+                        cfg.get("logger"), out_dir, OmegaConf.to_container(cfg, resolve=True), card, first_step))
     if not world.is_main:
         return summary
     accuracy = summary["final_val_accuracy"]

@@ -42,6 +42,7 @@ from ..plugin.interfaces import DataSource, Topology
 from ..plugin.objectives import Objective
 from .metrics import causal_scores
 from . import chunked_loss, parallel, recompute, resume
+from . import loggers as loggers_mod
 from .parallel import SINGLE, World
 
 
@@ -263,9 +264,11 @@ def evaluate(model, objective: Objective, vocab_size: int, data: DataSource, tas
 class MetricsLog:
     """metrics.jsonl in the run folder, one record a line, and the records in memory."""
 
-    def __init__(self, path: Optional[Path], records: Optional[list[dict[str, Any]]] = None):
+    def __init__(self, path: Optional[Path], records: Optional[list[dict[str, Any]]] = None,
+                 loggers: loggers_mod.Loggers = loggers_mod.NONE):
         self.path = path  # None: the records are kept in memory only (the ranks other than 0)
         self.records = list(records or [])
+        self.loggers = loggers  # the `logger` group's choices, fed every new record
         if path is not None:  # a reused output folder starts a fresh log, a resumed run its own records
             write_atomic(path, "".join(to_json(r) + "\n" for r in self.records))
 
@@ -278,6 +281,7 @@ class MetricsLog:
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        self.loggers.record(record)
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(to_json(record) + "\n")
@@ -530,7 +534,8 @@ def summarize(run: Run, log: MetricsLog, progress: Progress, memory: PeakMemory,
 def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str, objective: Objective,
           precision: PrecisionConfig, compile_cfg: CompileConfig, device: torch.device, seed: int,
           data_seed: Optional[int], out_dir: Path, checkpoint_config: Optional[DictConfig],
-          parallel_cfg: Any = None, world: World = SINGLE, resume_from: Optional[Path] = None) -> dict[str, Any]:
+          parallel_cfg: Any = None, world: World = SINGLE, resume_from: Optional[Path] = None,
+          open_loggers: Optional[Callable[[dict[str, Any], int], loggers_mod.Loggers]] = None) -> dict[str, Any]:
     """Train the model `spec` describes and write metrics.jsonl, summary.json and (with
     `checkpoint_config`, the config saved beside the weights) a checkpoint in `out_dir`.
 
@@ -538,7 +543,8 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
     interrupted or failed run raises after writing it and saves no checkpoint (an
     earlier run's, in a folder reused with task.overwrite=true, stays). Over several
     ranks, every rank trains and rank 0 alone writes. With `resume_from` (a checkpoint
-    train/resume.py wrote), the run continues after its step."""
+    train/resume.py wrote), the run continues after its step. `open_loggers(card,
+    first_step)` opens the `logger` group's choices (rank 0 only)."""
     memory = PeakMemory(device)
     run = prepare(spec, task, data, data_name, objective, precision, compile_cfg, device, seed, data_seed,
                   parallel_cfg, world)
@@ -553,13 +559,18 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
         if os.path.lexists(out_dir / SUMMARY):
             os.unlink(out_dir / SUMMARY)  # a replaced run's summary must not describe this run's partial log
     earlier = MetricsLog.records_until(resumed.folder.parent.parent / METRICS, resumed.step) if resumed else []
-    log = MetricsLog(out_dir / METRICS if world.is_main else None, earlier)
+    card = {**counts, "kv_cache_bytes_per_token": kv_cache(run.model, precision.dtype.itemsize,
+                                                            task.seq_len)["kv_cache_bytes_per_token"]}
+    loggers = open_loggers(card, resumed.step + 1 if resumed else 1) if open_loggers and world.is_main \
+        else loggers_mod.NONE
+    log = MetricsLog(out_dir / METRICS if world.is_main else None, earlier, loggers)
     start = time.perf_counter()
 
     def write_summary(status: str, **extra: Any) -> dict[str, Any]:
         summary = {**summarize(run, log, progress, memory, counts, compile_cfg.mode, start, status), **extra}
         if world.is_main:
             write_atomic(out_dir / SUMMARY, to_json(summary, indent=2) + "\n")
+            log.loggers.close(finite_or_null(summary))
         return summary
 
     try:
