@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import llmarch_compose as lc
 from llmarch_compose import ConfigError
@@ -28,13 +29,13 @@ RUN = [f"task.steps={STEPS}", "task.seq_len=16", "task.warmup_steps=2", "task.ev
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def one_process(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "llmarch_compose", *SMALL, *RUN, f"task.output={out}", *extra]
+def one_process(out: Path, *extra: str, base: list[str] = SMALL) -> list[str]:
+    return [sys.executable, "-m", "llmarch_compose", *base, *RUN, f"task.output={out}", *extra]
 
 
-def two_ranks(out: Path, *extra: str) -> list[str]:
+def two_ranks(out: Path, *extra: str, base: list[str] = SMALL) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "-m", "llmarch_compose", *SMALL, *RUN, f"task.output={out}", *extra]
+            "-m", "llmarch_compose", *base, *RUN, f"task.output={out}", *extra]
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
@@ -91,6 +92,25 @@ def test_two_ranks_killed_resume_bitwise_and_fsdp2_shards_resume_on_one_process(
     assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     run(one_process(tmp_path / "one", "task.batch_size=4", "compile=eager", f"task.resume={shards}"))
     assert train_losses(tmp_path / "one") == pytest.approx(train_losses(single["eager"]), abs=1e-5, rel=0)
+
+
+@pytest.mark.slow
+def test_expert_balance_follows_the_global_batch(tmp_path):
+    """DeepSeek-V3's auxiliary-loss-free bias moves by the sign of each expert's load against
+    the mean: from the ranks' summed counts, it moves as one process's does at the global batch."""
+    moe = ["ffn=deepseek_moe", "model.n_experts=8", "model.experts_per_token=2", "model.n_shared_experts=1",
+           "model.expert_ffn_dim=32", "model.n_expert_groups=1", "model.topk_expert_groups=1",
+           "ffn.bias_update_rate=0.01", "ffn.aux_loss_coef=0", "compile=eager"]  # the aux loss is per micro-batch
+    base = [a for a in SMALL if not a.startswith("model.ffn_dim")]
+    run(one_process(tmp_path / "one", "task.batch_size=4", *moe, base=base))
+    run(two_ranks(tmp_path / "two", "task.batch_size=2", "parallel=ddp", *moe, base=base))
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), abs=1e-5, rel=0)
+    _, one = load_checkpoint(tmp_path / "one/checkpoint")
+    _, two = load_checkpoint(tmp_path / "two/checkpoint")
+    biases = [(name, b) for name, b in one.named_buffers() if name.endswith("score_bias")]
+    assert biases and all(b.abs().sum() > 0 for _, b in biases)  # the balancing moved them
+    for name, bias in biases:
+        assert torch.equal(dict(two.named_buffers())[name], bias), name
 
 
 @pytest.mark.slow

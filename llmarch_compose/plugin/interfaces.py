@@ -141,6 +141,10 @@ class Attention(nn.Module, Labelled):
     Cost hooks let the architecture card count what parameters alone do not show.
     """
 
+    #: Buffers that count something over this rank's batch between optimizer steps, which
+    #: a run over several ranks sums before `after_optimizer_step` reads them.
+    summed_across_ranks: tuple[str, ...] = ()
+
     @classmethod
     def key_value_heads(cls, params: Any, model: Any) -> Optional[int]:
         """How many key/value heads the query heads share (the card's `n_kv_heads`; `model.n_heads`
@@ -211,6 +215,9 @@ class FeedForward(nn.Module, Labelled):
 
     #: A mixture of experts (the table marks the model MoE).
     mixture_of_experts: bool = False
+    #: As Attention.summed_across_ranks: per-rank counters summed over the ranks before
+    #: `after_optimizer_step` (an MoE's expert load).
+    summed_across_ranks: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor) -> FeedForwardOutput:  # pragma: no cover
         raise NotImplementedError

@@ -264,6 +264,7 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
 
     mixture_of_experts = True
     precise_buffers = ("score_bias",)  # too coarse in bf16 for balancing's small steps
+    summed_across_ranks = ("expert_load",)  # the bias update follows the global batch's load
 
     def __init__(self, params: MoEParams, ctx, layer_idx: int = 0):
         super().__init__()
