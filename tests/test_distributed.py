@@ -59,10 +59,11 @@ def single(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "hsdp"])
 @pytest.mark.parametrize("mode", ["eager", "default"])
 def test_two_ranks_train_the_curve_of_one_process_at_twice_the_batch(single, tmp_path, strategy, mode):
-    run(two_ranks(tmp_path, "task.batch_size=2", f"parallel={strategy}", f"compile={mode}"))
+    extra = ["parallel.replicas=2"] if strategy == "hsdp" else []  # 2 x 1: replicated, one shard each
+    run(two_ranks(tmp_path, "task.batch_size=2", f"parallel={strategy}", f"compile={mode}", *extra))
     ours, reference = train_losses(tmp_path), train_losses(single[mode])
     assert len(ours) == STEPS
     assert ours == pytest.approx(reference, abs=1e-5, rel=0)
@@ -122,7 +123,7 @@ def test_torchrun_with_parallel_none_is_refused(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "hsdp"])
 def test_parallel_without_torchrun_says_how_to_launch(tmp_path, strategy, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

@@ -355,14 +355,14 @@ def prepare(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: s
     """The model built (equal on every rank: the same seed), spread over the ranks,
     compiled, and the data stream's generator."""
     name = parallel_cfg.name if parallel_cfg is not None else "none"
-    if name == "fsdp2" and task.loss_chunk_tokens:
-        raise ConfigError("task.loss_chunk_tokens", task.loss_chunk_tokens, "cannot run under parallel=fsdp2 yet: "
+    if name in parallel.SHARDED and task.loss_chunk_tokens:
+        raise ConfigError("task.loss_chunk_tokens", task.loss_chunk_tokens, f"cannot run under parallel={name} yet: "
                           "the chunked loss runs the LM head after the model's forward, when FSDP2 has resharded "
                           "its weights", ["0", "parallel=ddp", "parallel=none"])
     torch.manual_seed(seed)
     model = build(spec, device=device, dtype=precision.dtype)
     autocast = parallel.autocast_dtype(precision)
-    if name == "fsdp2":  # sharded in place, then compiled block by block (FSDP2's hooks stay outside the graphs)
+    if name in parallel.SHARDED:  # sharded in place, then compiled block by block (FSDP2's hooks stay outside the graphs)
         parallel.wrap(model, parallel_cfg, world, device, precision.dtype, autocast)
         forward = step_forward = compile_from_config(model, compile_cfg)
         recompute.apply(model, task.activation_checkpointing)
@@ -601,7 +601,7 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
 def save_final_weights(run: Run, cfg: DictConfig, path: Path) -> Path:
     """The trained model as one consolidated checkpoint, written by rank 0 (FSDP2's
     shards gathered to it first)."""
-    if run.parallel is None or run.parallel.name != "fsdp2":
+    if run.parallel is None or run.parallel.name not in parallel.SHARDED:
         if run.world.is_main:
             save_checkpoint(run.model, cfg, path)
         parallel.barrier(run.world)

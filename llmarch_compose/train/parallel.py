@@ -5,7 +5,9 @@ distributed engine.
 - `ddp`: `DistributedDataParallel`, every rank a full replica, gradients all-reduced;
 - `fsdp2`: `torch.distributed.fsdp.fully_shard` on every repeated block and at the root,
   parameters, gradients and optimizer state sharded over the ranks, with a
-  `MixedPrecisionPolicy` under `precision=bf16|mixed`.
+  `MixedPrecisionPolicy` under `precision=bf16|mixed`;
+- `hsdp`: the same on a 2D mesh, sharded within groups of ranks and replicated across
+  `parallel.replicas` of them (fully_shard's hybrid mode).
 
 Processes are started by torchrun (`torchrun --standalone --nproc-per-node=N -m
 llmarch_compose parallel=ddp ...`), which sets RANK, WORLD_SIZE and LOCAL_RANK; the
@@ -55,10 +57,21 @@ class FSDP2Config:
     reshard_after_forward: bool = True
 
 
-for _node in (NoParallel(), DDPConfig(), FSDP2Config()):
+@dataclass
+class HSDPConfig:
+    name: str = "hsdp"
+    # Ranks form replicas x shards: parameters sharded within each group of
+    # world/replicas ranks (one node, say) and replicated across the groups.
+    replicas: int = 2
+    reshard_after_forward: bool = True
+
+
+for _node in (NoParallel(), DDPConfig(), FSDP2Config(), HSDPConfig()):
     add("parallel", _node.name, node=_node)
 
-STRATEGIES = ("none", "ddp", "fsdp2")
+STRATEGIES = ("none", "ddp", "fsdp2", "hsdp")
+#: The strategies that shard with fully_shard (on a 1D mesh, or HSDP's 2D one).
+SHARDED = ("fsdp2", "hsdp")
 
 
 @dataclass(frozen=True)
@@ -132,10 +145,10 @@ def world_for(cfg_name: str) -> World:
     world = init_process_group()
     if cfg_name == "none" and world.size > 1:
         raise ConfigError("parallel", "none", f"torchrun started {world.size} processes, and with parallel=none "
-                          "each would train its own copy of the model", ["ddp", "fsdp2"])
+                          "each would train its own copy of the model", STRATEGIES[1:])
     if cfg_name != "none" and launched_by_torchrun() is None:
         raise ConfigError("parallel", cfg_name, "needs several processes started by torchrun, e.g. "
-                          + LAUNCH.format(name=cfg_name), ["none (one process)", "ddp", "fsdp2"])
+                          + LAUNCH.format(name=cfg_name), ["none (one process)", *STRATEGIES[1:]])
     return world
 
 
@@ -190,7 +203,14 @@ def wrap(model: nn.Module, cfg, world: World, device: torch.device, param_dtype:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (world.size,))
+    if cfg.name == "hsdp":
+        if not 1 <= cfg.replicas <= world.size or world.size % cfg.replicas:
+            raise ConfigError("parallel.replicas", cfg.replicas, f"must divide the {world.size} ranks",
+                              [d for d in range(1, world.size + 1) if world.size % d == 0])
+        mesh = init_device_mesh(device.type, (cfg.replicas, world.size // cfg.replicas),
+                                mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world.size,))
     options = dict(mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
     policy = mixed_precision_policy(param_dtype, autocast_dtype)
     if policy is not None:
