@@ -48,6 +48,8 @@ from ..model.precision import DTYPES, PrecisionConfig
 from ..model.compiler import CompileConfig
 from ..config.spec import resolve_spec
 from ..config.structured import to_dataclass
+from ..train import recompute
+from ..train.chunked_loss import deferred_head
 
 MATMUL_SIZE = 2048
 #: How long the cold-compile probe may take before it counts as hung.
@@ -70,6 +72,7 @@ class Variant:
     module: nn.Module  # owns the parameters
     forward: Callable[[torch.Tensor], ModelOutput]
     adamw: str = "fused"
+    loss_chunk_tokens: int = 0  # the chunked LM head and loss (train/chunked_loss.py); 0: whole logits
     optimizer: torch.optim.Optimizer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -91,9 +94,9 @@ class Workload:
         """Forward, loss (cross-entropy in fp32), backward, AdamW step; gradients
         are dropped last, so a step starts and ends with only the resident tensors."""
         generator = torch.Generator().manual_seed(0)  # masked objectives: the same masks every step
-        with self.precision.autocast(self.device):
-            loss, _ = self.objective.loss(variant.forward, self.x, self.y, self.vocab_size, generator)
-        loss.backward()
+        with self.precision.autocast(self.device), deferred_head(variant.module, variant.loss_chunk_tokens) as ce:
+            loss, _ = self.objective.loss(variant.forward, self.x, self.y, self.vocab_size, generator, ce)
+            loss.backward()
         variant.optimizer.step()
         variant.optimizer.zero_grad(set_to_none=True)
 
@@ -298,9 +301,13 @@ class BenchOptions:
     compile_depths: Sequence[int] = ()
     threads: Optional[int] = None
     adamw: str = "fused"
+    loss_chunk_tokens: int = 1024  # the memory-saving variants' chunk of the LM head and loss
 
 
-VARIANTS = ("eager", "compiled", "hf")
+#: eager and compiled as a training run does by default; `chunked`: compiled with the
+#: chunked LM head and loss; `recompute`: chunked and with full activation checkpointing.
+VARIANTS = ("eager", "compiled", "chunked", "recompute", "hf")
+DEFAULT_VARIANTS = ("eager", "compiled", "hf")
 
 
 @dataclass
@@ -386,6 +393,12 @@ def make_variants(setup: Setup, cfg: DictConfig, options: BenchOptions, workdir:
         out.variants["eager"] = Variant("eager", eager, eager, options.adamw)
     if "compiled" in options.variants:
         compiled_variant(setup, cfg, options, out)
+    for name, recompute_mode in (("chunked", "none"), ("recompute", "full")):
+        if name in options.variants:
+            model = copy.deepcopy(setup.model)
+            forward = compile_from_config(model, compiled_settings(cfg))
+            recompute.apply(model, recompute_mode)
+            out.variants[name] = Variant(name, model, forward, options.adamw, options.loss_chunk_tokens)
     out.variants = {name: out.variants[name] for name in VARIANTS if name in out.variants}
     return out
 
@@ -458,6 +471,7 @@ def run_benchmark(cfg: DictConfig, options: BenchOptions, workdir: Path) -> dict
         "adamw": options.adamw, "flops_per_token_forward": flops_per_token, "flops_per_token_train": 3 * flops_per_token,
         "matmul": {"size": MATMUL_SIZE, "flops_per_s": matmul_rate},
         "memory_method": memory_method(setup.device) if options.memory else None,
+        "loss_chunk_tokens": options.loss_chunk_tokens,
         "variants": results, "checks": measured.checks, "compile": compile_times(cfg, options, measured),
         "notes": measured.notes,
     }
@@ -482,7 +496,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| train FLOP/s | of matmul rate |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    names = {"eager": "ours, eager", "compiled": "ours, compiled", "hf": "Hugging Face (SDPA)"}
+    names = {"eager": "ours, eager", "compiled": "ours, compiled", "hf": "Hugging Face (SDPA)",
+             "chunked": f"ours, compiled, loss in chunks of {report.get('loss_chunk_tokens')} tokens",
+             "recompute": "ours, compiled, chunked loss, activation checkpointing (full)"}
     for name, row in report["variants"].items():
         peak = row.get("train_peak_bytes")
         lines.append(

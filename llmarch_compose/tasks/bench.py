@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig
 
 from ..bench.decode import DecodeOptions
-from ..bench.harness import ADAMW, VARIANTS, BenchOptions, render_markdown, resolve_device_of, run_benchmark
+from ..bench.harness import ADAMW, DEFAULT_VARIANTS, VARIANTS, BenchOptions, render_markdown, resolve_device_of, run_benchmark
 from ..artifacts.atomic import write_atomic
 from ..errors import ConfigError
 from ..config.spec import resolve_spec
@@ -31,7 +31,8 @@ class BenchTask:
     warmup: int = 2  # untimed steps first (compilation, allocator warm-up)
     batch_size: int = 8
     seq_len: Optional[int] = None  # None: model.max_seq_len (after any scale)
-    variants: List[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: List[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))  # of eager, compiled, chunked, recompute, hf
+    loss_chunk_tokens: int = 1024  # the chunked and recompute variants' LM-head chunk
     memory: bool = True  # peak memory of a training step per variant
     cold_compile: bool = True  # compile time with an empty inductor cache, in a fresh process
     compile_depths: List[int] = field(default_factory=list)  # also cold-compile at these depths
@@ -54,6 +55,8 @@ def options_for(task: BenchTask, max_seq_len: int) -> BenchOptions:
     if not 1 <= seq_len <= max_seq_len:
         raise ConfigError("task.seq_len", seq_len, f"must lie within model.max_seq_len={max_seq_len}",
                           f"1..{max_seq_len}")
+    if task.loss_chunk_tokens < 1:
+        raise ConfigError("task.loss_chunk_tokens", task.loss_chunk_tokens, "must be at least 1", "e.g. 1024")
     for variant in task.variants:
         if variant not in VARIANTS:
             raise ConfigError("task.variants", list(task.variants), f"unknown variant {variant!r}", VARIANTS)
@@ -70,7 +73,7 @@ def options_for(task: BenchTask, max_seq_len: int) -> BenchOptions:
     return BenchOptions(steps=task.steps, warmup=task.warmup, batch_size=task.batch_size, seq_len=seq_len,
                         variants=tuple(task.variants), memory=task.memory, cold_compile=task.cold_compile,
                         compile_depths=tuple(task.compile_depths), threads=task.threads,
-                        adamw=task.adamw)
+                        adamw=task.adamw, loss_chunk_tokens=task.loss_chunk_tokens)
 
 
 MODES = ("train", "decode")
