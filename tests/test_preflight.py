@@ -166,3 +166,17 @@ def test_bench_refuses_a_run_that_cannot_fit(tmp_path):
                               f"task.output={tmp_path / 'never'}"])
     assert error.key == "task.batch_size" and "is available on cpu" in str(error)
     assert seconds < FAST_S and not (tmp_path / "never").exists()
+
+
+def test_the_chunked_loss_and_recomputation_shrink_the_estimate(monkeypatch):
+    """A 128K-vocabulary step whose logits alone exceed the memory fits once the loss runs in chunks."""
+    spec = lc.resolve_spec(lc.compose([*TINY, "model.vocab_size=131072"]))
+    whole = card.run_memory(spec, 8, 256, torch.float32)
+    chunked = card.run_memory(spec, 8, 256, torch.float32, logit_tokens=1024)
+    assert whole["logits"] == 8 * 256 * 131072 * 12 and chunked["logits"] == 1024 * 131072 * 12
+    assert card.run_memory(spec, 8, 256, torch.float32, recompute="full")["activations"] < whole["activations"]
+    monkeypatch.setattr(card, "available_memory", lambda device: chunked["total"] + (1 << 20))
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        card.preflight(spec, 8, 256, torch.float32, torch.device("cpu"))
+    assert card.preflight(spec, 8, 256, torch.float32, torch.device("cpu"), logit_tokens=1024)["total"] == chunked["total"]
+

@@ -112,7 +112,8 @@ def training_memory(total_params: int, param_bytes: int = 4) -> dict[str, int]:
 
 
 def activation_memory(model: nn.Module, counts: dict[str, int], d_model: int, n_heads: int, vocab_size: int,
-                      batch_size: int, seq_len: int, dtype_bytes: int) -> dict[str, int]:
+                      batch_size: int, seq_len: int, dtype_bytes: int, logit_tokens: Optional[int] = None,
+                      recompute: str = "none") -> dict[str, int]:
     """What one training step keeps for the backward pass, a conservative estimate (eager
     autograd; a compiled graph or a fused attention kernel keeps less). Per token:
 
@@ -126,14 +127,21 @@ def activation_memory(model: nn.Module, counts: dict[str, int], d_model: int, n_
 
     all in `dtype_bytes`, times batch_size x seq_len tokens, every use of a shared layer
     counted. Logits: batch_size x seq_len x vocab_size x 3 in fp32 (the logits the loss
-    reads, their log-softmax and its gradient)."""
+    reads, their log-softmax and its gradient), or `logit_tokens` tokens' worth of them
+    where the loss runs in chunks. With `recompute="full"` (activation checkpointing) each
+    block keeps only its input, d_model per token, and one block's activations exist at a
+    time; `selective` is counted as none (conservatively)."""
     runs = runs_per_token(model)
     attention = sum(times for m, times in runs if isinstance(m, Attention))
     ffn = sum(times for m, times in _outermost(runs, FeedForward))
     projected = forward_flops_per_token(model, counts, seq_len)["flops_matmul"] / 2 / d_model
     per_token = 2 * projected + attention * (2 * n_heads * seq_len + 4 * d_model) + ffn * 4 * d_model + 2 * d_model
     tokens = batch_size * seq_len
-    return {"activations": int(tokens * per_token * dtype_bytes), "logits": tokens * vocab_size * 3 * 4}
+    if recompute == "full":
+        blocks = max(1, attention)
+        per_token = blocks * d_model + 2 * d_model + per_token / blocks
+    logit_rows = tokens if not logit_tokens else min(tokens, logit_tokens)
+    return {"activations": int(tokens * per_token * dtype_bytes), "logits": logit_rows * vocab_size * 3 * 4}
 
 
 def _outermost(runs: list[tuple[nn.Module, int]], kind: type) -> list[tuple[nn.Module, int]]:
@@ -164,7 +172,8 @@ def available_memory(device: torch.device) -> Optional[int]:
         return None
 
 
-def run_memory(spec: ModelSpec, batch_size: int, seq_len: int, param_dtype: torch.dtype) -> dict[str, int]:
+def run_memory(spec: ModelSpec, batch_size: int, seq_len: int, param_dtype: torch.dtype,
+               logit_tokens: Optional[int] = None, recompute: str = "none") -> dict[str, int]:
     """The memory a training step of `spec` needs: weights, gradients, AdamW states and
     activations (see `activation_memory`), from the model built on meta."""
     model = build(spec, device="meta")
@@ -173,7 +182,8 @@ def run_memory(spec: ModelSpec, batch_size: int, seq_len: int, param_dtype: torc
     param_bytes = param_dtype.itemsize
     state = training_memory(counts["params_total"], param_bytes)
     # Autocast computes in a narrower dtype but keeps norms and softmax in fp32: count the weights' dtype.
-    acts = activation_memory(model, counts, m.d_model, m.n_heads, m.vocab_size, batch_size, seq_len, param_bytes)
+    acts = activation_memory(model, counts, m.d_model, m.n_heads, m.vocab_size, batch_size, seq_len, param_bytes,
+                             logit_tokens, recompute)
     parts = {k: state[k] for k in ("weights", "gradients", "adamw_states")} | acts
     return {**parts, "total": sum(parts.values()), **counts}
 
@@ -208,11 +218,11 @@ def _blame(spec: ModelSpec, needs: dict[str, int], batch_size: int, seq_len: int
 
 
 def preflight(spec: ModelSpec, batch_size: int, seq_len: int, param_dtype: torch.dtype,
-              device: torch.device) -> dict[str, Any]:
+              device: torch.device, logit_tokens: Optional[int] = None, recompute: str = "none") -> dict[str, Any]:
     """Refuse, before anything is allocated, a training run that cannot fit on `device`:
     a ConfigError names the key most to blame, the estimate and what is available.
     Returns the estimate (`run_memory`) with `available` (None where unknown)."""
-    needs = run_memory(spec, batch_size, seq_len, param_dtype)
+    needs = run_memory(spec, batch_size, seq_len, param_dtype, logit_tokens, recompute)
     available = available_memory(device)
     if available is not None and needs["total"] > available:
         key, value, valid = _blame(spec, needs, batch_size, seq_len)

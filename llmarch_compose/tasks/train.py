@@ -52,7 +52,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     parallel_cfg = make_choice("parallel", cfg.parallel)
     world = parallel.world_for(parallel_cfg.name)
     device = parallel.device_for(world, resolve_device(cfg.device))
-    preflight(spec, task.batch_size, task.seq_len, precision.dtype, device)  # before anything is allocated
+    preflight(spec, task.batch_size, task.seq_len, precision.dtype, device,  # before anything is allocated
+              task.loss_chunk_tokens or None, task.activation_checkpointing)
     out_dir = output_dir(task)
     if task.output or not HydraConfig.initialized():  # Hydra's own run directory is a fresh one
         check_output(out_dir, task)
