@@ -137,3 +137,14 @@ def test_fsdp2_keys_are_its_own():
     with pytest.raises(ConfigError, match="reshard_after_forward"):
         lc.compose(["parallel=ddp", "parallel.reshard_after_forward=false"])
     assert lc.compose(["parallel=fsdp2", "parallel.reshard_after_forward=false"]).parallel.reshard_after_forward is False
+
+
+def test_only_training_runs_over_several_processes(monkeypatch):
+    from llmarch_compose.tasks import run_task
+
+    with pytest.raises(ConfigError, match=r"parallel='ddp': only task=train runs over several processes"):
+        run_task(lc.compose(["task=summary", "parallel=ddp"]))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"task='summary': torchrun started 2 processes"):
+        run_task(lc.compose(["task=summary"]))

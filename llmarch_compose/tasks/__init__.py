@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..config.compose import with_checkpoint
+from ..errors import ConfigError
+from ..train import parallel
 from ..plugin import registry
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
@@ -27,4 +29,20 @@ def run_task(cfg: DictConfig, overrides: list[str] | None = None) -> Any:
     built from a checkpoint folder (`model=hf model.path=...`)."""
     if overrides is not None:
         cfg = with_checkpoint(cfg, overrides)
+    _refuse_parallel_outside_training(cfg)
     return registry.get("task", cfg.task.name).target(cfg)
+
+
+def _refuse_parallel_outside_training(cfg: DictConfig) -> None:
+    """Only training spreads over processes: another task under `parallel=...` or under
+    torchrun's several processes would ignore it, or run N times into the same files."""
+    if cfg.task.name == "train":
+        return
+    strategy = cfg.get("parallel", {}).get("name", "none") if cfg.get("parallel") is not None else "none"
+    if strategy != "none":
+        raise ConfigError("parallel", strategy, f"only task=train runs over several processes, not "
+                          f"task={cfg.task.name}", ["none"])
+    world = parallel.launched_by_torchrun()
+    if world is not None and world.size > 1:
+        raise ConfigError("task", cfg.task.name, f"torchrun started {world.size} processes, and only task=train "
+                          "runs over several", "task=train, or this task without torchrun")
