@@ -305,8 +305,10 @@ class BenchOptions:
 
 
 #: eager and compiled as a training run does by default; `chunked`: compiled with the
-#: chunked LM head and loss; `recompute`: chunked and with full activation checkpointing.
-VARIANTS = ("eager", "compiled", "chunked", "recompute", "hf")
+#: chunked LM head and loss; `selective` and `recompute`: chunked, with selective or full
+#: activation checkpointing.
+VARIANTS = ("eager", "compiled", "chunked", "selective", "recompute", "hf")
+MEMORY_VARIANTS = {"chunked": "none", "selective": "selective", "recompute": "full"}
 DEFAULT_VARIANTS = ("eager", "compiled", "hf")
 
 
@@ -393,7 +395,7 @@ def make_variants(setup: Setup, cfg: DictConfig, options: BenchOptions, workdir:
         out.variants["eager"] = Variant("eager", eager, eager, options.adamw)
     if "compiled" in options.variants:
         compiled_variant(setup, cfg, options, out)
-    for name, recompute_mode in (("chunked", "none"), ("recompute", "full")):
+    for name, recompute_mode in MEMORY_VARIANTS.items():
         if name in options.variants:
             model = copy.deepcopy(setup.model)
             forward = compile_from_config(model, compiled_settings(cfg))
@@ -498,6 +500,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     names = {"eager": "ours, eager", "compiled": "ours, compiled", "hf": "Hugging Face (SDPA)",
              "chunked": f"ours, compiled, loss in chunks of {report.get('loss_chunk_tokens')} tokens",
+             "selective": "ours, compiled, chunked loss, activation checkpointing (selective)",
              "recompute": "ours, compiled, chunked loss, activation checkpointing (full)"}
     for name, row in report["variants"].items():
         peak = row.get("train_peak_bytes")

@@ -31,7 +31,7 @@ class BenchTask:
     warmup: int = 2  # untimed steps first (compilation, allocator warm-up)
     batch_size: int = 8
     seq_len: Optional[int] = None  # None: model.max_seq_len (after any scale)
-    variants: List[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))  # of eager, compiled, chunked, recompute, hf
+    variants: List[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))  # of eager, compiled, chunked, selective, recompute, hf
     loss_chunk_tokens: int = 1024  # the chunked and recompute variants' LM-head chunk
     memory: bool = True  # peak memory of a training step per variant
     cold_compile: bool = True  # compile time with an empty inductor cache, in a fresh process

@@ -199,7 +199,7 @@ def wrap(model: nn.Module, cfg, world: World, device: torch.device, param_dtype:
         keyword = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
             DistributedDataParallel).parameters else "broadcast_buffers"  # the older name before torch 2.11
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       **{keyword: False})
+                                       gradient_as_bucket_view=True, **{keyword: False})
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
