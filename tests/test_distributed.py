@@ -115,6 +115,19 @@ def test_expert_balance_follows_the_global_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_submitit_tasks_are_ranks(single, tmp_path):
+    """Hydra's submitit launcher with two tasks per job (the Slurm recipe, run by its local
+    executor): each task is a rank, and the job trains the curve of one process at 2B."""
+    command = [sys.executable, "-m", "llmarch_compose", "-m", "hydra/launcher=submitit_local",
+               "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}",
+               *SMALL, *RUN, "task.batch_size=2", "parallel=ddp"]
+    run(command)
+    summary = json.loads((tmp_path / "0/summary.json").read_text())
+    assert (summary["parallel"], summary["world_size"], summary["status"]) == ("ddp", 2, "completed")
+    assert train_losses(tmp_path / "0") == pytest.approx(train_losses(single["eager"]), abs=1e-5, rel=0)
+
+
+@pytest.mark.slow
 def test_torchrun_with_parallel_none_is_refused(tmp_path):
     done = subprocess.run(two_ranks(tmp_path, "task.batch_size=2", "compile=eager"), env=ENV, capture_output=True,
                           text=True, timeout=600)

@@ -95,11 +95,30 @@ SINGLE = World()
 
 
 def launched_by_torchrun() -> Optional[World]:
-    """The world torchrun (or any launcher that sets its variables) started this process in."""
+    """The world torchrun (or any launcher that sets its variables) started this process in;
+    in a submitit job of several tasks (Hydra's submitit launchers with tasks_per_node > 1),
+    the variables are first set from the job's own (`_export_submitit_world`)."""
     env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        _export_submitit_world()
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return None
     return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+
+
+def _export_submitit_world() -> None:
+    """Inside a submitit job with several tasks, set torchrun's variables (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from the job's, as submitit's own helper does:
+    each task is one rank, the first node hosts the rendezvous."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    try:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return
+    if JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def init_process_group() -> World:
