@@ -228,3 +228,15 @@ def test_sigkill_at_a_random_step_then_resume_repeats_the_metrics(tmp_path):
     assert resume.complete_checkpoints(tmp_path / "killed")
     subprocess.run(cli(tmp_path / "killed", *steps, "task.resume=auto"), env=ENV, check=True, capture_output=True)
     assert curve(tmp_path / "killed") == curve(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("edit", [lambda t: t.update(step="six"), lambda t: t.update(param_groups={}),
+                                  lambda t: t.update(format=7), lambda t: t["param_groups"][0].pop("params")])
+def test_a_trainer_state_that_does_not_fit_is_refused(tmp_path, edit):
+    run_in_process(tmp_path, "task.steps=2", "task.checkpoint_every=2")
+    file = tmp_path / "checkpoints/step_00000002/trainer.json"
+    trainer = json.loads(file.read_text())
+    edit(trainer)
+    file.write_text(json.dumps(trainer))
+    with pytest.raises(resume.ResumeError, match="trainer.json"):
+        run_in_process(tmp_path, "task.resume=auto")

@@ -163,17 +163,23 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
     trainer = read_json(folder / TRAINER, error=ResumeError)
     if not isinstance(trainer, dict) or trainer.get("format") != FORMAT:
         raise ResumeError(f"{folder / TRAINER}: not a trainer state of format {FORMAT}")
+    for key, kind in (("step", int), ("param_groups", list), ("scheduler", dict), ("progress", dict)):
+        if not isinstance(trainer.get(key), kind) or isinstance(trainer.get(key), bool):
+            raise ResumeError(f"{folder / TRAINER}: {key} must be a JSON {kind.__name__}")
     state = _tensor_state(model, optimizer, generator)
     try:
         with _one_process_is_fine():
             dcp.load(state, storage_reader=SafeReader(str(folder)))
-    except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, dcp.api.CheckpointException) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError, dcp.api.CheckpointException) as exc:
         detail = " ".join(str(exc).split())
         raise ResumeError(f"{folder}: does not hold this run's model and optimizer: {detail[:600]}") from None
     set_model_state_dict(model, state["model"])
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in trainer["param_groups"]]
-    set_optimizer_state_dict(model, optimizer, {"state": state["optimizer"], "param_groups": groups})
-    scheduler.load_state_dict(trainer["scheduler"])
+    try:
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in trainer["param_groups"]]
+        set_optimizer_state_dict(model, optimizer, {"state": state["optimizer"], "param_groups": groups})
+        scheduler.load_state_dict(trainer["scheduler"])
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ResumeError(f"{folder / TRAINER}: its optimizer or schedule does not fit this run ({exc})") from None
     torch.set_rng_state(state["rng"]["torch"])
     generator.set_state(state["rng"]["data"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
