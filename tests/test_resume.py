@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import llmarch_compose as lc
 from llmarch_compose import ConfigError
@@ -94,7 +95,7 @@ def test_keep_checkpoints_keeps_the_newest(tmp_path):
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(uninterrupted, tmp_path, monkeypatch):
     """The third save dies after writing part of its shards (as a kill would leave them)."""
-    real_save, calls = resume.dcp.save, []
+    real_save, calls = dcp.save, []
 
     def dying_save(state, checkpoint_id):
         calls.append(checkpoint_id)
@@ -103,13 +104,13 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(uninterrupted, tmp_
             raise KeyboardInterrupt
         return real_save(state, checkpoint_id=checkpoint_id)
 
-    monkeypatch.setattr(resume.dcp, "save", dying_save)
+    monkeypatch.setattr(dcp, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run_in_process(tmp_path, "task.checkpoint_every=2")
     assert [p.name for p in resume.complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
     assert (tmp_path / "checkpoints/.step_00000006.partial").is_dir()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "interrupted"
-    monkeypatch.setattr(resume.dcp, "save", real_save)
+    monkeypatch.setattr(dcp, "save", real_save)
     run_in_process(tmp_path, "task.resume=auto", "task.checkpoint_every=2")
     assert curve(tmp_path) == curve(uninterrupted)
     assert not list((tmp_path / "checkpoints").glob(".*.partial"))  # the next save removed what the dead one left
@@ -170,7 +171,7 @@ def test_metadata_that_would_run_code_is_refused(tmp_path, monkeypatch):
         run_in_process(tmp_path, "task.resume=auto")
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
-        resume.SafeReader(str(folder)).read_metadata()
+        resume.safe_reader(folder).read_metadata()
 
 
 def test_grad_accumulation_trains_on_the_rows_of_the_larger_batch(tmp_path):

@@ -20,6 +20,7 @@ is stored through DCP (whose loader would unpickle it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -32,12 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from ..artifacts.atomic import fsync_folder
 from ..artifacts.reading import read_json
@@ -48,6 +44,8 @@ FOLDER = "checkpoints"
 TRAINER = "trainer.json"
 STEP_NAME = re.compile(r"^step_(\d{8,})$")
 FORMAT = 1
+# torch.distributed.checkpoint is imported where it is used: it takes half a second,
+# which every command (`llmarch task=summary`) would otherwise pay.
 
 
 class ResumeError(LlmarchError):
@@ -96,6 +94,8 @@ def resolve(resume: Optional[str], out_dir: Path) -> Optional[Path]:
 def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
                   ) -> dict[str, Any]:
     """Everything DCP stores, tensors only (the optimizer's state is created if it is not yet)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     optim = get_optimizer_state_dict(model, optimizer)
     rng = {"torch": torch.get_rng_state(), "data": generator.get_state()}
     if torch.cuda.is_available():
@@ -104,6 +104,8 @@ def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer, generator:
 
 
 def _param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
     return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups]
 
@@ -129,6 +131,8 @@ def save(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
          scheduler: Any, generator: torch.Generator, progress: dict[str, Any], keep: int,
          world: World = SINGLE) -> Path:
     """Write the checkpoint of `step` (every rank calls this) and keep the newest `keep`."""
+    import torch.distributed.checkpoint as dcp
+
     final = step_folder(out_dir, step)
     partial = final.with_name(f".{final.name}.partial")
     if world.is_main:
@@ -160,6 +164,9 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
          generator: torch.Generator) -> Resumed:
     """Restore everything `save` wrote into this run's model, optimizer, schedule and
     generators (every rank calls this); a ResumeError names what does not fit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     trainer = read_json(folder / TRAINER, error=ResumeError)
     if not isinstance(trainer, dict) or trainer.get("format") != FORMAT:
         raise ResumeError(f"{folder / TRAINER}: not a trainer state of format {FORMAT}")
@@ -169,7 +176,7 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
     state = _tensor_state(model, optimizer, generator)
     try:
         with _one_process_is_fine():
-            dcp.load(state, storage_reader=SafeReader(str(folder)))
+            dcp.load(state, storage_reader=safe_reader(folder))
     except (RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError, dcp.api.CheckpointException) as exc:
         detail = " ".join(str(exc).split())
         raise ResumeError(f"{folder}: does not hold this run's model and optimizer: {detail[:600]}") from None
@@ -215,21 +222,31 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which a checkpoint never holds")
 
 
-class SafeReader(FileSystemReader):
-    """DCP's file reader with `.metadata` read by `_MetadataUnpickler`."""
+@functools.lru_cache(maxsize=None)
+def _safe_reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+    class SafeReader(FileSystemReader):
+        """DCP's file reader with `.metadata` read by `_MetadataUnpickler`."""
 
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{path}: not checkpoint metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            if not isinstance(metadata, Metadata):
+                raise pickle.UnpicklingError(f"{path}: not checkpoint metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
 
 
-__all__ = ["save", "load", "resolve", "complete_checkpoints", "Resumed", "ResumeError", "SafeReader"]
+def safe_reader(folder: Path):
+    """A DCP storage reader for `folder` whose metadata is read without running code."""
+    return _safe_reader_class()(str(folder))
+
+
+__all__ = ["save", "load", "resolve", "complete_checkpoints", "Resumed", "ResumeError", "safe_reader"]
