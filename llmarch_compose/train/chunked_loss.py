@@ -36,8 +36,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             logits = head(flat_h[start:start + chunk]).float()
             total += F.cross_entropy(logits, flat_t[start:start + chunk], ignore_index=IGNORE, reduction="sum")
         ctx.save_for_backward(hidden, targets, count)
-        ctx.chunk, ctx.head, ctx.n_params = chunk, head, len(params)
-        ctx.params = params
+        ctx.chunk, ctx.head, ctx.params = chunk, head, params
+        # The backward recomputes the logits as the forward did: under the same autocast.
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return total / count
 
     @staticmethod
@@ -48,18 +50,25 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         params = [p for p in ctx.params if p.requires_grad]
         grads: list[Optional[torch.Tensor]] = [None] * len(params)
         scale = grad_out / count
+        device, enabled, dtype = ctx.autocast
         for start in range(0, flat_h.shape[0], ctx.chunk):
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 h = flat_h[start:start + ctx.chunk].detach().requires_grad_(True)
                 loss = F.cross_entropy(ctx.head(h).float(), flat_t[start:start + ctx.chunk], ignore_index=IGNORE,
                                        reduction="sum") * scale
                 found = torch.autograd.grad(loss, [h, *params], allow_unused=True)
             grad_h[start:start + ctx.chunk] = found[0]
-            for i, g in enumerate(found[1:]):
+            for i, g in enumerate(found[1:]):  # summed over the chunks in float32, whatever autocast computed in
                 if g is not None:
-                    grads[i] = g if grads[i] is None else grads[i] + g
-        by_param = iter(grads)
-        param_grads = [next(by_param) if p.requires_grad else None for p in ctx.params]
+                    grads[i] = g.float() if grads[i] is None else grads[i] + g.float()
+        by_param = iter(zip(params, grads))
+        param_grads = []
+        for p in ctx.params:
+            if p.requires_grad:
+                _, g = next(by_param)
+                param_grads.append(None if g is None else g.to(p.dtype))
+            else:
+                param_grads.append(None)
         return (grad_h.view_as(hidden), None, None, None, *param_grads)
 
 
