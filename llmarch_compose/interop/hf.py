@@ -40,6 +40,7 @@ from ..model.build import build
 from ..plugin import registry as plugins
 from ..plugin.interfaces import ModelSource
 from ..plugin.registry import add
+from .fields import GENERIC, Reading, check_known, check_read
 from .fit import ensure_fits
 from .mapping import InteropError, ModelType, expand, override, to_ours, to_theirs
 from .types import choose_type
@@ -94,9 +95,14 @@ def config_overrides(hf: Mapping[str, Any], registry: Mapping[str, ModelType]) -
     if model_type not in registry:
         raise ConfigError("model_type", model_type, "no mapping for this Hugging Face model type", sorted(registry))
     kind = registry[model_type]
-    hf = {**kind.defaults, **hf}  # a field left out is the config class's default, as transformers reads it
-    tokens = [override(f"model.{key}", hf[key]) for key in TOKENS if key in hf]
-    return kind, [*kind.overrides(hf), *tokens]
+    check_known(hf, kind.name, kind.fields, {name: other.fields for name, other in registry.items()
+                                              if name != kind.name})
+    # A field left out is the config class's default, as transformers reads it.
+    reading = Reading({**kind.defaults, **hf})
+    tokens = [override(f"model.{key}", reading[key]) for key in TOKENS if key in reading]
+    ours = kind.overrides(reading)
+    check_read(hf, reading, kind.name, kind.fields)
+    return kind, [*ours, *tokens]
 
 
 # ------------------------------------------------------------------ the public functions
@@ -194,6 +200,9 @@ def to_hf(model: nn.Module, cfg: DictConfig, out_dir: Union[str, Path], model_ty
             name = str(t.dtype).removeprefix("torch.")
             sizes[name] = sizes.get(name, 0) + t.numel()
     hf_config = {"architectures": [kind.architecture], "model_type": kind.name, **kind.hf_config(spec), **tokens}
+    stray = sorted(k for k in hf_config if k not in kind.fields and k not in GENERIC)
+    if stray:  # pragma: no cover - a mapping table bug: transformers would ignore the field
+        raise InteropError(f"the {kind.name} mapping writes config fields its type does not have: {stray}")
     if sizes:  # "dtype" for transformers 5, "torch_dtype" for the readers before it
         hf_config["dtype"] = hf_config["torch_dtype"] = max(sizes, key=sizes.__getitem__)
     out = Path(out_dir)

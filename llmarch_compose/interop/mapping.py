@@ -44,6 +44,10 @@ class TensorRule:
         return self.ours.format(**index), tuple(t.format(**index) for t in self.theirs)
 
 
+#: RoPE fields as configs before transformers 5 spell them (still read by it, and by `types.common.rope`).
+ROPE_SPELLINGS = {"rope_theta": None, "rope_scaling": None, "partial_rotary_factor": None}
+
+
 @dataclass(frozen=True)
 class ModelType:
     """One Hugging Face model type: config both ways and the tensor table."""
@@ -62,8 +66,19 @@ class ModelType:
     prefix: str = ""
     # What the type's modeling code computes (see `fit`): to_hf writes nothing else.
     expresses: Optional[Expresses] = None
-    # The transformers config class's defaults, for config.json files that leave a field out.
+    # The transformers config class's fields, every one, with its defaults (for config.json files
+    # that leave a field out); older spellings transformers still reads may join them.
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    # Fields real checkpoints of this type carry that the config class does not define, with the
+    # value under which the model is the one transformers computes (see `fields`).
+    extra_fields: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """Every config.json field this type knows, with its default: a type whose config keeps
+        RoPE in transformers 5's `rope_parameters` also reads the older spellings."""
+        legacy = ROPE_SPELLINGS if "rope_parameters" in self.defaults else {}
+        return {**legacy, **self.defaults, **self.extra_fields}
 
     def normalize(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Checkpoint names as the tensor table spells them."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from ...errors import ConfigError
+from ..fields import unused  # noqa: F401  (the families mark fields they decided not to use)
 from ..fit import ANY, Allowed, fits, only, where
 from ..mapping import override
 

@@ -25,7 +25,7 @@ from ..fit import ANY, Expresses, Rule, only, where
 from ..mapping import ModelType, TensorRule, override
 from . import llama
 from .common import (GATED, GATED_BACK, PLAIN_MODEL, TOPOLOGY, activation, activation_back, dense, family_guess,
-                     moe, numbers, refuse, rope, rope_back, rope_position)
+                     moe, numbers, refuse, rope, rope_back, rope_position, unused)
 from .qwen_moe import (ONE_DENSE_WIDTH, dense_layers, dense_width, expert_rules, mlp_rules, rope_truncate,
                        shared_rules)
 
@@ -42,8 +42,13 @@ DEFAULTS = {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 1843
             "num_experts_per_tok": 8, "first_k_dense_replace": 3, "norm_topk_prob": True, "hidden_act": "silu",
             "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "pad_token_id": None, "bos_token_id": 0,
             "eos_token_id": 1, "pretraining_tp": 1, "tie_word_embeddings": False, "rope_interleave": True,
-            "attention_bias": False, "rope_theta": 10000.0}
+            "attention_bias": False, "rope_theta": 10000.0, "rope_parameters": None, "num_mtp_layers": 1}
 AUX_LOSS_ALPHA = 0.0001  # DeepSeek's own config.json field, which DeepseekV3Config does not define
+#: The fields of DeepSeek's own config.json that DeepseekV3Config does not define, at the values
+#: under which transformers' code is the model (the others are refused on reading).
+EXTRA_FIELDS = {"aux_loss_alpha": AUX_LOSS_ALPHA, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                "moe_layer_freq": 1, "seq_aux": True, "ep_size": 1, "num_nextn_predict_layers": 1,
+                "head_dim": None, "qk_head_dim": None}
 
 NUMBERS = {
     "hidden_size": "model.d_model", "num_hidden_layers": "model.n_layers", "num_attention_heads": "model.n_heads",
@@ -82,6 +87,11 @@ def _refusals(hf: Mapping[str, Any]) -> None:
         raise ConfigError("partial_rotary_factor", fraction, "cannot be represented: MLA rotates its whole "
                           "qk_rope_head_dim", [None, 1.0])
     rope_truncate(hf)
+    # Training-time sequence balance, expert placement over ranks, and the multi-token-prediction
+    # layers transformers does not build: none changes the function of the weights it loads.
+    unused(hf, "seq_aux", "ep_size", "num_nextn_predict_layers", "num_mtp_layers")
+    # DeepseekV3Config derives both (qk_rope_head_dim, and nope + rope), whatever the file says.
+    unused(hf, "head_dim", "qk_head_dim")
 
 
 def overrides(hf: Mapping[str, Any]) -> list[str]:
@@ -199,6 +209,6 @@ def tensors(spec: Any) -> list[TensorRule]:
 IGNORE = (*llama.IGNORE, "model.layers.61.")
 
 TYPES = (ModelType("deepseek_v3", "DeepseekV3ForCausalLM", overrides, hf_config, tensors, IGNORE, expresses=EXPRESSES,
-                  defaults=DEFAULTS),)
+                  defaults=DEFAULTS, extra_fields=EXTRA_FIELDS),)
 
 guess = family_guess(TYPES)

@@ -22,7 +22,7 @@ from .common import (GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, TOPOLOGY, activati
 DEFAULTS = {"vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
             "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "hidden_act": "silu",
             "max_position_embeddings": 131072, "rms_norm_eps": 1.5625e-07, "tie_word_embeddings": False,
-            "rope_theta": 10000.0, "attention_bias": True, "pad_token_id": 151329,
+            "rope_theta": 10000.0, "rope_parameters": None, "attention_bias": True, "pad_token_id": 151329,
             "eos_token_id": [151329, 151336, 151338], "bos_token_id": None}
 
 ROTARY_FRACTION = 0.5  # GlmConfig's partial_rotary_factor when neither spelling gives it

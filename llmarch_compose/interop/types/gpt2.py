@@ -14,14 +14,15 @@ from typing import Any, Mapping
 from ..fit import ANY, Expresses, only
 from ..mapping import ModelType, TensorRule, override
 from .common import (LAYERNORM, MHA_BIASED, PLAIN, PLAIN_BACK, SPLIT_HEADS, TOPOLOGY, activation,
-                     activation_back, dense, family_guess, numbers, refuse)
+                     activation_back, dense, family_guess, numbers, refuse, unused)
 
 # GPT2Config's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
             "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
             "scale_attn_weights": True, "tie_word_embeddings": True, "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False, "add_cross_attention": False, "bos_token_id": 50256,
-            "eos_token_id": 50256, "pad_token_id": None}
+            "eos_token_id": 50256, "pad_token_id": None, "summary_type": "cls_index", "summary_use_proj": True,
+            "summary_activation": None, "summary_proj_to_labels": True}
 NUMBERS = {
     "n_embd": "model.d_model", "n_layer": "model.n_layers", "n_head": "model.n_heads",
     "vocab_size": "model.vocab_size", "n_positions": "model.max_seq_len", "layer_norm_epsilon": "model.norm_eps",
@@ -34,6 +35,8 @@ def gpt2_overrides(hf: Mapping[str, Any]) -> list[str]:
     refuse(hf, "scale_attn_by_inverse_layer_idx", "attention scores divided by the layer index + 1 per layer")
     refuse(hf, "reorder_and_upcast_attn", "attention scores upcast to fp32 in a reordered product")
     refuse(hf, "add_cross_attention", "cross-attention blocks in a decoder-only model")
+    # The sequence-summary head of GPT2DoubleHeadsModel: not part of the language model.
+    unused(hf, "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels")
     out = [
         "position=learned", "norm=layernorm", f"activation={activation(hf, 'activation_function', gated=False)}",
         "attention=mha", "ffn=dense", "topology=decoder_only", override("model.name", "hf:gpt2"),

@@ -9,22 +9,25 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ...errors import ConfigError
 from ..fit import ANY, Expresses, only
 from ..mapping import ModelType, TensorRule, override
 from .common import (GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, TOPOLOGY, activation, activation_back, dense,
-                     family_guess, gqa, moe, numbers, refuse, rope, rope_back, rope_position)
+                     family_guess, gqa, moe, numbers, refuse, rope, rope_back, rope_position, unused)
 
 # The transformers config classes' defaults (LlamaConfig() etc.), for fields a config.json leaves out.
 _BASE = {"vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
          "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "head_dim": None,
-         "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
+         "rope_theta": 10000.0, "rope_parameters": None, "bos_token_id": 1, "eos_token_id": 2,
+         "pad_token_id": None}
 DEFAULTS = {
     "llama": {**_BASE, "intermediate_size": 11008, "num_key_value_heads": None, "max_position_embeddings": 2048,
               "pretraining_tp": 1, "attention_bias": False, "mlp_bias": False},
     "mistral": {**_BASE, "intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 131072,
                 "sliding_window": 4096},
     "qwen2": {**_BASE, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
-              "max_position_embeddings": 32768, "use_sliding_window": False, "bos_token_id": None,
+              "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": 4096,
+              "max_window_layers": 28, "layer_types": None, "bos_token_id": None,
               "eos_token_id": None},
     "mixtral": {**_BASE, "intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 131072,
                 "rms_norm_eps": 1e-5, "sliding_window": None, "num_experts_per_tok": 2, "num_local_experts": 8,
@@ -64,8 +67,19 @@ def mistral_overrides(hf: Mapping[str, Any]) -> list[str]:
     return _overrides(hf, "mistral", window_key="sliding_window")
 
 
+def full_attention_layers(hf: Mapping[str, Any]) -> None:
+    """Qwen's configs window only some layers (`use_sliding_window` with `max_window_layers`, or
+    transformers 5's `layer_types`): refused; with every layer full, the window sizes are moot."""
+    refuse(hf, "use_sliding_window", "Qwen windows only the layers past max_window_layers")
+    sliding = [i for i, t in enumerate(hf.get("layer_types") or []) if t != "full_attention"]
+    if sliding:
+        raise ConfigError("layer_types", hf["layer_types"], f"cannot be represented: layers {sliding} are "
+                          "not full attention", ["full_attention in every layer"])
+    unused(hf, "sliding_window", "max_window_layers")
+
+
 def qwen2_overrides(hf: Mapping[str, Any]) -> list[str]:
-    refuse(hf, "use_sliding_window", "Qwen-2 windows only the layers past max_window_layers")
+    full_attention_layers(hf)
     return [*_overrides(hf, "qwen2", window_key="_never"), "model.qkv_bias=true", "model.attention_bias=false"]
 
 
@@ -148,7 +162,13 @@ EXPRESSES = {
 
 
 def _type(name: str, architecture: str, overrides: Any) -> ModelType:
-    return ModelType(name, architecture, overrides, hf_config, tensors, IGNORE, expresses=EXPRESSES[name],
+    def config(spec: Any) -> dict[str, Any]:
+        # One writer for four config classes: each gets the fields it has (the fit check has made sure
+        # the others hold what their absence means: no window for llama, no biases for mistral).
+        kind = TYPES_BY_NAME[name]
+        return {k: v for k, v in hf_config(spec).items() if k in kind.fields}
+
+    return ModelType(name, architecture, overrides, config, tensors, IGNORE, expresses=EXPRESSES[name],
                      defaults=DEFAULTS[name])
 
 
@@ -158,5 +178,6 @@ TYPES = (
     _type("qwen2", "Qwen2ForCausalLM", qwen2_overrides),
     _type("mixtral", "MixtralForCausalLM", mixtral_overrides),
 )
+TYPES_BY_NAME = {t.name: t for t in TYPES}
 
 guess = family_guess(TYPES)

@@ -30,16 +30,17 @@ from .common import (GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, TOPOLOGY, activati
 # Qwen2MoeConfig() and Qwen3MoeConfig()'s defaults, for fields a config.json leaves out.
 _BASE = {"vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 24, "hidden_act": "silu",
          "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
-         "use_sliding_window": False, "decoder_sparse_step": 1, "norm_topk_prob": False,
+         "rope_parameters": None, "use_sliding_window": False, "sliding_window": 4096, "decoder_sparse_step": 1, "norm_topk_prob": False,
          "router_aux_loss_coef": 0.001, "mlp_only_layers": [], "bos_token_id": None,
          "eos_token_id": None, "pad_token_id": None}
 DEFAULTS = {
     "qwen2_moe": {**_BASE, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 16,
                   "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
-                  "num_experts_per_tok": 4, "num_experts": 60, "qkv_bias": True},
+                  "num_experts_per_tok": 4, "num_experts": 60, "qkv_bias": True, "max_window_layers": 28,
+                  "layer_types": None},
     "qwen3_moe": {**_BASE, "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4,
                   "attention_bias": False, "moe_intermediate_size": 768, "num_experts_per_tok": 8,
-                  "num_local_experts": 128},  # Qwen3MoeConfig stores num_experts under this name
+                  "num_experts": 128},
 }
 
 LAYER, BLOCK = llama.LAYER, llama.BLOCK
@@ -100,13 +101,10 @@ def shared_rules(layer: int, ffn: Any, name: str) -> list[TensorRule]:
 # ------------------------------------------------------------------ config: HF -> ours
 
 def _overrides(hf: Mapping[str, Any], name: str) -> list[str]:
-    refuse(hf, "use_sliding_window", "Qwen windows only some layers (max_window_layers)")
-    sliding = [i for i, t in enumerate(hf.get("layer_types") or []) if t != "full_attention"]
-    if sliding:
-        raise ConfigError("layer_types", hf["layer_types"], f"cannot be represented: layers {sliding} are "
-                          "not full attention", ["full_attention in every layer"])
+    llama.full_attention_layers(hf)
     rope_truncate(hf)
-    experts = hf.get("num_experts") or hf.get("num_local_experts")
+    # Qwen3MoeConfig also takes the name num_local_experts (its attribute map): a file stating it means it.
+    experts = hf["num_local_experts"] if hf.get("num_local_experts") is not None else hf["num_experts"]
     if not experts or experts < 1:
         raise ConfigError("num_experts", experts, "cannot be represented: a model without experts is a dense "
                           "Qwen (model_type qwen2/qwen3)", "an integer >= 1")
@@ -206,14 +204,17 @@ def tensors(spec: Any) -> list[TensorRule]:
     return rules
 
 
-def _type(name: str, architecture: str, overrides: Any, config: Any) -> ModelType:
+def _type(name: str, architecture: str, overrides: Any, config: Any, **extra: Any) -> ModelType:
+    # head_dim: not a field of these config classes, but stated by checkpoints and read by the modeling code
     return ModelType(name, architecture, overrides, config, tensors, llama.IGNORE, expresses=EXPRESSES[name],
-                     defaults=DEFAULTS[name])
+                     defaults=DEFAULTS[name], extra_fields={"head_dim": None, **extra})
 
 
 TYPES = (
     _type("qwen2_moe", "Qwen2MoeForCausalLM", qwen2_moe_overrides, qwen2_moe_config),
-    _type("qwen3_moe", "Qwen3MoeForCausalLM", qwen3_moe_overrides, qwen3_moe_config),
+    # Qwen3MoeConfig's other name for num_experts, and a window field its published configs still carry.
+    _type("qwen3_moe", "Qwen3MoeForCausalLM", qwen3_moe_overrides, qwen3_moe_config, num_local_experts=None,
+          max_window_layers=None),
 )
 
 guess = family_guess(TYPES)

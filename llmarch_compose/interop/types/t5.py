@@ -28,7 +28,8 @@ from typing import Any, Mapping
 from ...errors import ConfigError
 from ..fit import ANY, Expresses, Rule, only, where
 from ..mapping import ModelType, TensorRule, override
-from .common import ACTIVATIONS, RMSNORM, activation_back, dense, family_guess, gqa, numbers, refuse, topology
+from .common import (ACTIVATIONS, RMSNORM, activation_back, dense, family_guess, gqa, numbers, refuse, topology,
+                     unused)
 
 # T5Config's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_heads": 8,
@@ -64,11 +65,13 @@ def feed_forward(hf: Mapping[str, Any]) -> tuple[str, bool]:
 def scaled_head(hf: Mapping[str, Any]) -> bool:
     """Whether the decoder's output is scaled by d_model**-0.5 before the head, as transformers
     5 decides it: `scale_decoder_outputs`, or (a config written before it) a tied head."""
+    tied = hf.get("tie_word_embeddings", True)  # moot where scale_decoder_outputs is stated
     scale = hf.get("scale_decoder_outputs")
-    return bool(scale) if scale is not None else hf.get("tie_word_embeddings", True) is not False
+    return bool(scale) if scale is not None else tied is not False
 
 
 def t5_overrides(hf: Mapping[str, Any]) -> list[str]:
+    unused(hf, "dense_act_fn", "is_gated_act")  # T5Config derives both from feed_forward_proj, read below
     decoder_layers = hf["num_decoder_layers"] or hf["num_layers"]  # T5Config: None means num_layers
     if decoder_layers != hf["num_layers"]:
         raise ConfigError("num_decoder_layers", decoder_layers, "cannot be represented: our encoder and "
@@ -176,7 +179,9 @@ def tensors(spec: Any) -> list[TensorRule]:
 IGNORE = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
           "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
 
-TYPES = (ModelType("t5", "T5ForConditionalGeneration", t5_overrides, hf_config, tensors, IGNORE, expresses=EXPRESSES,
+TYPES = (ModelType("t5", "T5ForConditionalGeneration", t5_overrides, hf_config, tensors, IGNORE,
+                   extra_fields={"dense_act_fn": None, "is_gated_act": None, "scale_decoder_outputs": None,
+                                 "tie_word_embeddings": None}, expresses=EXPRESSES,
                    defaults=DEFAULTS),)
 
 guess = family_guess(TYPES)
