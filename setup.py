@@ -7,6 +7,9 @@ from setuptools import find_namespace_packages, setup
 
 ROOTS = {"llmarch_compose": "llmarch_compose", "llmarch_compose.conf": "conf",
          "llmarch_compose.registry": "registry"}
+# Hydra instantiates launchers only from its `hydra_plugins` namespace package: the sweep
+# launcher's shim lives there (a portion of the namespace, not the package itself).
+PLUGIN_ROOT = {"hydra_plugins": "hydra_plugins"}
 
 
 def packages_under(name: str, folder: str) -> list[str]:
@@ -15,4 +18,5 @@ def packages_under(name: str, folder: str) -> list[str]:
 
 
 packages = sorted({p for name, folder in ROOTS.items() for p in packages_under(name, folder)})
-setup(packages=packages, package_dir=ROOTS)
+packages += [f"hydra_plugins.{p}" for p in find_namespace_packages(where="hydra_plugins", exclude=["*__pycache__*"])]
+setup(packages=packages, package_dir={**ROOTS, **PLUGIN_ROOT})

@@ -24,9 +24,12 @@ import hydra
 from hydra import initialize_config_module
 from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.plugins import Plugins
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from hydra_plugins.llmarch_compose_launcher import ProcessLauncher
 
 from .config.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, VERSION_BASE, check
 from .errors import LlmarchError
@@ -150,6 +153,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             _report(exc)
             sys.exit(EXIT_USAGE)
         return
+    # Hydra finds launchers by walking its `hydra_plugins` package, which cannot see the portion an
+    # editable install adds: hydra/launcher=processes is registered by hand (harmless when also found).
+    Plugins.instance().register(ProcessLauncher)
     try:
         sys.argv += parallel.agree_on_run_folder(sys.argv[1:])  # torchrun's ranks share one run folder
         plugins.discover()

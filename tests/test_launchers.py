@@ -95,3 +95,23 @@ def test_a_joblib_worker_that_dies_is_a_failed_row(tmp_path):
     assert rows["False"]["status"] in ("completed", "failed")
     if rows["False"]["status"] == "completed":
         assert float(rows["False"]["held-out loss"]) > 0
+
+
+def test_with_one_process_per_job_a_dying_job_fails_alone_and_its_siblings_finish(tmp_path):
+    """hydra/launcher=processes: the killed job is a failed row naming the signal; the jobs beside it
+    and after it complete, with their figures."""
+    from llmarch_compose.testing import run_llmarch, write_distribution
+
+    site = tmp_path / "site"
+    write_distribution(site, "killer-norm", {"killer_norm.py": KILLER_NORM}, {"killer": "killer_norm"})
+    proc = run_llmarch(["-m", "hydra/launcher=processes", "hydra.launcher.n_jobs=2", "norm=killer",
+                        "norm.die=false,true,false", *TINY_JOB], pythonpath=[site], cwd=tmp_path)
+    assert proc.returncode != 0
+    sweep = only_sweep(tmp_path).absolute()
+    assert "1 of 3 sweep jobs did not complete: job 1 (failed)" in proc.stderr, proc.stderr[-3000:]
+    rows = csv_rows(sweep)
+    assert [r["status"] for r in rows] == ["completed", "failed", "completed"], rows
+    assert rows[1]["error"].startswith("ProcessDied: job 1 (norm=killer norm.die=True"), rows[1]["error"]
+    assert "its process was killed by SIGKILL" in rows[1]["error"]
+    for row in (rows[0], rows[2]):
+        assert float(row["held-out loss"]) > 0

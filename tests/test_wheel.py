@@ -65,6 +65,7 @@ def test_wheel_holds_every_source_file(installed, tmp_path):
         **{Path("conf") / p.relative_to(ROOT / "conf"): p for p in (ROOT / "conf").rglob("*.yaml")},
         **{Path("registry") / p.relative_to(ROOT / "registry"): p for p in (ROOT / "registry").rglob("*.py")},
         **{p.relative_to(ROOT / "llmarch_compose"): p for p in (ROOT / "llmarch_compose").rglob("*.py")},
+        **{Path("..") / p.relative_to(ROOT): p for p in (ROOT / "hydra_plugins").rglob("*.py")},
     }
     missing = sorted(str(rel) for rel in expected if not (where / rel).is_file())
     assert not missing, missing
@@ -82,3 +83,13 @@ def test_summary_and_plugins_run_from_the_wheel(installed, tmp_path):
     presets = {p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")}
     table = _llmarch(installed, "task=table", "task.format=json", cwd=tmp_path).stdout
     assert all(p in table for p in presets - {"tiny", "hf"})
+
+
+def test_hydra_finds_the_sweep_launcher_in_the_wheel(installed, tmp_path):
+    """Installed from the wheel, Hydra's own plugin walk finds hydra/launcher=processes (an editable
+    install needs the command line's registration; a wheel does not)."""
+    code = ("from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher; "
+            "print(sorted(f'{c.__module__}.{c.__name__}' for c in Plugins.instance().discover(Launcher)))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = _run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path, env=env).stdout
+    assert "hydra_plugins.llmarch_compose_launcher.ProcessLauncher" in found, found
