@@ -70,6 +70,11 @@ class ModelConfig:
     eos_token_id: Any = None  # an id, or a list of ids (GLM-4 stops at any of three)
     pad_token_id: Optional[int] = None
     decoder_start_token_id: Optional[int] = None  # where an encoder-decoder's decoding starts (T5: 0, BART: 2)
+    # Equal budgets (config/match.py): one dimension moved until a card figure meets a target.
+    match: Optional[str] = None  # params | active_params | flops_per_token | kv_cache_bytes; None: off
+    match_target: Any = None  # a number, a preset name (its figure at this scale) or baseline (a sweep's first job)
+    match_by: str = "ffn_dim"  # the dimension that moves: ffn_dim | d_model | n_layers | n_experts
+    match_multiple: Optional[int] = None  # the step it moves in; None: 8, or what the chosen plugins need
 
     @property
     def embedding_width(self) -> int:
@@ -79,11 +84,12 @@ class ModelConfig:
 
 #: The `model.` keys the core and the topologies read themselves, whichever plugins are
 #: chosen (audited in config/spec.py, model/build.py, model/card.py, registry/topology/*.py,
-#: and the exporters for the token ids); every other key is read only by the group nodes
-#: that interpolate it (see config/usage.py).
+#: the exporters for the token ids, and config/match.py for the match keys); every other
+#: key is read only by the group nodes that interpolate it (see config/usage.py).
 CORE_FIELDS = ("name", "path", "d_model", "n_layers", "n_heads", "head_dim", "vocab_size", "max_seq_len",
                "tie_embeddings", "embedding_dim", "type_vocab_size", "layer_pattern", "init_std",
-               "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+               "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+               "match", "match_target", "match_by", "match_multiple")
 
 
 @dataclass

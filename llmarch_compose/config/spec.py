@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..plugin import registry as plugins
 from ..errors import ConfigError, valid_divisors, valid_range  # noqa: F401 (re-exported)
+from . import match
 from .layer_patterns import LAYER_GROUPS, STACKS, layer_node, parse_rules
 from .scale import apply_scale
 from .schema import ModelConfig
@@ -33,6 +34,8 @@ class ModelSpec:
     layer_params: Mapping[tuple[str, int], Mapping[str, Any]] = field(default_factory=dict)
     # model keys a preset set that no chosen plugin reads (the card lists them)
     unused: tuple[str, ...] = ()
+    # what `model.match` set (config/match.py); None where nothing was matched
+    match: Optional[match.Match] = None
 
     def params_for(self, group: str, layer: Optional[int] = None, stack: str = "decoder") -> Any:
         if layer is not None:
@@ -92,6 +95,7 @@ MAX_SIZES = {
     "q_lora_rank": WIDTH, "kv_lora_rank": WIDTH, "qk_rope_head_dim": WIDTH, "qk_nope_head_dim": WIDTH,
     "v_head_dim": WIDTH, "n_experts": 1 << 20, "experts_per_token": 1 << 20, "n_shared_experts": 1 << 10,
     "n_expert_groups": 1 << 20, "topk_expert_groups": 1 << 20, "expert_capacity": 1 << 30,
+    "match_multiple": WIDTH,
 }
 #: Token ids: -1 is a common "none" in Hugging Face configs; ids are stored as int32 or less.
 TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -150,11 +154,21 @@ def validate_model(model: ModelConfig) -> ModelConfig:
 
 
 def resolve_spec(cfg: DictConfig) -> ModelSpec:
-    """Validate `cfg` and return the typed spec the builder consumes."""
+    """Validate `cfg` and return the typed spec the builder consumes: at its `scale`, with
+    the dimension `model.match` moves set (config/match.py)."""
     unset = tuple(unused(cfg))  # before scaling, which resolves the model's own interpolations
-    cfg = apply_scale(cfg)
+    scaled = apply_scale(cfg)
+    spec = dataclasses.replace(resolve_scaled(scaled), unused=unset)
+    if spec.model.match is None:
+        return spec
+    return match.matched_spec(cfg, scaled, spec, resolve_scaled)
+
+
+def resolve_scaled(cfg: DictConfig) -> ModelSpec:
+    """The spec of a config already at its scale, as it stands (nothing matched)."""
     model = to_dataclass(ModelConfig, cfg.model, "model")
     model = validate_model(model)
+    match.check_keys(model)
     params = {}
     for group in plugins.GROUPS:
         node = cfg.get(group)
@@ -169,7 +183,7 @@ def resolve_spec(cfg: DictConfig) -> ModelSpec:
     layer_params = resolve_layers(cfg, model, params)
     # The model-wide window only: scale=tiny shrinks it, not a layer rule's own (gpt3's 256).
     _check_window(params["attention"], model, cfg)
-    return ModelSpec(model=model, params=params, layer_params=layer_params, unused=unset)
+    return ModelSpec(model=model, params=params, layer_params=layer_params)
 
 
 def _check_window(params: Any, model: ModelConfig, cfg: DictConfig) -> None:

@@ -263,6 +263,8 @@ def architecture_card(spec: ModelSpec, dtype: str = "bfloat16", context: int | N
         **kv_cache(model, dtype_bytes, context),
         "inference_weight_bytes": counts["params_total"] * dtype_bytes,
         "training_memory_fp32_adamw_bytes": training_memory(counts["params_total"]),
+        # model.match: the dimension set to meet a budget, its value, the target and the difference
+        "match": spec.match.record() if spec.match is not None else None,
     }
     return card
 

@@ -15,6 +15,10 @@ line therefore calls `take_reports(ending)` after every sweep, which also writes
 report of a sweep that was started and not ended, recording how it ended in
 `sweep_end.json`: a job that left neither a summary nor `failure.json` in a sweep
 that ended in a failure had its process killed (a dead worker), and is a failed row.
+
+A sweep whose jobs match a budget to `model.match_target=baseline` gets the figures of
+its first job in `match_baseline.json` at the start, before any job runs, so that jobs
+in any process read the same numbers (config/match.py).
 """
 
 from __future__ import annotations
@@ -25,12 +29,16 @@ from typing import Any, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException, HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ..artifacts.atomic import write_atomic
+from ..config import match
+from ..config.compose import with_checkpoint
+from ..errors import LlmarchError
 from ..plugin.registry import add
 from .report import END, FAILED, FAILURE, PLAN, SweepReport, write_report
 
@@ -71,6 +79,23 @@ def planned_jobs(config: DictConfig) -> Optional[list[list[str]]]:
     return [list(job) for batch in batches for job in batch]
 
 
+def record_match_baseline(sweep_dir: Path, config: DictConfig, plan: Optional[list[list[str]]]) -> None:
+    """Where the sweep's jobs match to `baseline`, the figures of its first job's model,
+    composed from that job's overrides as its own process will compose them."""
+    (sweep_dir / match.BASELINE_FILE).unlink(missing_ok=True)  # an earlier sweep's, in a reused folder
+    if not plan or not match.needs_baseline(plan, config):
+        return
+    try:
+        job_cfg = GlobalHydra.instance().config_loader().load_sweep_config(config, list(plan[0]))
+        with read_write(job_cfg), open_dict(job_cfg):
+            del job_cfg["hydra"]
+        job_cfg = with_checkpoint(job_cfg, plan[0])
+    except (HydraException, LlmarchError) as exc:
+        match.write_baseline(sweep_dir, plan[0], None, f"{type(exc).__name__}: {exc}")
+        return
+    match.write_baseline(sweep_dir, plan[0], job_cfg)
+
+
 def report_on(sweep_dir: Path, ending: Optional[str] = None) -> SweepReport:
     """Write the sweep's report; `ending` (failed, interrupted), for a sweep Hydra did not
     end, is recorded first so that the report, and any rebuilt later, reads it."""
@@ -106,6 +131,7 @@ class SweepReportCallback(Callback):
         if plan is not None:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(sweep_dir / PLAN, json.dumps({"jobs": plan}, indent=1) + "\n")
+        record_match_baseline(sweep_dir, config, plan)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status == JobStatus.FAILED:

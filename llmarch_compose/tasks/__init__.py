@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ..config.compose import with_checkpoint
+from ..config.match import with_baseline
 from ..errors import ConfigError
 from ..train import parallel
 from ..plugin import registry
@@ -29,8 +33,16 @@ def run_task(cfg: DictConfig, overrides: list[str] | None = None) -> Any:
     built from a checkpoint folder (`model=hf model.path=...`)."""
     if overrides is not None:
         cfg = with_checkpoint(cfg, overrides)
+    cfg = with_baseline(cfg, _sweep_dir())  # model.match_target=baseline: the sweep's first job's figure
     _refuse_parallel_outside_training(cfg)
     return registry.get("task", cfg.task.name).target(cfg)
+
+
+def _sweep_dir() -> Optional[Path]:
+    """The folder of the sweep this job belongs to; None outside a sweep."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).absolute()
 
 
 def _refuse_parallel_outside_training(cfg: DictConfig) -> None:

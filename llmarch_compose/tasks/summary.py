@@ -67,7 +67,18 @@ def render_text(card: dict[str, Any]) -> str:
     lines.append(f"  training, fp32 + AdamW    {human_bytes(train['total'])} "
                  f"(weights {human_bytes(train['weights'])}, gradients {human_bytes(train['gradients'])}, "
                  f"AdamW {human_bytes(train['adamw_states'])}; activations not included)")
+    if card.get("match"):
+        lines += _match_lines(card["match"])
     return "\n".join(lines)
+
+
+def _match_lines(match: dict[str, Any]) -> list[str]:
+    """model.match: which dimension moved, to what, and how close the figure came."""
+    source = f" ({match['target_from']})" if match["target_from"] else ""
+    return ["", f"Matched ({match['figure']}, the card's {match['card_key']}, by {match['by']})",
+            f"  {match['by']:<15} {match['value']:,} (a multiple of {match['multiple']})",
+            f"  target          {match['target']:,.0f}{source}",
+            f"  {match['figure']:<15} {match['achieved']:,.0f} ({match['difference_pct']:+.3f}% from the target)"]
 
 
 @register("task", "summary", params=SummaryTask)

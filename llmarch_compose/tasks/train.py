@@ -12,6 +12,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ..config.match import settled
 from ..config.spec import make_choice, resolve_spec
 from ..config.structured import to_dataclass
 from ..model.build import resolve_device
@@ -42,6 +43,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     precision: PrecisionConfig = make_choice("precision", cfg.precision)
     precision.validate()
     spec = resolve_spec(cfg)
+    cfg = settled(cfg, spec)  # what the checkpoint and the loggers record: the matched model, if matched
     topology = spec.params["topology"]
     objective = plugins.get("topology", topology.plugin).cls.objective
     data = make_source(data_cfg, objective, topology.name)

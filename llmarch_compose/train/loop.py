@@ -495,6 +495,8 @@ def summarize(run: Run, log: MetricsLog, progress: Progress, memory: PeakMemory,
         "status": status,
         "model": run.spec.model.name,
         "components": run.spec.components,
+        # model.match: the dimension set to meet a budget, the target and the remaining difference
+        "match": run.spec.match.record() if run.spec.match is not None else None,
         "data": run.data_name,
         **counts,
         "steps": task.steps,
