@@ -32,6 +32,7 @@ from .config.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, VERSION_BAS
 from .errors import LlmarchError
 from .plugin import registry as plugins
 from .sweep.callback import JobFailed, take_reports
+from .sweep.replicates import expand_replicates
 from .sweep.report import FAILED, INCOMPLETE, INTERRUPTED, NOT_STARTED
 from .tasks import run_task
 from .train import parallel
@@ -107,6 +108,7 @@ EXAMPLES = (
     ("llmarch model=llama2_7b task=summary", "the architecture card of a preset (built on meta: no memory)"),
     ("llmarch model=llama3_8b attention=mqa norm=layernorm", "train a preset with two components swapped"),
     ("llmarch -m attention=mha,mqa,gqa task.steps=100", "an ablation sweep ending in one report"),
+    ("llmarch -m attention=mha,gqa task.replicates=3", "each configuration with 3 seeds: mean, spread, test"),
 )
 
 
@@ -151,6 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             sys.exit(EXIT_USAGE)
         return
     try:
+        sys.argv[1:] = expand_replicates(sys.argv[1:])  # task.replicates=N: a sweep over N seeds
         sys.argv += parallel.agree_on_run_folder(sys.argv[1:])  # torchrun's ranks share one run folder
         plugins.discover()
         args, _ = get_args_parser().parse_known_args(sys.argv[1:])
