@@ -94,7 +94,7 @@ def _run_app() -> None:
     for report in reports:
         failed = [job for job in report.jobs if job.status in (FAILED, INCOMPLETE, NOT_STARTED)]
         if failed:
-            jobs = ", ".join(f"{job.number} ({job.status})" for job in failed)
+            jobs = ", ".join(f"{job.id} ({job.status})" for job in failed)
             print(f"llmarch: {ending}: {len(failed)} of {len(report.jobs)} sweep jobs did not complete: job {jobs}; "
                   f"see {report.markdown}", file=sys.stderr)
             status = status or EXIT_JOB_FAILED

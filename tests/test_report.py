@@ -546,6 +546,21 @@ def test_jobs_of_two_sweeps_in_one_folder_keep_apart(tmp_path):
     assert sorted(j.id for j in collect(tmp_path)[0]) == ["gqa_0", "mha_0"]
 
 
+def test_a_seed_run_twice_is_not_an_independent_replicate(tmp_path):
+    from llmarch_compose.sweep.groups import configurations
+    from llmarch_compose.sweep.report import collect_sweeps, render_markdown, swept_keys
+
+    for sweep in ("a", "b"):  # the same job in two sweeps
+        fake_run(tmp_path / sweep, 0, {"attention": "mha", "seed": 0}, {**MHA, "seed": 0}, {"final_val_loss": 2.0})
+    fake_run(tmp_path / "b", 1, {"attention": "mha", "seed": 1}, {**MHA, "seed": 1}, {"final_val_loss": 2.1})
+    jobs, declared = collect_sweeps([tmp_path / "a", tmp_path / "b"])
+    swept = swept_keys(jobs, declared)
+    groups = configurations(jobs, swept)
+    assert [(c.seeds, [j.id for j in c.jobs]) for c in groups] == [(["0", "0", "1"], ["a/0", "b/0", "b/1"])]
+    text = render_markdown(tmp_path, jobs, swept, [], [tmp_path / "a", tmp_path / "b"], groups)
+    assert "Configuration 1 ran a seed more than once" in text
+
+
 @pytest.mark.parametrize("sweeps, output, key", [
     (["{a}", "{a}"], "{tmp}/out", "task.sweeps"),  # a sweep twice: its rows twice
     (["{a}", "{b}"], "{a}", "task.output"),  # into a sweep's own folder

@@ -567,6 +567,10 @@ def render_markdown(report_dir: Path, jobs: Sequence[Job], swept: Sequence[str],
                   f"{' or '.join(map(str, seeds))} seeds each. Figures are over each configuration's completed "
                   "seeds: mean ± sample standard deviation [95% interval of the mean, Student t with n-1 degrees "
                   "of freedom]; a figure equal in every seed shows once."]
+        repeated = [str(c.number) for c in groups if len(set(c.seeds)) < len(c.seeds)]
+        if repeated:
+            lines.append(f"Configuration {', '.join(repeated)} ran a seed more than once (sweeps merged that "
+                         "repeat a job): those runs are not independent replicates.")
     if same_values:
         lines += ["", "The same in every job (values in effect):", "", *_same_in_every_job(same_values)]
     if same:
