@@ -470,12 +470,15 @@ def _statuses(jobs: Sequence[Job]) -> str:
 def _group_foreign(configuration: Configuration) -> tuple[Optional[float], str]:
     """The highest foreign load over the configuration's completed jobs, and its text."""
     measured = [(j.foreign_load, j) for j in configuration.completed if j.foreign_load is not None]
+    unknown = [j.value(SEED) or "?" for j in configuration.completed
+               if j.foreign_load is None and FOREIGN_LOAD in j.summary]
     if not measured:
-        return None, "unknown" if any(FOREIGN_LOAD in j.summary for j in configuration.completed) else ""
+        return None, "unknown" if unknown else ""
     load, job = max(measured, key=lambda m: m[0])
-    if load <= LOADED:
-        return load, f"≤ {load:.0%}"
-    return load, f"{load:.0%} {LOADED_MARK} (seed {job.value(SEED) or '?'})"
+    text = f"≤ {load:.0%}" if load <= LOADED else f"{load:.0%} {LOADED_MARK} (seed {job.value(SEED) or '?'})"
+    if unknown:
+        text += f"; seed {', '.join(unknown)} unknown"
+    return load, text
 
 
 def configuration_columns(groups: Sequence[Configuration], swept: Sequence[str]) -> list[Column]:
