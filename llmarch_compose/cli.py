@@ -35,6 +35,7 @@ from .config.compose import CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, VERSION_BAS
 from .errors import LlmarchError
 from .plugin import registry as plugins
 from .sweep.callback import JobFailed, take_reports
+from .sweep.replicates import expand_replicates
 from .sweep.report import FAILED, INCOMPLETE, INTERRUPTED, NOT_STARTED
 from .tasks import run_task
 from .train import parallel
@@ -96,7 +97,7 @@ def _run_app() -> None:
     for report in reports:
         failed = [job for job in report.jobs if job.status in (FAILED, INCOMPLETE, NOT_STARTED)]
         if failed:
-            jobs = ", ".join(f"{job.number} ({job.status})" for job in failed)
+            jobs = ", ".join(f"{job.id} ({job.status})" for job in failed)
             print(f"llmarch: {ending}: {len(failed)} of {len(report.jobs)} sweep jobs did not complete: job {jobs}; "
                   f"see {report.markdown}", file=sys.stderr)
             status = status or EXIT_JOB_FAILED
@@ -110,6 +111,7 @@ EXAMPLES = (
     ("llmarch model=llama2_7b task=summary", "the architecture card of a preset (built on meta: no memory)"),
     ("llmarch model=llama3_8b attention=mqa norm=layernorm", "train a preset with two components swapped"),
     ("llmarch -m attention=mha,mqa,gqa task.steps=100", "an ablation sweep ending in one report"),
+    ("llmarch -m attention=mha,gqa task.replicates=3", "each configuration with 3 seeds: mean, spread, test"),
 )
 
 
@@ -157,6 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # editable install adds: hydra/launcher=processes is registered by hand (harmless when also found).
     Plugins.instance().register(ProcessLauncher)
     try:
+        sys.argv[1:] = expand_replicates(sys.argv[1:])  # task.replicates=N: a sweep over N seeds
         sys.argv += parallel.agree_on_run_folder(sys.argv[1:])  # torchrun's ranks share one run folder
         plugins.discover()
         args, _ = get_args_parser().parse_known_args(sys.argv[1:])

@@ -97,6 +97,12 @@ def test_metrics_and_summary_files(runs, mode):
     assert summary["peak_memory_bytes"] > 0
     assert summary["peak_memory_measure"] in ("process_peak_rss_since_run_start", "process_peak_rss_since_process_start")
     assert not list(out.glob(".summary.json*"))  # the temporary file was renamed into place
+    # The values in effect (for the sweep report), and how loaded the machine was while timed.
+    settings = summary["settings"]
+    assert settings["attention"] == "gqa" and settings["attention.num_kv_heads"] == 2
+    assert settings["task.seq_len"] == 32 and settings["compile"] == mode and settings["seed"] == cfg.seed
+    load, measure = summary["foreign_cpu_load"], summary["foreign_cpu_load_measure"]
+    assert (0.0 <= load <= 1.0 and "other processes" in measure) if load is not None else measure.startswith("unknown")
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ..config.in_effect import values_in_effect
 from ..config.match import settled
 from ..config.spec import make_choice, resolve_spec
 from ..config.structured import to_dataclass
@@ -23,6 +24,7 @@ from ..plugin import registry as plugins
 from ..plugin.registry import register
 from ..train import loggers, parallel, resume
 from ..train.data import data_config, make_source
+from ..train.foreign_load import LOADED
 from ..train.loop import TrainSettings, check, check_output, lr_at, train
 
 TrainTask = TrainSettings
@@ -56,23 +58,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = parallel.device_for(world, resolve_device(cfg.device))
     preflight(spec, task.batch_size, task.seq_len, precision.dtype, device,  # before anything is allocated
               task.loss_chunk_tokens or None, task.activation_checkpointing)
+    compile_cfg = to_dataclass(CompileConfig, cfg.compile, "compile")
+    settings = values_in_effect(cfg, spec, scale=(cfg.get("scale") or {}).get("name"), seed=cfg.seed, task=task,
+                                data=data_cfg, precision=precision, compile=compile_cfg, parallel=parallel_cfg,
+                                device=str(device))
     out_dir = output_dir(task)
     if task.output or not HydraConfig.initialized():  # Hydra's own run directory is a fresh one
         check_output(out_dir, task)
     resume_from = resume.resolve(task.resume, out_dir)
     parallel.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
     summary = train(spec, task, data, data_cfg.name, objective, precision,
-                    to_dataclass(CompileConfig, cfg.compile, "compile"), device, cfg.seed,
+                    compile_cfg, device, cfg.seed,
                     data_cfg.seed, out_dir, cfg if task.checkpoint else None,
                     parallel_cfg if parallel_cfg.name != "none" else None, world, resume_from,
                     lambda card, first_step: loggers.open_loggers(
-                        cfg.get("logger"), out_dir, OmegaConf.to_container(cfg, resolve=True), card, first_step))
+                        cfg.get("logger"), out_dir, OmegaConf.to_container(cfg, resolve=True), card, first_step),
+                    settings=settings)
     if not world.is_main:
         return summary
     accuracy = summary["final_val_accuracy"]
     accuracy = f", answer accuracy {accuracy:.1%}" if accuracy is not None else ""
+    load = summary["foreign_cpu_load"]
+    load = f", while other processes used {load:.0%} of the CPU" if load is not None and load > LOADED else ""
     print(f"held-out loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f}{accuracy} after "
-          f"{task.steps} steps ({summary['tokens_per_s'] or 0:,.0f} tokens/s); outputs in {out_dir}")
+          f"{task.steps} steps ({summary['tokens_per_s'] or 0:,.0f} tokens/s{load}); outputs in {out_dir}")
     return summary
 
 

@@ -22,7 +22,7 @@ import re
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,6 +40,7 @@ from ..model.compiler import CompileConfig, compile_from_config
 from ..model.precision import PrecisionConfig
 from ..plugin.interfaces import DataSource, Topology
 from ..plugin.objectives import Objective
+from .foreign_load import ForeignLoad
 from .metrics import causal_scores
 from . import chunked_loss, parallel, recompute, resume
 from . import loggers as loggers_mod
@@ -332,16 +333,23 @@ class Run:
 
 @dataclass
 class Throughput:
-    """Tokens per second over the timed steps (the first pays for compilation)."""
+    """Tokens per second over the timed steps (the first pays for compilation), and the
+    CPU load other processes put on the machine meanwhile."""
 
     tokens_per_step: int
     seconds: float = 0.0
     steps: int = 0
+    foreign: ForeignLoad = field(default_factory=ForeignLoad)
+
+    def begin(self, step: int) -> None:
+        if step > 1:
+            self.foreign.begin()
 
     def add(self, step: int, dt: float) -> float:
         if step > 1:
             self.seconds += dt
             self.steps += 1
+            self.foreign.end(dt)
         return self.tokens_per_step * self.steps / self.seconds if self.seconds else self.tokens_per_step / dt
 
     @property
@@ -388,7 +396,8 @@ class Progress:
     def state(self) -> dict[str, Any]:
         """As a resumable checkpoint stores it."""
         return finite_or_null({"steps_done": self.steps_done, "skipped": self.skipped, "train_loss": self.train_loss,
-                               "timed_seconds": self.throughput.seconds, "timed_steps": self.throughput.steps})
+                               "timed_seconds": self.throughput.seconds, "timed_steps": self.throughput.steps,
+                               "foreign_load": self.throughput.foreign.state()})
 
     def restore(self, state: dict[str, Any]) -> None:
         self.steps_done, self.skipped = int(state.get("steps_done", 0)), int(state.get("skipped", 0))
@@ -396,6 +405,7 @@ class Progress:
         self.train_loss = float("nan") if loss is None else float(loss)
         self.throughput.seconds = float(state.get("timed_seconds") or 0.0)
         self.throughput.steps = int(state.get("timed_steps") or 0)
+        self.throughput.foreign.restore(state.get("foreign_load"))
 
 
 def _first_nonfinite(figures: dict[str, float]) -> Optional[tuple[str, float]]:
@@ -448,6 +458,7 @@ def train_steps(run: Run, log: MetricsLog, start: float, progress: Progress, opt
     bar = tqdm(range(first_step, task.steps + 1), desc="train", initial=first_step - 1, total=task.steps,
                disable=not (task.progress and run.world.is_main), dynamic_ncols=True)
     for step in bar:
+        throughput.begin(step)  # outside the timed window: reading the CPU counters is not the step's work
         t0 = time.perf_counter()
         loss_value, total_value = accumulate_gradients(run, optimizer)
         grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), task.grad_clip))
@@ -519,6 +530,7 @@ def summarize(run: Run, log: MetricsLog, progress: Progress, memory: PeakMemory,
         "final_val_sequence_accuracy": final.get("val_sequence_accuracy"),
         "chance_accuracy": run.data.chance_accuracy,
         "tokens_per_s": throughput.tokens_per_s,
+        **throughput.foreign.summary(),  # foreign_cpu_load: how loaded the machine was meanwhile
         "wall_s": time.perf_counter() - start,
         # In the dtype the weights were trained in.
         "kv_cache_bytes_per_token": kv_cache(run.model, run.precision.dtype.itemsize,
@@ -537,7 +549,8 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
           precision: PrecisionConfig, compile_cfg: CompileConfig, device: torch.device, seed: int,
           data_seed: Optional[int], out_dir: Path, checkpoint_config: Optional[DictConfig],
           parallel_cfg: Any = None, world: World = SINGLE, resume_from: Optional[Path] = None,
-          open_loggers: Optional[Callable[[dict[str, Any], int], loggers_mod.Loggers]] = None) -> dict[str, Any]:
+          open_loggers: Optional[Callable[[dict[str, Any], int], loggers_mod.Loggers]] = None,
+          settings: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Train the model `spec` describes and write metrics.jsonl, summary.json and (with
     `checkpoint_config`, the config saved beside the weights) a checkpoint in `out_dir`.
 
@@ -546,7 +559,8 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
     earlier run's, in a folder reused with task.overwrite=true, stays). Over several
     ranks, every rank trains and rank 0 alone writes. With `resume_from` (a checkpoint
     train/resume.py wrote), the run continues after its step. `open_loggers(card,
-    first_step)` opens the `logger` group's choices (rank 0 only)."""
+    first_step)` opens the `logger` group's choices (rank 0 only). `settings`, the run's values
+    in effect (config/in_effect.py), are stored in the summary for the sweep report."""
     memory = PeakMemory(device)
     run = prepare(spec, task, data, data_name, objective, precision, compile_cfg, device, seed, data_seed,
                   parallel_cfg, world)
@@ -570,6 +584,8 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
 
     def write_summary(status: str, **extra: Any) -> dict[str, Any]:
         summary = {**summarize(run, log, progress, memory, counts, compile_cfg.mode, start, status), **extra}
+        if settings is not None:
+            summary["settings"] = settings
         if world.is_main:
             write_atomic(out_dir / SUMMARY, to_json(summary, indent=2) + "\n")
             log.loggers.close(finite_or_null(summary))
