@@ -637,3 +637,23 @@ def test_a_seed_sweep_end_to_end_grouped_and_merged(tmp_path):
     assert len(ids) == len(set(ids)) == 8
     assert [r["attention"] for r in table(merged)] == ["mha", "gqa", "mqa"]
     assert all(r["jobs"].count("/") == len(r["seeds"].split(", ")) for r in table(merged))  # qualified ids
+
+
+def test_a_matched_budget_shows_its_remaining_difference(tmp_path):
+    """model.match: the moved dimension is a value in effect (a column where it differs), and each
+    job's remaining difference from the target is a figure of its own."""
+    from llmarch_compose.sweep.report import write_report
+
+    sweep = tmp_path / "sweep"
+    declare(sweep, "attention=mha,gqa", "model.match=params", "model.match_target=baseline")
+    for number, (values, ffn, diff) in enumerate(((MHA, 704, 0.0), (GQA, 832, 0.25))):
+        match = {"figure": "params", "by": "ffn_dim", "value": ffn, "difference_pct": diff}
+        fake_run(sweep, number, {"attention": values["attention"]}, {**values, "model.ffn_dim": ffn},
+                 {"final_val_loss": 2.0 + number, "params_total": 1000, "match": match})
+    write_report(sweep)
+    rows = {r["attention"]: r for r in csv_rows(sweep)}
+    assert float(rows["mha"]["matched: difference from target (%)"]) == 0.0
+    assert float(rows["gqa"]["matched: difference from target (%)"]) == 0.25
+    shown = {r["attention"]: r["matched: difference from target (%)"] for r in table(sweep)}
+    assert shown == {"mha": "+0.000", "gqa": "+0.250"}
+    assert (rows["mha"]["model.ffn_dim"], rows["gqa"]["model.ffn_dim"]) == ("704", "832")

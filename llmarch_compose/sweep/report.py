@@ -89,6 +89,10 @@ def _seconds(v: float) -> str:
     return f"{v:.1f}"
 
 
+def _percent(v: float) -> str:
+    return f"{v:+.3f}"
+
+
 def _bytes(v: float) -> str:
     return human_bytes(v)
 
@@ -108,6 +112,8 @@ METRIC_COLUMNS = (
     Metric("final_val_accuracy", "held-out accuracy", _loss),
     Metric("tokens_per_s", "tokens/s", _count),
     Metric("params_total", "parameters", _count),
+    # model.match: how far the matched figure stayed from its target (the moved dimension is a value in effect)
+    Metric("match.difference_pct", "matched: difference from target (%)", _percent),
     Metric("params_active", "active parameters", _count),
     Metric("kv_cache_bytes_per_token", "KV cache bytes/token", _count),
     Metric("peak_memory_bytes", "peak memory", _bytes),
@@ -164,7 +170,11 @@ class Job:
         return self.settings.get(key)
 
     def number_of(self, key: str) -> Optional[float]:
-        return _finite(self.summary.get(key))
+        """A figure of the summary; a dotted key reads inside a record (`match.difference_pct`)."""
+        value: Any = self.summary
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return _finite(value)
 
     @property
     def error(self) -> str:
