@@ -119,7 +119,7 @@ def test_a_hybrid_has_one_kind_per_distinct_layer(hybrid):
     assert [p["attn"].title.startswith("SWA+") for p in by_name] == [False, True, False, True]
     assert [p["attn"].changed for p in by_name] == [False, True, False, True]  # set by the pattern's rule
     assert "window 8" in by_name[1]["attn"].notes and "2 KV heads" in by_name[0]["attn"].notes
-    assert "4 heads x 8" in by_name[0]["attn"].notes
+    assert "4 heads × 8" in by_name[0]["attn"].notes
     assert [p["ffn"].moe for p in by_name] == [False, False, True, True]
     moe = by_name[2]["ffn"]
     assert moe.changed and {"num_experts 4", "top_k 2", "hidden 48", "activation SwiGLU"} <= set(moe.notes)
@@ -142,10 +142,10 @@ def test_the_embeddings_position_and_head(hybrid):
     _, a = hybrid
     (embed,) = a.stacks[0].inputs
     names = {p.name: p for p in embed.parts}
-    assert names["tokens"].title == "Embedding 64 x 32"
+    assert names["tokens"].title == "Embedding 64 × 32"
     assert names["position"].title == "RoPE" and "rotates q and k in every attention layer" in names["position"].notes
     (head,) = a.outputs
-    assert head.notes[0] == "not tied to the token table" and head.parts[0].title == "parameter 64 x 32"
+    assert head.notes[0] == "not tied to the token table" and head.parts[0].title == "parameter 64 × 32"
     assert head.parts[0].params == 64 * 32
 
 
@@ -182,8 +182,8 @@ def test_shared_layers_and_post_norm():
     assert all("post" in p.notes for p in kind.parts if p.group == "norm")
     embed = {p.name: p for p in stack.inputs[0].parts}
     width = spec.model.embedding_dim
-    assert embed["project"].title == f"Linear {width} -> {spec.model.d_model} + bias"  # factorized embeddings
-    assert embed["token_types"].title == f"Embedding 2 x {width}"
+    assert embed["project"].title == f"Linear {width} → {spec.model.d_model} + bias"  # factorized embeddings
+    assert embed["token_types"].title == f"Embedding 2 × {width}"
     assert counted(a) == a.params_total
 
 

@@ -36,8 +36,8 @@ class Part:
     """One named part of a box: a sublayer, a norm, a table, a projection."""
 
     name: str  # the attribute it sits under ("attn", "tokens")
-    title: str  # what it is ("GQA - gqa", "Embedding 32000 x 4096")
-    notes: tuple[str, ...] = ()  # its settings ("32 heads x 128", "window 256")
+    title: str  # what it is ("MQA · mqa (plugin gqa)", "Embedding 32000 × 4096")
+    notes: tuple[str, ...] = ()  # its settings ("32 heads × 128", "window 256")
     group: str = ""  # the plugin group that built it; "" for any other module
     params: int = 0  # the parameters it holds (a table shared with another part counts once)
     active: Optional[int] = None  # of those, the ones one token uses (a mixture of experts)
@@ -210,7 +210,7 @@ def _letter(i: int) -> str:
 # --------------------------------------------------------------------------- parts
 
 def _shape(t) -> str:
-    return " x ".join(str(s) for s in t.shape)
+    return " × ".join(str(s) for s in t.shape)
 
 
 def choice_text(params: Any) -> str:
@@ -258,7 +258,7 @@ class _Describer:
         shown = settings(params)
         if isinstance(module, Attention):
             notes.append("cross-attention" if module.cross else "causal" if module.causal else "bidirectional")
-            notes.append(f"{m.n_heads} heads x {m.head_dim}")
+            notes.append(f"{m.n_heads} heads × {m.head_dim}")
             kv = type(module).key_value_heads(params, m)
             if kv is not None:
                 notes.append(f"{kv} KV heads")
@@ -306,10 +306,10 @@ class _Describer:
 
     def kind(self, module: nn.Module) -> str:
         if isinstance(module, nn.Embedding):
-            return f"Embedding {module.num_embeddings} x {module.embedding_dim}"
+            return f"Embedding {module.num_embeddings} × {module.embedding_dim}"
         if isinstance(module, nn.Linear):
             bias = " + bias" if module.bias is not None else ""
-            return f"Linear {module.in_features} -> {module.out_features}{bias}"
+            return f"Linear {module.in_features} → {module.out_features}{bias}"
         return self.label(module) if hasattr(module, "plugin_params") else type(module).__name__
 
     def box(self, name: str, module: nn.Module) -> Box:
@@ -451,7 +451,7 @@ def describe(spec: ModelSpec, model: Optional[Topology] = None) -> Anatomy:
         box = d.box(name, module)
         if k == 0:  # the head: the table it reuses (or not), and the options that act on it
             table = () if tied is None else (Part("weight", f"tied to {d.names[id(tied)]}",
-                                                  (f"{tied.num_embeddings} x {tied.embedding_dim}",)),)
+                                                  (f"{tied.num_embeddings} × {tied.embedding_dim}",)),)
             untied = ("not tied to the token table",) if tied is None else ()
             box = dataclasses.replace(box, parts=(*table, *box.parts), notes=(*untied, *options["head"]))
         outputs.append(box)

@@ -205,8 +205,8 @@ class _Layout:
         self.c.box(x + 0.1, y, 0.26, 0.2, fill=colour, edge=colour, radius=0.03, z=3)
         self.c.text(x + 0.23, y + 0.1, kind.letter, pt=8, colour="#FFFFFF", weight="bold", ha="center", va="center")
         runs = len(kind.layers)
-        what = (f"{layer_set(kind.layers)}: one block, shared, run x{kind.runs}" if kind.runs > 1
-                else f"{layer_set(kind.layers)}  (x{runs})")
+        what = (f"{layer_set(kind.layers)}: one block, shared, run ×{kind.runs}" if kind.runs > 1
+                else f"{layer_set(kind.layers)}  (×{runs})")
         per = params_text(kind.params, None)
         self.c.text(x + 0.45, y + 0.02, what, pt=HEAD_PT - 0.5, weight="bold")
         if per:
@@ -256,7 +256,9 @@ class _Layout:
             notes = wrap(" · ".join(stack.notes), width - 0.2, NOTE_PT)
             self.c.text(x + 0.1, y, "\n".join(notes), pt=NOTE_PT, colour=MUTED)
             y += lines_height(len(notes), NOTE_PT)
-        y = self.layer_map(stack, x + 0.1, y + 0.06, width - 0.2) + 0.04
+        if len(stack.kinds) > 1:  # which layer is which kind
+            y = self.layer_map(stack, x + 0.1, y + 0.06, width - 0.2)
+        y += 0.04
         for i, kind in enumerate(stack.kinds):
             y = self.kind(stack, kind, i, x + 0.1, y, width - 0.2) + 0.08
         for part in stack.after:
@@ -341,7 +343,7 @@ def draw(anatomy: Anatomy):
             for tx, ty in layout.cross_targets:
                 if tx > sx:
                     c.arrow(sx, sy, tx, ty, colour="#2F6DB3", rad=0.25, lw=1.3, z=6)
-            c.text(sx + 0.05, sy + 0.08, "output", pt=NOTE_PT, colour="#2F6DB3")
+            c.text(sx + 0.06, sy + 0.1, f"{stack.reads}\noutput", pt=NOTE_PT, colour="#2F6DB3")
     y = max([y_out, *bottoms]) + 0.2
     y = _legend(c, anatomy, MARGIN, y, width - 2 * MARGIN) + MARGIN
     fig.set_size_inches(width, y)
