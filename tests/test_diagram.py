@@ -159,6 +159,7 @@ def test_an_encoder_decoder_shows_both_stacks_and_the_cross_attention(t5):
     assert [p.name for p in decoder.kinds[0].parts] == ["attn_norm", "attn", "cross_norm", "cross_attn", "ffn_norm",
                                                          "ffn"]
     assert "cross-attention" in parts["cross_attn"].notes and "causal" in parts["attn"].notes
+    assert [p.name for p in decoder.kinds[0].parts if p.cross] == ["cross_attn"]
     assert [b.name for b in encoder.inputs] == ["encoder_embed"] and [b.name for b in decoder.inputs] == ["embed"]
     tokens = {p.name: p for p in decoder.inputs[0].parts}["tokens"]
     assert tokens.notes == ("shared with encoder_embed.tokens",) and tokens.params == 0
@@ -205,6 +206,16 @@ class KitNorm(Norm):
         return x * self.weight
 
 
+class KitFlat(lc.Topology):
+    """A topology of a third-party package that builds no LayerStack."""
+
+    def __init__(self, params, ctx):
+        super().__init__()
+        self.position = ctx.position
+        self.lookup = nn.Embedding(ctx.model.vocab_size, ctx.model.d_model)
+        self.mix = nn.Linear(ctx.model.d_model, ctx.model.d_model)
+
+
 def test_a_third_party_plugin_and_new_topology_options_show_by_name():
     from llmarch_compose.registry.topology.decoder_only import DecoderOnly
     from llmarch_compose.registry.topology.stack import TopologyParams
@@ -223,6 +234,10 @@ def test_a_third_party_plugin_and_new_topology_options_show_by_name():
             type("KitTopology", (DecoderOnly,), {"__module__": __name__}))
         spec, a = anatomy_of(*TINY_MODEL, "norm=kit_norm", "norm.gain_init=0.5", "topology=kit_topology",
                              "topology.logit_softcap=30", "topology.mystery_knob=3", "topology.norm_position=middle")
+        # A topology of its own making, with no LayerStack: its children, one box each.
+        register("topology", "kit_flat", params=KitTopologyParams)(KitFlat)
+        _, flat = anatomy_of(*TINY_MODEL, "topology=kit_flat")
+        flat_svg = svg_text(render(flat, "svg"))
     (stack,) = a.stacks
     norms = [p for p in stack.kinds[0].parts if p.group == "norm"]
     assert [p.title for p in norms] == ["kit_norm", "kit_norm"] and all("gain_init 0.5" in p.notes for p in norms)
@@ -231,6 +246,8 @@ def test_a_third_party_plugin_and_new_topology_options_show_by_name():
     assert not any(p.residual_after for p in stack.kinds[0].parts)  # and no residual add drawn where unknown
     assert "mystery_knob 3" in stack.notes and "norm_position middle" in stack.notes
     assert "logit_softcap 30" in a.outputs[0].notes  # an option of the head goes to the head
+    assert flat.stacks == () and [b.name for b in flat.outputs] == ["position", "lookup", "mix"]
+    assert counted(flat) == flat.params_total and "Linear 32 → 32 + bias" in flat_svg
     words = a.words()  # what the drawing writes (the SVG tests below check that it writes them)
     for text in ("kit_norm", "gain_init 0.5", "mystery_knob 3", "logit_softcap 30", "kit_topology"):
         assert any(text in w for w in words), text

@@ -44,6 +44,7 @@ class Part:
     moe: bool = False  # a mixture of experts
     changed: bool = False  # differs from the model-wide choice: a model.layer_pattern rule
     residual_after: bool = False  # the sublayer's output is added to the residual stream here
+    cross: bool = False  # cross-attention: it reads another stack's output
 
     def words(self) -> list[str]:
         return [self.name, self.title, *self.notes]
@@ -277,7 +278,8 @@ class _Describer:
         changed = params != self.spec.params.get(group)  # a model.layer_pattern rule changed it here
         moe = isinstance(module, FeedForward) and type(module).mixture_of_experts
         active = module.active_params() if isinstance(module, FeedForward) else None
-        return Part(name, title, tuple(notes), group, self.numel(module), active, moe, changed)
+        cross = isinstance(module, Attention) and module.cross
+        return Part(name, title, tuple(notes), group, self.numel(module), active, moe, changed, cross=cross)
 
     def numel(self, module: nn.Module) -> int:
         """Parameters of `module` not shown yet (a tied or shared table counts once)."""
@@ -414,11 +416,13 @@ def describe(spec: ModelSpec, model: Optional[Topology] = None) -> Anatomy:
     options = _route([(k, t) for k, t in settings(topology) if k != "norm_position"])
     # The topology's children in build order: what comes before its last stack feeds a stack,
     # what comes after reads the last one (the head).
+    # (A topology without a LayerStack is drawn as its children, one box each.)
     children = list(model.named_children())
     stacks = [(n, c) for n, c in children if isinstance(c, LayerStack)]
-    last = max((i for i, (_, c) in enumerate(children) if isinstance(c, LayerStack)), default=len(children))
-    positions = [(n, c) for n, c in children if isinstance(c, PositionEncoding)]
-    others = [(i, n, c) for i, (n, c) in enumerate(children) if not isinstance(c, (LayerStack, PositionEncoding))]
+    last = max((i for i, (_, c) in enumerate(children) if isinstance(c, LayerStack)), default=-1)
+    positions = [(n, c) for n, c in children if isinstance(c, PositionEncoding) and stacks]
+    others = [(i, n, c) for i, (n, c) in enumerate(children)
+              if not isinstance(c, LayerStack) and not (stacks and isinstance(c, PositionEncoding))]
 
     # An embedding or a position encoding serves the stack wired to the same position module
     # (else the stack in the same place of the order, else the first).

@@ -115,8 +115,8 @@ class _Layout:
     # ---- one row: a part
     def part_height(self, part: Part, width: float) -> float:
         inline, note_lines = self._notes(part, width)
-        below = lines_height(len(note_lines), NOTE_PT) if note_lines and not inline else 0
-        return lines_height(1, PART_PT) + below + 0.1
+        below = len(note_lines) if note_lines and inline is None else 1 if part.changed else 0
+        return lines_height(1, PART_PT) + lines_height(below, NOTE_PT) + 0.1
 
     def _notes(self, part: Part, width: float) -> tuple[Optional[float], list[str]]:
         """The notes' lines, and the x offset where they fit on the title's line (None: below it)."""
@@ -153,7 +153,7 @@ class _Layout:
             self.c.text(x + inline, top + 0.01, notes[0], pt=NOTE_PT, colour="#333333")
         elif notes:
             self.c.text(x + NAME_W, line_y, "\n".join(notes), pt=NOTE_PT, colour="#333333")
-        if part.group == "attention" and "cross-attention" in part.notes:
+        if part.cross:
             self.cross_targets.append((x, y + h / 2))
         return y + h
 
