@@ -198,15 +198,14 @@ class _Layout:
             self.c.text(x0 + (i + 0.5) * cell, y + 0.23, str(i), pt=6, colour=MUTED, ha="center")
         return y + 0.23 + lines_height(1, 6) + 0.05
 
-    def kind(self, stack: StackView, kind: LayerKind, index: int, x: float, y: float, width: float) -> float:
+    def kind(self, kind: LayerKind, index: int, x: float, y: float, width: float) -> float:
         colour = KIND_COLOURS[index % len(KIND_COLOURS)]
         top = y
         y += 0.07
         self.c.box(x + 0.1, y, 0.26, 0.2, fill=colour, edge=colour, radius=0.03, z=3)
         self.c.text(x + 0.23, y + 0.1, kind.letter, pt=8, colour="#FFFFFF", weight="bold", ha="center", va="center")
-        runs = len(kind.layers)
         what = (f"{layer_set(kind.layers)}: one block, shared, run ×{kind.runs}" if kind.runs > 1
-                else f"{layer_set(kind.layers)}  (×{runs})")
+                else f"{layer_set(kind.layers)}  (×{len(kind.layers)})")
         per = params_text(kind.params, None)
         self.c.text(x + 0.45, y + 0.02, what, pt=HEAD_PT - 0.5, weight="bold")
         if per:
@@ -234,7 +233,8 @@ class _Layout:
         self.c.box(x, top, width, y - top, fill="#FFFFFF", edge=colour, lw=1.3, z=1)
         return y
 
-    def inputs(self, stack: StackView, x: float, y: float, width: float, draw_arrow: bool = True) -> float:
+    def inputs(self, stack: StackView, x: float, y: float, width: float) -> float:
+        """What feeds the stack (its embeddings, its position encoding), box under box."""
         for i, box in enumerate(stack.inputs):
             y = self.box(box, x, y, width)
             if i < len(stack.inputs) - 1:
@@ -260,7 +260,7 @@ class _Layout:
             y = self.layer_map(stack, x + 0.1, y + 0.06, width - 0.2)
         y += 0.04
         for i, kind in enumerate(stack.kinds):
-            y = self.kind(stack, kind, i, x + 0.1, y, width - 0.2) + 0.08
+            y = self.kind(kind, i, x + 0.1, y, width - 0.2) + 0.08
         for part in stack.after:
             y = self.part(part, x + 0.1, y, width - 0.2) + 0.05
         y += 0.06
