@@ -227,7 +227,7 @@ def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(good_run):
     records = metric_lines(out)
     assert [r["step"] for r in records] == list(range(info.value.step + 1))  # the metrics so far, and the bad step
     assert records[-1]["diverged"] in ("train_loss", "loss", "grad_norm")
-    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl", "summary.json"]
+    assert sorted(os.listdir(out)) == ["checkpoint", "diagram.png", "diagram.svg", "metrics.jsonl", "summary.json"]
 
 
 class GradNorms:

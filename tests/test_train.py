@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,17 @@ def test_metrics_and_summary_files(runs, mode):
     assert settings["task.seq_len"] == 32 and settings["compile"] == mode and settings["seed"] == cfg.seed
     load, measure = summary["foreign_cpu_load"], summary["foreign_cpu_load_measure"]
     assert (0.0 <= load <= 1.0 and "other processes" in measure) if load is not None else measure.startswith("unknown")
+
+
+@pytest.mark.slow
+def test_the_run_folder_holds_the_models_diagram(runs):
+    out = runs["eager"]["out"]
+    components = json.loads((out / "summary.json").read_text())["components"]
+    svg = ET.fromstring((out / "diagram.svg").read_bytes())  # well-formed, with its text kept as text
+    text = " ".join(svg.itertext())
+    assert all(choice in text for choice in components.values()), (components, text)
+    assert "decoder stack" in text and "layers 0-1" in text
+    assert (out / "diagram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

@@ -30,7 +30,11 @@ class BuildContext:
         params = self.spec.params_for(group, layer, stack)
         if layer is not None and group in ("attention", "ffn"):
             kwargs["layer_idx"] = layer
-        return plugins.get(group, params.plugin).cls(params, self, **kwargs)
+        module = plugins.get(group, params.plugin).cls(params, self, **kwargs)
+        # The params it was built from (its layer's own), so that a description of the built
+        # model (`task=diagram`) names each part as the config chose it.
+        module.plugin_params = params
+        return module
 
     def shared(self, group: str) -> Any:
         """One instance of `group` shared by every layer (position encodings,

@@ -144,6 +144,10 @@ class Attention(nn.Module, Labelled):
     #: Buffers that count something over this rank's batch between optimizer steps, which
     #: a run over several ranks sums before `after_optimizer_step` reads them.
     summed_across_ranks: tuple[str, ...] = ()
+    #: What the layer was built as (the constructor's `causal` and `cross`), for descriptions of
+    #: the built model (`task=diagram`): a plugin that takes them keeps them here.
+    causal: bool = True
+    cross: bool = False
 
     @classmethod
     def key_value_heads(cls, params: Any, model: Any) -> Optional[int]:

@@ -37,6 +37,7 @@ from ..errors import ConfigError, LlmarchError
 from ..model.build import build
 from ..model.card import count_params, kv_cache
 from ..model.compiler import CompileConfig, compile_from_config
+from ..model.diagram import write_diagram
 from ..model.precision import PrecisionConfig
 from ..plugin.interfaces import DataSource, Topology
 from ..plugin.objectives import Objective
@@ -67,6 +68,7 @@ class TrainSettings:
     eval_batches: int = 8
     checkpoint: bool = True
     progress: bool = True
+    diagram: bool = True  # diagram.svg and diagram.png of the model beside the summary (about 0.4 s of CPU)
     output: Optional[str] = None  # the folder to write; None: Hydra's run directory (or the working directory)
     overwrite: bool = False  # replace the run an existing `output` holds (refused otherwise)
     on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop the run, or skip the update
@@ -574,6 +576,8 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
         out_dir.mkdir(parents=True, exist_ok=True)
         if os.path.lexists(out_dir / SUMMARY):
             os.unlink(out_dir / SUMMARY)  # a replaced run's summary must not describe this run's partial log
+        if task.diagram:
+            draw_diagram(spec, out_dir)
     earlier = MetricsLog.records_until(resumed.folder.parent.parent / METRICS, resumed.step) if resumed else []
     card = {**counts, "kv_cache_bytes_per_token": kv_cache(run.model, precision.dtype.itemsize,
                                                             task.seq_len)["kv_cache_bytes_per_token"]}
@@ -631,6 +635,15 @@ def save_final_weights(run: Run, cfg: DictConfig, path: Path) -> Path:
         save_checkpoint(whole, cfg, path)
     parallel.barrier(run.world)
     return path
+
+
+def draw_diagram(spec: ModelSpec, out_dir: Path) -> None:
+    """diagram.svg and diagram.png of the model, beside the summary (model/diagram.py). A
+    drawing that fails is reported and the run goes on: nothing in it depends on the picture."""
+    try:
+        write_diagram(spec, out_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure of the drawing, named on stderr
+        print(f"llmarch: could not draw the diagram: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def _write_on_the_way_out(write_summary: Callable[..., dict[str, Any]], status: str, **extra: Any) -> None:
