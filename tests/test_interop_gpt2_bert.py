@@ -128,8 +128,9 @@ def test_config_maps_onto_groups_and_numbers():
 def test_presets_guess_their_model_type():
     guess = lambda name: guess_type(lc.resolve_spec(lc.compose([f"model={name}", "scale=tiny"])))  # noqa: E731
     assert [guess(n) for n in ("gpt2", "gpt2_xl", "bert_base", "bert_large")] == ["gpt2", "gpt2", "bert", "bert"]
-    # Close relatives are not: offset positions, factorized shared layers, banded layers, pre-norm encoders.
-    assert guess("roberta_base") is None and guess("albert_base") is None and guess("gpt3") is None
+    # Close relatives are their own types (offset positions, factorized shared layers); banded layers
+    # and pre-norm encoders are none.
+    assert guess("roberta_base") == "roberta" and guess("albert_base") == "albert" and guess("gpt3") is None
     assert guess_type(lc.resolve_spec(lc.compose(["model=bert_base", "scale=tiny",
                                                   "topology.norm_position=pre"]))) is None
 
