@@ -24,6 +24,7 @@ PUBLISHED = {
     "t5_small": 60_506_624, "t5_base": 222_903_552, "t5_large": 737_668_096, "t5_3b": 2_851_598_336,
     "t5_11b": 11_307_321_344, "flan_t5_base": 247_577_856, "switch_base_8": 619_339_008,
     "deepseek_v3": 671_026_404_352, "bart_base": 139_420_416,
+    "distilbert_base": 66_985_530, "xlm_roberta_base": 278_295_186,
 }
 PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248}
 

@@ -28,6 +28,8 @@ class TensorRule:
 
     `theirs` holds one or more names (`{i}`: layer, `{e}`: expert). `join`:
     - copy: one tensor as is;
+    - copies: one tensor the checkpoint holds under each of several names (an untied
+      masked-LM bias that transformers keeps twice): read from the first, written under each;
     - cat: several concatenated along dim 0 (fused q|k|v, gate|up);
     - t: one transposed (GPT-2's Conv1D stores [in, out]);
     - row: one [1, n] tensor held as our [n] (BART's final_logits_bias);
@@ -142,7 +144,7 @@ def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_e
 
     for rule in rules:
         try:
-            if rule.join == "copy":
+            if rule.join in ("copy", "copies"):
                 ours[rule.ours] = take(rule.theirs[0])
             elif rule.join == "cat":
                 ours[rule.ours] = torch.cat([take(t) for t in rule.theirs], dim=0)
@@ -186,6 +188,9 @@ def to_theirs(ours: Mapping[str, torch.Tensor], rules: Sequence[TensorRule]) -> 
         tensor = ours[rule.ours]
         if rule.join == "copy":
             put(rule.theirs[0], tensor, rule.ours)
+        elif rule.join == "copies":
+            for name in rule.theirs:
+                put(name, tensor, rule.ours)
         elif rule.join == "t":
             put(rule.theirs[0], tensor.t(), rule.ours)
         elif rule.join == "row":
