@@ -130,9 +130,14 @@ class Norm(nn.Module, Labelled):
 
 class Activation(nn.Module, Labelled):
     """An elementwise function. `gated` ones (the GLU family) make the FFN compute
-    `act(x W_gate) * (x W_up)`, doubling its up-projection."""
+    `combine(x W_gate, x W_up)`, by default `act(x W_gate) * (x W_up)`, doubling its up-projection."""
 
     gated: bool = False
+
+    def combine(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """A gated FFN's hidden state from its two halves (every FFN and expert calls this):
+        act(gate) * up, unless the plugin joins them otherwise (gpt-oss clamps both, adds one to up)."""
+        return self(gate) * up
 
 
 class Attention(nn.Module, Labelled):
