@@ -232,6 +232,11 @@ class FeedForward(nn.Module, Labelled):
         the shared and the top-k routed experts); None: every parameter."""
         return None
 
+    def active_matmul_params(self) -> Optional[int]:
+        """Of `active_params`, the weight-matrix elements (what the card counts 2 FLOPs each for);
+        by default all of them: a plugin whose active parameters include biases says so here."""
+        return self.active_params()
+
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (auxiliary-loss-free expert balance); nothing by default."""
 
