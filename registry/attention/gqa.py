@@ -155,8 +155,8 @@ class GroupedQueryAttention(Attention):
         if pos.decoding is not None:
             out = self._attend_cached(q, k, v, pos, cache)
         else:
-            sinks = self.sinks is not None
-            spec = MaskSpec(False, softcap=self.softcap, sinks=sinks) if self.cross else self.mask_spec()
+            cross_spec = MaskSpec(False, softcap=self.softcap, sinks=self.sinks is not None)
+            spec = cross_spec if self.cross else self.mask_spec()
             out = scaled_dot_product(q, k, v, pos if not self.cross else PositionInputs(), spec, self.scale,
                                      self.sinks)
         return self.out(out.transpose(1, 2).reshape(b, t, self.q_size))
