@@ -10,10 +10,13 @@
   the softmax, and the fused bf16 grouped kernel with the biases;
 - the card's counts, config validation and interop refusals by key;
 - slow: a tiny model with all of them (a windowed layer among them) compiled fullgraph
-  against eager, and cached decoding against the full forward.
+  against eager, cached decoding against the full forward, and activation checkpointing
+  against the gradients without it.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -25,7 +28,8 @@ from llmarch_compose.model.card import architecture_card
 from llmarch_compose.model.masks import BlockMasks, MaskSpec, flex_computes
 from llmarch_compose.registry.attention.gqa import scaled_dot_product
 from llmarch_compose.registry.ffn.moe import expert_weights
-from llmarch_compose.testing import build_with, check_compiled, check_decoding
+from llmarch_compose.testing import build_with, check_compiled, check_decoding, loss_of
+from llmarch_compose.train import recompute
 from test_plugin_numerics import FP32_INSIDE, ROUTER_FP32, TIGHT, assert_close, make_ctx, randn, randomize_
 
 F64 = torch.float64
@@ -253,8 +257,8 @@ def copy_into_gpt_oss_mlp(moe, mlp) -> None:
     with torch.no_grad():
         mlp.router.weight.copy_(moe.router.weight), mlp.router.bias.copy_(moe.router.bias)
         mlp.experts.gate_up_proj.copy_(interleaved(moe.w_in[..., :f], moe.w_in[..., f:]))
-        mlp.experts.gate_up_proj_bias.copy_(interleaved(moe.b_in[..., :f], moe.b_in[..., f:]))
-        mlp.experts.down_proj.copy_(moe.w_out), mlp.experts.down_proj_bias.copy_(moe.b_out)
+        mlp.experts.gate_up_proj_bias.copy_(interleaved(moe.in_bias[..., :f], moe.in_bias[..., f:]))
+        mlp.experts.down_proj.copy_(moe.w_out), mlp.experts.down_proj_bias.copy_(moe.out_bias)
 
 
 def test_biased_moe_matches_gpt_oss_mlp():
@@ -265,7 +269,7 @@ def test_biased_moe_matches_gpt_oss_mlp():
 
     limit = 0.5
     moe = gpt_oss_moe(limit)
-    assert moe.b_in.shape == (4, 48) and moe.b_out.shape == (4, 64) and moe.router.bias.shape == (4,)
+    assert moe.in_bias.shape == (4, 48) and moe.out_bias.shape == (4, 64) and moe.router.bias.shape == (4,)
     mlp = GptOssMLP(gpt_oss_config(swiglu_limit=limit)).double()
     copy_into_gpt_oss_mlp(moe, mlp)
     x = randn(2, 7, 64, seed=4)
@@ -281,12 +285,12 @@ def test_biased_moe_matches_gpt_oss_mlp():
              "router.bias": (moe.router.bias.grad, mlp.router.bias.grad),
              "w_in (gate)": (moe.w_in.grad[..., :f], e.gate_up_proj.grad[..., ::2]),
              "w_in (up)": (moe.w_in.grad[..., f:], e.gate_up_proj.grad[..., 1::2]),
-             "b_in (gate)": (moe.b_in.grad[..., :f], e.gate_up_proj_bias.grad[..., ::2]),
-             "b_in (up)": (moe.b_in.grad[..., f:], e.gate_up_proj_bias.grad[..., 1::2]),
-             "w_out": (moe.w_out.grad, e.down_proj.grad), "b_out": (moe.b_out.grad, e.down_proj_bias.grad)}
+             "in_bias (gate)": (moe.in_bias.grad[..., :f], e.gate_up_proj_bias.grad[..., ::2]),
+             "in_bias (up)": (moe.in_bias.grad[..., f:], e.gate_up_proj_bias.grad[..., 1::2]),
+             "w_out": (moe.w_out.grad, e.down_proj.grad), "out_bias": (moe.out_bias.grad, e.down_proj_bias.grad)}
     for name, (a, b) in pairs.items():
         assert_close(a, b, ROUTER_FP32, f"gradient of {name}")
-    assert moe.b_out.grad.abs().max() > 0 and moe.router.bias.grad.abs().max() > 0
+    assert moe.out_bias.grad.abs().max() > 0 and moe.router.bias.grad.abs().max() > 0
 
 
 def test_softmax_over_top_k_logits_is_renormalized_top_k_of_softmax():
@@ -323,7 +327,7 @@ def test_expert_biases_through_the_fused_bf16_kernel(monkeypatch):
     assert calls == [torch.bfloat16, torch.bfloat16]
     assert_close(got.double(), want, dict(rtol=3e-2, atol=3e-2, atol_per_max=2e-2), "bf16 forward")
     with torch.no_grad():
-        moe.b_out.zero_()
+        moe.out_bias.zero_()
     assert (moe(x.to(torch.bfloat16)).output.double() - got.double()).abs().max() > 0.1  # the biases count
 
 
@@ -345,6 +349,20 @@ def test_card_counts_sinks_and_biases_exactly():
     assert card["params_active"] - base["params_active"] == layers * (heads + k * per_expert + experts)
     assert card["attention"]["sinks"] is True
     assert card["flops_matmul"] == base["flops_matmul"]  # biases and sinks are no matrix products
+
+
+def test_no_weight_decay_on_sinks_and_biases():
+    """AdamW decays matrices only: the sinks and router bias are vectors, the stacked expert biases
+    2-D but biases (by name)."""
+    from llmarch_compose.train.loop import TrainSettings, optimizer_for
+
+    model = lc.build(lc.compose([*TINY_MOE, *GPT_OSS_PARTS]), device="meta")
+    decay, no_decay = ({id(p) for p in group["params"]} for group in optimizer_for(model, TrainSettings()).param_groups)
+    named = dict(model.named_parameters())
+    for name in ("attn.sinks", "ffn.router.bias", "ffn.in_bias", "ffn.out_bias"):
+        assert id(named[f"decoder.blocks.0.{name}"]) in no_decay, name
+    for name in ("ffn.w_in", "ffn.w_out", "ffn.router.weight", "attn.qkv.weight"):
+        assert id(named[f"decoder.blocks.0.{name}"]) in decay, name
 
 
 def test_a_bad_limit_names_its_key():
@@ -395,3 +413,30 @@ def test_whole_model_decodes_from_its_cache_like_the_full_forward(whole):
 @pytest.mark.parametrize("how", ["regional", "whole"])
 def test_whole_model_compiles_fullgraph_like_eager(whole, how):
     check_compiled(whole, whole.input_ids(2, 12), whole=how == "whole")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_whole_model_checkpoints_activations_with_the_same_gradients(whole, mode):
+    ids = whole.input_ids(2, 12)
+    checkpointed = copy.deepcopy(whole.model)
+    recompute.apply(checkpointed, mode)
+    grads = []
+    for model in (whole.model, checkpointed):
+        model.zero_grad(set_to_none=True)
+        loss_of(model(ids), ids.roll(-1, 1)).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{mode}, {name}: {m}")
+    whole.model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.slow
+def test_sinks_in_cross_attention_decode_like_the_full_forward():
+    """An encoder-decoder's layers (self- and cross-attention alike) take the sinks too, cached or not."""
+    from test_generate import _check_cached_equals_full
+
+    model = lc.build(lc.compose(["model=t5_small", "scale=tiny", "attention.sinks=true"])).eval()
+    randomize_(model, std=0.3)
+    assert sum(m.sinks is not None for m in model.modules() if getattr(m, "cross", False)) > 0
+    _check_cached_equals_full(model, torch.Generator().manual_seed(0))

@@ -57,8 +57,8 @@ def dense_reference(moe, x: torch.Tensor) -> torch.Tensor:
     combine = torch.zeros_like(r.scores).scatter(1, r.chosen, weights).to(x.dtype)
     h = torch.einsum("td,edf->etf", flat, w_in)
     out_bias = 0
-    if moe.b_in is not None:  # every expert's biases, on every token
-        h, out_bias = h + moe.b_in.to(x.dtype)[:, None], moe.b_out.to(x.dtype)[:, None]
+    if moe.in_bias is not None:  # every expert's biases, on every token
+        h, out_bias = h + moe.in_bias.to(x.dtype)[:, None], moe.out_bias.to(x.dtype)[:, None]
     y = torch.einsum("etd,te->td", torch.bmm(gated_product(moe.activation, h), w_out) + out_bias, combine)
     if dropped is not None:
         y = y + dropped.sum(dim=-1, keepdim=True).to(x.dtype) * flat

@@ -291,9 +291,10 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
         width = f * (2 if self.activation.gated else 1)
         self.w_in = nn.Parameter(nn.init.normal_(torch.empty(e, d, width), std=std))
         self.w_out = nn.Parameter(nn.init.normal_(torch.empty(e, f, d), std=std))
-        # Expert biases as the weights are stacked: [experts, gate | up] and [experts, d_model].
-        self.b_in = nn.Parameter(torch.zeros(e, width)) if params.expert_bias else None
-        self.b_out = nn.Parameter(torch.zeros(e, d)) if params.expert_bias else None
+        # Expert biases as the weights are stacked: [experts, gate | up] and [experts, d_model]. Named
+        # *bias, so that the optimizer, which decays matrices, leaves these 2-D vectors alone.
+        self.in_bias = nn.Parameter(torch.zeros(e, width)) if params.expert_bias else None
+        self.out_bias = nn.Parameter(torch.zeros(e, d)) if params.expert_bias else None
         nn.init.normal_(self.router.weight, std=std)
         if self.router.bias is not None:
             nn.init.zeros_(self.router.bias)
@@ -352,11 +353,11 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
             in_group = (torch.arange(rows.shape[0], device=x.device) < plan.offsets[-1]).unsqueeze(-1)
             rows = torch.where(in_group, rows, torch.zeros_like(rows))
         h = grouped_mm(rows, self.w_in, plan.offsets)
-        if self.b_in is not None:
-            h = h + expert_rows(self.b_in, plan.expert, h.dtype)
+        if self.in_bias is not None:
+            h = h + expert_rows(self.in_bias, plan.expert, h.dtype)
         out = grouped_mm(gated_product(self.activation, h), self.w_out, plan.offsets)
-        if self.b_out is not None:
-            out = out + expert_rows(self.b_out, plan.expert, out.dtype)
+        if self.out_bias is not None:
+            out = out + expert_rows(self.out_bias, plan.expert, out.dtype)
         if in_group is not None:
             out = torch.where(in_group, out, torch.zeros_like(out))
         slots = out[plan.inverse].view(*chosen.shape, -1)  # [tokens, top_k, d]
@@ -399,7 +400,8 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
 
     def active_params(self) -> int:
         """Parameters one token uses: the router, top_k experts (their biases included) and the shared experts."""
-        expert_biases = 0 if self.b_in is None else (self.b_in.numel() + self.b_out.numel()) // self.num_experts
+        biases = (self.in_bias, self.out_bias)
+        expert_biases = sum(b.numel() for b in biases if b is not None) // self.num_experts
         router_bias = 0 if self.router.bias is None else self.router.bias.numel()
         return self.active_matmul_params() + self.top_k * expert_biases + router_bias
 
