@@ -437,6 +437,7 @@ def test_sinks_in_cross_attention_decode_like_the_full_forward():
     from test_generate import _check_cached_equals_full
 
     model = lc.build(lc.compose(["model=t5_small", "scale=tiny", "attention.sinks=true"])).eval()
-    randomize_(model, std=0.3)
-    assert sum(m.sinks is not None for m in model.modules() if getattr(m, "cross", False)) > 0
+    randomize_(model, std=0.1)  # matrices small enough for fp32 to hold 1e-5 over the layers; sinks ~N(0, 0.3)
+    crossing = [m for m in model.modules() if getattr(m, "cross", False)]
+    assert crossing and all(m.sinks is not None and m.sinks.abs().min() > 0 for m in crossing)
     _check_cached_equals_full(model, torch.Generator().manual_seed(0))
