@@ -81,8 +81,8 @@ CASES = {
 
 def make_case(name: str, dtype=F64):
     causal, window, cap, use_alibi, kv = CASES[name]
-    q, k, v = randn(B, H, T, HEAD, seed=1, dtype=dtype), randn(B, kv, T, HEAD, seed=2, dtype=dtype), \
-        randn(B, kv, T, HEAD, seed=3, dtype=dtype)
+    q = randn(B, H, T, HEAD, seed=1, dtype=dtype)
+    k, v = randn(B, kv, T, HEAD, seed=2, dtype=dtype), randn(B, kv, T, HEAD, seed=3, dtype=dtype)
     sinks = randn(H, seed=4, dtype=dtype, scale=1.5)
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=dtype) if use_alibi else None
     pos = PositionInputs(slopes=slopes)
