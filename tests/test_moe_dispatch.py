@@ -1,6 +1,6 @@
 """Grouped dispatch in the `moe` plugin: every router variant against the dense
-all-experts formula (every expert on every token, combined with mostly-zero
-routing weights) on outputs and gradients, eager and compiled with fullgraph;
+all-experts formula (every expert on every token, its biases included, combined with
+mostly-zero routing weights) on outputs and gradients, eager and compiled with fullgraph;
 skewed routing (idle experts, one expert taking every token); the grouped
 product itself (custom op registration, empty groups, rows in no group); and
 bf16 through torch._grouped_mm."""
@@ -27,6 +27,9 @@ VARIANTS = {
     "switch_capacity_zero": ["ffn=switch_moe", "ffn.capacity=2", *ACTIVATION_CASES["relu"]],
     "top2_capacity_identity": ["ffn=moe", "model.expert_capacity_factor=0.75", "ffn.dropped=identity",
                                *ACTIVATION_CASES["geglu"]],
+    # gpt-oss's expert and router biases and clamped SwiGLU, with capacity drops (rows in no expert)
+    "biased_capacity_identity": ["ffn=gpt_oss_moe", "activation=swiglu_clamped", "activation.limit=1.0",
+                                 "model.expert_capacity_factor=0.75", "ffn.dropped=identity"],
 }
 
 
@@ -52,8 +55,11 @@ def dense_reference(moe, x: torch.Tensor) -> torch.Tensor:
         weights = torch.where(keep, r.weights, torch.zeros_like(r.weights))
         dropped = r.weights - weights if moe.dropped == "identity" else None
     combine = torch.zeros_like(r.scores).scatter(1, r.chosen, weights).to(x.dtype)
-    h = gated_product(moe.activation, torch.einsum("td,edf->etf", flat, w_in))
-    y = torch.einsum("etd,te->td", torch.bmm(h, w_out), combine)
+    h = torch.einsum("td,edf->etf", flat, w_in)
+    out_bias = 0
+    if moe.in_bias is not None:  # every expert's biases, on every token
+        h, out_bias = h + moe.in_bias.to(x.dtype)[:, None], moe.out_bias.to(x.dtype)[:, None]
+    y = torch.einsum("etd,te->td", torch.bmm(gated_product(moe.activation, h), w_out) + out_bias, combine)
     if dropped is not None:
         y = y + dropped.sum(dim=-1, keepdim=True).to(x.dtype) * flat
     if moe.shared is not None:

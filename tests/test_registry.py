@@ -29,7 +29,7 @@ from llmarch_compose.config.spec import resolve_spec
 BUILTINS = {
     "position": {"alibi", "learned", "none", "relative_bias", "rope", "rope_2d", "sinusoidal"},
     "norm": {"layernorm", "rmsnorm"},
-    "activation": {"gelu", "geglu", "relu", "reglu", "silu", "swiglu"},
+    "activation": {"gelu", "geglu", "relu", "reglu", "silu", "swiglu", "swiglu_clamped"},
     "attention": {"gqa", "mla"},
     "ffn": {"dense", "moe"},
     "topology": {"decoder_only", "encoder_decoder", "encoder_only", "prefix_decoder"},

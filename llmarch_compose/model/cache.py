@@ -113,12 +113,13 @@ def cached_mask(query_steps: torch.Tensor, key_steps: torch.Tensor, key_pad: tor
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decoding: DecodeInputs,
                   key_steps: torch.Tensor, key_pad: torch.Tensor, *, causal: bool, window: Optional[int] = None,
                   cap: Optional[float] = None, scale: Optional[float] = None,
-                  self_attention: bool = True) -> torch.Tensor:
-    """Attention of the new queries over keys at `key_steps` (a layer's buffer)."""
+                  self_attention: bool = True, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of the new queries over keys at `key_steps` (a layer's buffer); `sinks` [heads]:
+    each head's sink logit (kernels.py), which needs no slot in the buffer."""
     mask = cached_mask(decoding.steps, key_steps, key_pad, causal, window,
                        decoding.prefix_len if self_attention else None, self_attention)
     bias = decoding.bias(decoding.steps, key_steps) if decoding.bias is not None and self_attention else None
-    return dense_attention(q, k, v, mask, bias, cap, scale)
+    return dense_attention(q, k, v, mask, bias, cap, scale, sinks)
 
 
 def step_positions(steps: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def forward_flops_per_token(model: nn.Module, counts: dict[str, int], context: i
     for module, times in runs_per_token(model):
         if id(module) in inside_moe or isinstance(module, nn.Embedding):
             continue
-        active = module.active_params() if isinstance(module, FeedForward) else None
+        active = module.active_matmul_params() if isinstance(module, FeedForward) else None
         if active is not None:  # a mixture of experts: the experts a token uses
             matmul += active * times
             inside_moe.update(id(m) for m in module.modules())

@@ -124,6 +124,7 @@ class MaskSpec(NamedTuple):
     causal: bool
     window: Optional[int] = None
     softcap: Optional[float] = None
+    sinks: bool = False  # a learned logit per head joins the softmax (gpt-oss); the mask is the same
 
 
 def spec_mask(spec: MaskSpec, q_len: int, k_len: int, prefix_len: Optional[torch.Tensor] = None) -> Optional[MaskMod]:
@@ -153,7 +154,15 @@ def position_scores(slopes: Optional[torch.Tensor], bias: Optional[torch.Tensor]
 def is_plain(spec: MaskSpec, prefix_len, slopes, bias) -> bool:
     """Whether SDPA's own causal or full attention computes this (no mask or score tensor needed)."""
     widened = prefix_len is not None and spec.causal  # a prefix changes only a causal mask (no window here)
-    return spec.window is None and spec.softcap is None and not widened and slopes is None and bias is None
+    return (spec.window is None and spec.softcap is None and not spec.sinks and not widened and slopes is None
+            and bias is None)
+
+
+def flex_computes(spec: MaskSpec, device) -> bool:
+    """Whether FlexAttention can compute `spec` on `device`. Sinks rescale its output by its
+    log-sum-exp, which torch 2.13's CPU flex kernel (Inductor) does not return: on CPU such a
+    layer takes the dense path, so no block mask is built for it there."""
+    return not (spec.sinks and torch.device(device).type == "cpu")
 
 
 # ------------------------------------------------------------ dense equivalents
@@ -248,9 +257,9 @@ class BlockMasks:
 
     def for_forward(self, specs, batch: int, q_len: int, k_len: int, device,
                     prefix_len: Optional[torch.Tensor], slopes, bias) -> tuple[tuple[MaskSpec, BlockMask], ...]:
-        """(spec, block mask) for every spec that plain SDPA cannot compute."""
+        """(spec, block mask) for every spec that plain SDPA cannot compute and FlexAttention can."""
         return tuple((spec, self.get(spec, batch, q_len, k_len, device, prefix_len))
-                     for spec in specs if not is_plain(spec, prefix_len, slopes, bias))
+                     for spec in specs if not is_plain(spec, prefix_len, slopes, bias) and flex_computes(spec, device))
 
 
 def find_block_mask(block_masks, spec: MaskSpec) -> Optional[BlockMask]:

@@ -130,9 +130,14 @@ class Norm(nn.Module, Labelled):
 
 class Activation(nn.Module, Labelled):
     """An elementwise function. `gated` ones (the GLU family) make the FFN compute
-    `act(x W_gate) * (x W_up)`, doubling its up-projection."""
+    `combine(x W_gate, x W_up)`, by default `act(x W_gate) * (x W_up)`, doubling its up-projection."""
 
     gated: bool = False
+
+    def combine(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """A gated FFN's hidden state from its two halves (every FFN and expert calls this):
+        act(gate) * up, unless the plugin joins them otherwise (gpt-oss clamps both, adds one to up)."""
+        return self(gate) * up
 
 
 class Attention(nn.Module, Labelled):
@@ -230,6 +235,11 @@ class FeedForward(nn.Module, Labelled):
         """The parameters one token uses, where fewer than all (a mixture of experts: the router,
         the shared and the top-k routed experts); None: every parameter."""
         return None
+
+    def active_matmul_params(self) -> Optional[int]:
+        """Of `active_params`, the weight-matrix elements (what the card counts 2 FLOPs each for);
+        by default all of them: a plugin whose active parameters include biases says so here."""
+        return self.active_params()
 
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (auxiliary-loss-free expert balance); nothing by default."""

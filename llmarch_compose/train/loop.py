@@ -181,12 +181,14 @@ def lr_at(step: int, task: TrainSettings) -> float:
 
 
 def optimizer_for(model: torch.nn.Module, task: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW; norms, biases and other vectors take no weight decay. The fused kernel
-    (one pass over all parameters) where it runs: on CPU the default is a loop per
-    parameter, about a fifth of an eager training step at the benchmark's shape."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """AdamW; norms, biases and other vectors take no weight decay (biases by name too: an
+    MoE's stacked expert biases are 2-D). The fused kernel (one pass over all parameters)
+    where it runs: on CPU the default is a loop per parameter, about a fifth of an eager
+    training step at the benchmark's shape."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    decay = [p for n, p in named if p.dim() >= 2 and not n.endswith("bias")]
+    no_decay = [p for n, p in named if p.dim() < 2 or n.endswith("bias")]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW([{"params": decay, "weight_decay": task.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],

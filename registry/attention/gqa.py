@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import SI
 from torch import nn
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 from llmarch_compose import Attention, ConfigError, PositionInputs, register
 from llmarch_compose.model.cache import KVBuffer, attend_cached
-from llmarch_compose.model.kernels import dense_attention, explicit_attention
+from llmarch_compose.model.kernels import dense_attention, explicit_attention, sink_rescale
 from llmarch_compose.model.masks import (
     MaskSpec,
     chain,
@@ -34,6 +34,7 @@ class GQAParams:
     scale: Optional[float] = SI("${model.attention_scale}")  # None: 1 / sqrt(head_dim)
     qk_norm: bool = SI("${model.qk_norm}")  # the norm plugin on each head's queries and keys
     softcap: Optional[float] = None  # Gemma-2's cap on the scaled logits: softcap * tanh(logit / softcap)
+    sinks: bool = False  # gpt-oss: a learned logit per query head joins the softmax, attending to no value
 
     def validate(self, model, key):
         if self.num_kv_heads < 1 or model.n_heads % self.num_kv_heads:
@@ -48,7 +49,8 @@ class GQAParams:
                               "a number > 0 (Gemma-2: 50.0), or null for none")
 
 
-def scaled_dot_product(q, k, v, pos: PositionInputs, spec: MaskSpec, scale: Optional[float]) -> torch.Tensor:
+def scaled_dot_product(q, k, v, pos: PositionInputs, spec: MaskSpec, scale: Optional[float],
+                       sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention over [batch, heads, seq, dim] with the mask and score functions that `spec`
     and the position inputs ask for, through the kernel that fits:
 
@@ -59,11 +61,13 @@ def scaled_dot_product(q, k, v, pos: PositionInputs, spec: MaskSpec, scale: Opti
       functions, or the scores written out when a softcap (not additive) is asked for.
 
     K and V keep their own head count (`enable_gqa`): they are never repeated in memory.
+    `sinks` [heads] (with `spec.sinks`): each head's sink logit, in every path (kernels.py).
     """
     gqa = q.shape[1] != k.shape[1]
     b, h, q_len, k_len = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
+    plain = is_plain(spec, pos.prefix_len, pos.slopes, pos.bias) and sinks is None
     # SDPA's is_causal aligns queries to the first keys; the masks here align them to the last.
-    if is_plain(spec, pos.prefix_len, pos.slopes, pos.bias) and (not spec.causal or q_len == k_len):
+    if plain and (not spec.causal or q_len == k_len):
         return F.scaled_dot_product_attention(q, k, v, is_causal=spec.causal, scale=scale, enable_gqa=gqa)
     biases = position_scores(pos.slopes, pos.bias, k_len - q_len)
     capped = [softcap(spec.softcap)] if spec.softcap is not None else []
@@ -73,15 +77,17 @@ def scaled_dot_product(q, k, v, pos: PositionInputs, spec: MaskSpec, scale: Opti
         # Contiguous operands: compiled on CPU (torch 2.13), FlexAttention misreads q, k, v that are
         # transposed views of one projection, computed in the same graph (checked against SDPA).
         # Inductor writes rotated q and k contiguous at no cost; v is one copy.
-        return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=chain(*biases, *capped),
-                              block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        out = flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=chain(*biases, *capped),
+                             block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                             return_aux=AuxRequest(lse=True) if sinks is not None else None)
+        return out if sinks is None else sink_rescale(out[0], out[1].lse, sinks)
     mask_mod = spec_mask(spec, q_len, k_len, pos.prefix_len)
     mask = dense_mask(mask_mod, b, q_len, k_len, q.device) if mask_mod is not None else None
     if capped:
         return explicit_attention(q, k, v, chain(*biases, *capped), mask,
-                                  scale if scale is not None else q.shape[-1] ** -0.5)
+                                  scale if scale is not None else q.shape[-1] ** -0.5, sinks)
     bias = dense_bias(chain(*biases), b, h, q_len, k_len, q.device, q.dtype) if biases else None
-    return dense_attention(q, k, v, mask, bias, None, scale)
+    return dense_attention(q, k, v, mask, bias, None, scale, sinks)
 
 
 @register("attention", "gqa", params=GQAParams)
@@ -115,6 +121,8 @@ class GroupedQueryAttention(Attention):
         self.out = nn.Linear(self.q_size, m.d_model, bias=params.out_bias)
         self.q_norm = ctx.build("norm", dim=self.head_dim) if params.qk_norm else None
         self.k_norm = ctx.build("norm", dim=self.head_dim) if params.qk_norm else None
+        # Zero sinks start as one more key of score 0 (a softmax that may attend to nothing).
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if params.sinks else None
         # A bound method, not a submodule: the topology owns the position module.
         self.rotate = (position or ctx.position).rotate
         for linear in self.children():
@@ -147,8 +155,10 @@ class GroupedQueryAttention(Attention):
         if pos.decoding is not None:
             out = self._attend_cached(q, k, v, pos, cache)
         else:
-            spec = MaskSpec(False, softcap=self.softcap) if self.cross else self.mask_spec()
-            out = scaled_dot_product(q, k, v, pos if not self.cross else PositionInputs(), spec, self.scale)
+            cross_spec = MaskSpec(False, softcap=self.softcap, sinks=self.sinks is not None)
+            spec = cross_spec if self.cross else self.mask_spec()
+            out = scaled_dot_product(q, k, v, pos if not self.cross else PositionInputs(), spec, self.scale,
+                                     self.sinks)
         return self.out(out.transpose(1, 2).reshape(b, t, self.q_size))
 
     def _attend_cached(self, q, k, v, pos: PositionInputs, cache: KVBuffer) -> torch.Tensor:
@@ -160,7 +170,7 @@ class GroupedQueryAttention(Attention):
             keys, key_steps = cache.write(pos.decoding.steps, k=k, v=v)
         return attend_cached(q, keys["k"], keys["v"], pos.decoding, key_steps, cache.pad, causal=self.causal,
                              window=None if self.cross else self.window, cap=self.softcap, scale=self.scale,
-                             self_attention=not self.cross)
+                             self_attention=not self.cross, sinks=self.sinks)
 
     def new_cache(self, batch: int, capacity: int, pad: torch.Tensor, device=None, dtype=None) -> KVBuffer:
         # num_kv_heads heads, never repeated to the query heads; a causal window rolls.
@@ -171,7 +181,7 @@ class GroupedQueryAttention(Attention):
 
     def mask_spec(self) -> Optional[MaskSpec]:
         # Cross-attention sees the whole source: no block mask to build for it.
-        return None if self.cross else MaskSpec(self.causal, self.window, self.softcap)
+        return None if self.cross else MaskSpec(self.causal, self.window, self.softcap, self.sinks is not None)
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int) -> int:
         # Only causal self-attention grows a cache while decoding: an encoder runs

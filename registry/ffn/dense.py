@@ -18,17 +18,17 @@ class DenseParams:
 
 
 def gated_product(activation, h: torch.Tensor) -> torch.Tensor:
-    """act(gate) * up for a gated activation (h holds [gate | up]); act(h) otherwise."""
+    """activation.combine(gate, up) for a gated activation (h holds [gate | up]); act(h) otherwise."""
     if activation.gated:
         gate, up = h.chunk(2, dim=-1)
-        return activation(gate) * up
+        return activation.combine(gate, up)
     return activation(h)
 
 
 @register("ffn", "dense", params=DenseParams)
 class DenseFFN(FeedForward):
-    """down(act(up(x))), or down(act(gate(x)) * up(x)) when the activation is gated;
-    gate and up are one fused projection."""
+    """down(act(up(x))), or down(act.combine(gate(x), up(x))) when the activation is gated
+    (act(gate(x)) * up(x) for most); gate and up are one fused projection."""
 
     def __init__(self, params: DenseParams, ctx, layer_idx: int = 0):
         super().__init__()

@@ -7,6 +7,7 @@ Its options cover the published routers (the YAML variants in conf/ffn/ set them
 - auxiliary-loss-free balancing (DeepSeek-V3): `after_optimizer_step()` nudges
   the selection bias towards under-loaded experts;
 - shared experts, always on, optionally gated (DeepSeek, Qwen2-MoE);
+- biases on the router and on each expert's up and down projections (gpt-oss);
 - expert capacity (Switch): slots beyond an expert's capacity are dropped;
 - the balance loss and the router z-loss (ST-MoE) as the auxiliary loss.
 
@@ -33,7 +34,8 @@ CPU the loop's `mm` calls run at the rate of plain `mm` on the same shapes
 
 A slot beyond its expert's capacity is sorted past the last group, so no expert
 computes it; it then contributes zero, or (dropped=identity) its weight times
-the input, as before.
+the input, as before. Expert biases are added per row, looked up by the row's expert
+(`Dispatch.expert`) outside the grouped product, so both of its kernels get them.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class MoEParams:
     capacity: Optional[int] = SI("${model.expert_capacity}")
     dropped: str = "zero"  # a dropped slot contributes zero, or its weight times the input
     z_loss_coef: float = SI("${model.router_z_loss_coef}")
+    expert_bias: bool = False  # a bias on each routed expert's up (gate | up) and down projections (gpt-oss)
+    router_bias: bool = False  # a bias on the router's logits (gpt-oss)
 
     def validate(self, model, key):
         self._validate_sizes(key)
@@ -221,6 +225,7 @@ class Dispatch(NamedTuple):
     token: torch.Tensor  # [slots] the token each row reads
     inverse: torch.Tensor  # [slots] the row that holds each slot
     offsets: torch.Tensor  # [experts] int32, each expert's end row; rows past the last are dropped slots
+    expert: torch.Tensor  # [slots] each row's expert (num_experts for a dropped slot's row)
 
 
 def dispatch(chosen: torch.Tensor, num_experts: int, keep: Optional[torch.Tensor] = None) -> Dispatch:
@@ -235,7 +240,12 @@ def dispatch(chosen: torch.Tensor, num_experts: int, keep: Optional[torch.Tensor
     slots = torch.arange(expert.numel(), device=expert.device)
     inverse = torch.empty_like(order).scatter(0, order, slots)
     offsets = counts[:num_experts].cumsum(0).to(torch.int32)
-    return Dispatch(order // chosen.shape[-1], inverse, offsets)
+    return Dispatch(order // chosen.shape[-1], inverse, offsets, expert[order])
+
+
+def expert_rows(bias: torch.Tensor, expert: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each row's bias [slots, n] from the experts' biases [experts, n]; a row in no expert gets zeros."""
+    return F.pad(bias.to(dtype), (0, 0, 0, 1))[expert]
 
 
 # -------------------------------------------------------------------------- losses
@@ -277,11 +287,17 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
         self.capacity, self.capacity_factor, self.dropped = params.capacity, params.capacity_factor, params.dropped
         self.activation = ctx.activation
         std = ctx.model.init_std
-        self.router = nn.Linear(d, e, bias=False)
+        self.router = nn.Linear(d, e, bias=params.router_bias)
         width = f * (2 if self.activation.gated else 1)
         self.w_in = nn.Parameter(nn.init.normal_(torch.empty(e, d, width), std=std))
         self.w_out = nn.Parameter(nn.init.normal_(torch.empty(e, f, d), std=std))
+        # Expert biases as the weights are stacked: [experts, gate | up] and [experts, d_model]. Named
+        # *bias, so that the optimizer, which decays matrices, leaves these 2-D vectors alone.
+        self.in_bias = nn.Parameter(torch.zeros(e, width)) if params.expert_bias else None
+        self.out_bias = nn.Parameter(torch.zeros(e, d)) if params.expert_bias else None
         nn.init.normal_(self.router.weight, std=std)
+        if self.router.bias is not None:
+            nn.init.zeros_(self.router.bias)
         self._init_balancing(params)
         self._init_shared(params, ctx)
 
@@ -336,8 +352,12 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
         if keep is not None:  # rows of dropped slots belong to no group; bf16's kernel leaves them undefined
             in_group = (torch.arange(rows.shape[0], device=x.device) < plan.offsets[-1]).unsqueeze(-1)
             rows = torch.where(in_group, rows, torch.zeros_like(rows))
-        h = gated_product(self.activation, grouped_mm(rows, self.w_in, plan.offsets))
-        out = grouped_mm(h, self.w_out, plan.offsets)
+        h = grouped_mm(rows, self.w_in, plan.offsets)
+        if self.in_bias is not None:
+            h = h + expert_rows(self.in_bias, plan.expert, h.dtype)
+        out = grouped_mm(gated_product(self.activation, h), self.w_out, plan.offsets)
+        if self.out_bias is not None:
+            out = out + expert_rows(self.out_bias, plan.expert, out.dtype)
         if in_group is not None:
             out = torch.where(in_group, out, torch.zeros_like(out))
         slots = out[plan.inverse].view(*chosen.shape, -1)  # [tokens, top_k, d]
@@ -379,7 +399,15 @@ class MixtureOfExperts(FeedForward, PreciseBuffers):
         self.expert_load.zero_()
 
     def active_params(self) -> int:
-        """Parameters one token uses: the router, top_k experts and the shared experts."""
+        """Parameters one token uses: the router, top_k experts (their biases included) and the shared experts."""
+        biases = (self.in_bias, self.out_bias)
+        expert_biases = sum(b.numel() for b in biases if b is not None) // self.num_experts
+        router_bias = 0 if self.router.bias is None else self.router.bias.numel()
+        return self.active_matmul_params() + self.top_k * expert_biases + router_bias
+
+    def active_matmul_params(self) -> int:
+        """Of those, the weight-matrix elements (the card's FLOPs): the router's weight, top_k experts'
+        matrices and the shared experts (their dense FFN and gate have no biases)."""
         per_expert = (self.w_in.numel() + self.w_out.numel()) // self.num_experts
         always = [m for m in (self.shared, self.shared_gate) if m is not None]
         shared = sum(p.numel() for m in always for p in m.parameters())
