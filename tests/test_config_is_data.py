@@ -235,6 +235,14 @@ def test_the_command_line_refuses_a_number_nothing_reads(tmp_path):
     assert llmarch(["attention=swa", "model.window=64", "task=summary"], tmp_path).returncode == 0
 
 
+def test_compose_strict_refuses_from_python_what_the_command_line_refuses():
+    with pytest.raises(ConfigError, match="attention=gqa has no window"):
+        lc.compose(["model.window=4096"], strict=True)
+    assert lc.compose(["model.window=4096"]).model.window == 4096  # not strict: listed unused on the card
+    # What describes a checkpoint is exempt: a Hugging Face config's sliding_window under gqa is no typo.
+    assert lc.compose(["model.d_model=64"], strict=True, described=["model.window=4096"]).model.window == 4096
+
+
 def test_keys_a_chosen_plugin_reads_pass():
     for overrides in (["attention=swa", "model.window=8"], ["ffn=moe", "model.ffn_dim=64"],
                       ["model.qkv_bias=true"], ["model.d_model=64"]):

@@ -142,7 +142,7 @@ def _first_of_each_sweep(overrides: Sequence[str], config_loader) -> list[str]:
 
 
 def _compose_checked(overrides: Sequence[str], config_name: str = CONFIG_NAME,
-                     hydra_node: bool = False) -> DictConfig:
+                     hydra_node: bool = False, checked: Sequence[str] = ()) -> DictConfig:
     loader = GlobalHydra.instance().config_loader()
     check_overrides(overrides, loader)
     single = _first_of_each_sweep(overrides, loader)
@@ -156,8 +156,8 @@ def _compose_checked(overrides: Sequence[str], config_name: str = CONFIG_NAME,
         raise ConfigError("overrides", " ".join(single), str(exc).strip().splitlines()[0]) from None
     check_targets(cfg)
     _check_resolves(cfg)
-    if hydra_node:  # the command line: a model number the user set that nothing reads is refused
-        check_used(cfg, single, loader)
+    if checked:  # a model number the caller set that nothing reads is refused
+        check_used(cfg, _first_of_each_sweep(checked, loader), loader)
     return cfg
 
 
@@ -208,7 +208,8 @@ def check(overrides: Sequence[str], config_dir: Optional[str] = None, config_pat
     GlobalHydra.instance().clear()
     try:
         _initialize(config_dir, config_path)
-        _check_run_folder(_compose_checked(overrides, config_name or CONFIG_NAME, hydra_node=True), multirun)
+        _check_run_folder(_compose_checked(overrides, config_name or CONFIG_NAME, hydra_node=True,
+                                           checked=overrides), multirun)
     finally:
         GlobalHydra.instance().clear()
 
@@ -235,13 +236,21 @@ def with_checkpoint(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     if not path or str(cfg.model.get("name", "")).startswith("hf:"):
         return cfg
     mine = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("model", "model.path")]
-    return compose([*model_source(path).overrides(Path(path).expanduser()), *mine])
+    return compose(mine, described=model_source(path).overrides(Path(path).expanduser()))
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME) -> DictConfig:
-    """The composed config for `overrides`, as `llmarch` would see it (without `hydra.`)."""
+def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME, *, strict: bool = False,
+            described: Sequence[str] = ()) -> DictConfig:
+    """The composed config for `overrides`, as `llmarch` would see it (without `hydra.`).
+
+    As on the command line, a `model.` number set in `overrides` that no chosen plugin reads is
+    refused, naming the plugin that would (`model.window=4096` under attention=gqa).
+    `strict=False` lets one list of numbers serve every choice of a loop (the numbers a choice
+    does not read are then listed as unused on its card). `described`: overrides that describe a
+    checkpoint (a Hugging Face folder's config), applied first and exempt from that check."""
     plugins.discover()
-    overrides = list(overrides)
+    checked = list(overrides) if strict else []
+    overrides = [*described, *overrides]
     if config_name != CONFIG_NAME:
         raise ConfigError("config_name", config_name, "unknown root config", [CONFIG_NAME])
     owned = not GlobalHydra.instance().is_initialized()
@@ -249,7 +258,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = CONFIG_NAME) -> Di
         context = initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE)
         context.__enter__()
     try:
-        return with_checkpoint(_compose_checked(overrides), overrides)
+        return with_checkpoint(_compose_checked(overrides, checked=checked), overrides)
     finally:
         if owned:
             GlobalHydra.instance().clear()

@@ -159,7 +159,7 @@ def from_hf(path_or_model: Union[str, Path, nn.Module], overrides: Sequence[str]
         with tempfile.TemporaryDirectory() as tmp:
             path_or_model.save_pretrained(tmp)
             return from_hf(tmp, overrides, device)
-    cfg = compose([*checkpoint_overrides(path_or_model), *overrides])
+    cfg = compose(overrides, described=checkpoint_overrides(path_or_model))
     return cfg, build(cfg, device=device)  # building from model.path loads every tensor
 
 
