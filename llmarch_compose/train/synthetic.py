@@ -11,14 +11,15 @@ is a few dozen ids, inside any model's.
 
 - `recall` (multi-query associative recall): `num_pairs` key-value pairs, a gap,
   then `num_queries` of the keys, each followed by its value. Keys and values are
-  drawn from disjoint ranges; keys are distinct within a problem. A key's query
+  drawn from disjoint ranges; keys are distinct within a problem. The queried keys are
+  drawn with replacement: were each key asked at most once, a model that cannot match
+  keys could still eliminate the values already answered and beat chance. A key's query
   comes at least `min_distance` positions after the key (its value one position
   less), so attention whose reach is shorter, e.g. a sliding window of w tokens
   over L layers reaching L * (w - 1) positions back, cannot find the answer:
   it stays at chance, 1 / num_values (`attention=swa model.window=8` over 2
   layers reaches 14 positions back; the nearest pair is 15 or 16 away). Learning
-  recall itself is a phase change after a plateau at the shortcut below; short
-  CPU runs of a small model cross it only for some seeds.
+  recall itself is a phase change after a plateau.
 - `copy`: `length` random symbols, the separator, then the same symbols.
 - `sort`: `length` random symbols, the separator, then the symbols in ascending order.
 """
@@ -44,10 +45,7 @@ class RecallConfig:
     name: str = "recall"
     seed: Optional[int] = None  # the seed of the training stream; None: the run's seed
     num_pairs: int = 6
-    # Each a distinct key of the problem. Fewer queries than pairs keeps a shortcut
-    # small: a model that cannot match keys but sees the pairs guesses the most
-    # frequent value not yet answered (about 31% here; values may repeat).
-    num_queries: int = 3
+    num_queries: int = 3  # keys of the problem's pairs, drawn with replacement
     min_distance: int = 16  # positions from a key to its query, at least
     num_keys: int = 16
     num_values: int = 16
@@ -126,10 +124,6 @@ class Recall(SyntheticTask):
         for field in ("num_pairs", "num_queries", "num_keys", "num_values"):
             require_at_least(cfg, field, 1)
         require_at_least(cfg, "min_distance", 2)  # a query comes after its own pair
-        if cfg.num_queries > cfg.num_pairs:
-            raise ConfigError("data.num_queries", cfg.num_queries,
-                              f"each query asks a different key of the {cfg.num_pairs} pairs (data.num_pairs)",
-                              f"1..{cfg.num_pairs}")
         if cfg.num_pairs > cfg.num_keys:
             raise ConfigError("data.num_pairs", cfg.num_pairs,
                               f"keys are distinct within a problem and data.num_keys={cfg.num_keys}",
@@ -149,7 +143,7 @@ class Recall(SyntheticTask):
         c = self.cfg
         keys = torch.rand(count, c.num_keys, generator=generator).argsort(dim=1)[:, :c.num_pairs] + FIRST_SYMBOL
         values = torch.randint(self.first_value, self.vocab_size, (count, c.num_pairs), generator=generator)
-        asked = torch.rand(count, c.num_pairs, generator=generator).argsort(dim=1)[:, :c.num_queries]
+        asked = torch.randint(0, c.num_pairs, (count, c.num_queries), generator=generator)  # with replacement
         pairs = torch.stack((keys, values), dim=2).flatten(1)
         queries = torch.stack((keys.gather(1, asked), values.gather(1, asked)), dim=2).flatten(1)
         gap = torch.full((count, self.gap), FILLER)
