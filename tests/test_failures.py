@@ -354,12 +354,18 @@ def llmarch(args, cwd, **kwargs):
 @pytest.mark.slow
 def test_ctrl_c_exits_130_with_an_interrupted_summary(tmp_path):
     out = tmp_path / "D"
-    proc = llmarch([*B, "task.steps=100000", "task.eval_every=100000", f"task.output={out}"], tmp_path)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(metric_lines(out) if (out / "metrics.jsonl").exists() else []) < 3:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    # SIGINT as a terminal delivers it: a suite started in the background (`pytest &`) passes
+    # its children SIGINT ignored, and Python then leaves it ignored.
+    proc = llmarch([*B, "task.steps=100000", "task.eval_every=100000", f"task.output={out}"], tmp_path,
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(metric_lines(out) if (out / "metrics.jsonl").exists() else []) < 3:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never a 100000-step run left behind
     assert proc.returncode == 130, stderr[-2000:]
     summary = strict_json(out / "summary.json")
     assert summary["status"] == "interrupted" and summary["steps_completed"] >= 2
