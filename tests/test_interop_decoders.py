@@ -1,0 +1,46 @@
+"""Hugging Face interop for more decoder-only types built from the existing components:
+qwen3. The standard checks (hf_parity: logits eager and compiled, round trips, greedy
+decoding) and refusals that name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+
+from llmarch_compose.errors import ConfigError
+from llmarch_compose.interop.hf import from_hf
+from hf_parity import VOCAB, Case, build_hf, parity_tests
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=VOCAB,
+             max_position_embeddings=64)
+
+
+def config(cls, base, **changes):
+    return lambda: cls(**{**base, **changes})
+
+
+CASES = {
+    # head_dim 32 (not 64 / 4), GQA, QK-norm, biases on all four projections, a tied head.
+    "qwen3": Case(config(transformers.Qwen3Config, SMALL, num_key_value_heads=2, head_dim=32, attention_bias=True,
+                         tie_word_embeddings=True), transformers.Qwen3ForCausalLM, seed=1),
+}
+globals().update(parity_tests(CASES))
+
+
+def _saved(name, tmp_path, **changes):
+    folder = tmp_path / name
+    build_hf(CASES[name]).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("name, changes, key", [
+    ("qwen3", dict(use_sliding_window=True), "use_sliding_window"),
+])
+def test_unrepresentable_field_is_named(name, changes, key, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        from_hf(_saved(name, tmp_path, **changes))
+    assert info.value.key == key
