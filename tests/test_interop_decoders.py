@@ -1,5 +1,5 @@
 """Hugging Face interop for more decoder-only types built from the existing components:
-qwen3. The standard checks (hf_parity: logits eager and compiled, round trips, greedy
+qwen3, starcoder2. The standard checks (hf_parity: logits eager and compiled, round trips, greedy
 decoding) and refusals that name the field."""
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ CASES = {
     # head_dim 32 (not 64 / 4), GQA, QK-norm, biases on all four projections, a tied head.
     "qwen3": Case(config(transformers.Qwen3Config, SMALL, num_key_value_heads=2, head_dim=32, attention_bias=True,
                          tie_word_embeddings=True), transformers.Qwen3ForCausalLM, seed=1),
+    # GQA, a window of 8 (the 24-token input exceeds it), biases everywhere, tanh GELU, a tied head.
+    "starcoder2": Case(config(transformers.Starcoder2Config, SMALL, num_key_value_heads=2, sliding_window=8),
+                       transformers.Starcoder2ForCausalLM, seed=2),
 }
 globals().update(parity_tests(CASES))
 
@@ -39,6 +42,7 @@ def _saved(name, tmp_path, **changes):
 
 @pytest.mark.parametrize("name, changes, key", [
     ("qwen3", dict(use_sliding_window=True), "use_sliding_window"),
+    ("starcoder2", dict(hidden_act="gelu_fast"), "hidden_act"),
 ])
 def test_unrepresentable_field_is_named(name, changes, key, tmp_path):
     with pytest.raises(ConfigError) as info:
