@@ -1,5 +1,5 @@
 """Hugging Face interop for more decoder-only types built from the existing components:
-qwen3, starcoder2. The standard checks (hf_parity: logits eager and compiled, round trips, greedy
+qwen3, starcoder2, gpt_neox. The standard checks (hf_parity: logits eager and compiled, round trips, greedy
 decoding) and refusals that name the field."""
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ CASES = {
     # GQA, a window of 8 (the 24-token input exceeds it), biases everywhere, tanh GELU, a tied head.
     "starcoder2": Case(config(transformers.Starcoder2Config, SMALL, num_key_value_heads=2, sliding_window=8),
                        transformers.Starcoder2ForCausalLM, seed=2),
+    # Pythia's shape: parallel residual, a quarter of each head rotating (the config's default).
+    "gpt_neox": Case(config(transformers.GPTNeoXConfig, SMALL), transformers.GPTNeoXForCausalLM, seed=2),
+    # The sequential block, half of each head rotating, no attention biases, a tied head.
+    "gpt_neox_sequential": Case(config(transformers.GPTNeoXConfig, SMALL, use_parallel_residual=False,
+                                       rotary_pct=0.5, attention_bias=False, tie_word_embeddings=True),
+                                transformers.GPTNeoXForCausalLM),
 }
 globals().update(parity_tests(CASES))
 
@@ -43,8 +49,31 @@ def _saved(name, tmp_path, **changes):
 @pytest.mark.parametrize("name, changes, key", [
     ("qwen3", dict(use_sliding_window=True), "use_sliding_window"),
     ("starcoder2", dict(hidden_act="gelu_fast"), "hidden_act"),
+    # GPT-NeoX's config does not read the top-level spelling: refused rather than half-applied.
+    ("gpt_neox", dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
 ])
 def test_unrepresentable_field_is_named(name, changes, key, tmp_path):
     with pytest.raises(ConfigError) as info:
         from_hf(_saved(name, tmp_path, **changes))
     assert info.value.key == key
+
+
+def test_gpt_neox_as_pythia_writes_it(tmp_path):
+    """Pythia's config.json spells RoPE rotary_pct / rotary_emb_base; the head may be named lm_head."""
+    from safetensors.torch import load_file, save_file
+
+    import torch
+    from hf_parity import logits
+
+    hf = build_hf(CASES["gpt_neox"])
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rope_parameters"]["partial_rotary_factor"] == 0.25
+    config.pop("rope_parameters")
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rotary_pct": 0.25, "rotary_emb_base": 10000}))
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("embed_out.weight")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    cfg, ours = from_hf(tmp_path)
+    assert cfg.model.rotary_fraction == 0.25 and cfg.topology.parallel_residual is True
+    torch.testing.assert_close(logits(ours.eval(), "causal"), logits(hf, "causal"), atol=1e-4, rtol=0)
