@@ -1,5 +1,5 @@
 """Hugging Face interop for more decoder-only types built from the existing components:
-qwen3, starcoder2, gpt_neox. The standard checks (hf_parity: logits eager and compiled, round trips, greedy
+qwen3, starcoder2, gpt_neox, gpt_bigcode. The standard checks (hf_parity: logits eager and compiled, round trips, greedy
 decoding) and refusals that name the field."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from hf_parity import VOCAB, Case, build_hf, parity_tests
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=VOCAB,
              max_position_embeddings=64)
+GPT2_LIKE = dict(n_embd=64, n_layer=2, n_head=4, n_inner=96, vocab_size=VOCAB, n_positions=64)
 
 
 def config(cls, base, **changes):
@@ -34,6 +35,12 @@ CASES = {
     "gpt_neox_sequential": Case(config(transformers.GPTNeoXConfig, SMALL, use_parallel_residual=False,
                                        rotary_pct=0.5, attention_bias=False, tie_word_embeddings=True),
                                 transformers.GPTNeoXForCausalLM),
+    # Multi-query attention (multi_query, the default): one key/value head, learned positions.
+    "gpt_bigcode": Case(config(transformers.GPTBigCodeConfig, GPT2_LIKE), transformers.GPTBigCodeForCausalLM),
+    # Multi-head attention (c_attn head by head), exact GELU, an untied head.
+    "gpt_bigcode_mha": Case(config(transformers.GPTBigCodeConfig, GPT2_LIKE, multi_query=False,
+                                   activation_function="gelu", tie_word_embeddings=False),
+                            transformers.GPTBigCodeForCausalLM),
 }
 globals().update(parity_tests(CASES))
 
@@ -51,6 +58,8 @@ def _saved(name, tmp_path, **changes):
     ("starcoder2", dict(hidden_act="gelu_fast"), "hidden_act"),
     # GPT-NeoX's config does not read the top-level spelling: refused rather than half-applied.
     ("gpt_neox", dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    ("gpt_bigcode", dict(add_cross_attention=True), "add_cross_attention"),
+    ("gpt_bigcode", dict(num_key_value_heads=2), "num_key_value_heads"),  # multi_query says 1
 ])
 def test_unrepresentable_field_is_named(name, changes, key, tmp_path):
     with pytest.raises(ConfigError) as info:
