@@ -1,5 +1,5 @@
 """Hugging Face interop for more decoder-only types built from the existing components:
-qwen3, starcoder2, gpt_neox, gpt_bigcode. The standard checks (hf_parity: logits eager and compiled, round trips, greedy
+qwen3, starcoder2, gpt_neox, gpt_bigcode, opt. The standard checks (hf_parity: logits eager and compiled, round trips, greedy
 decoding) and refusals that name the field."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from hf_parity import VOCAB, Case, build_hf, parity_tests
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=VOCAB,
              max_position_embeddings=64)
+SMALL_OPT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96, vocab_size=VOCAB,
+                 max_position_embeddings=64)
 GPT2_LIKE = dict(n_embd=64, n_layer=2, n_head=4, n_inner=96, vocab_size=VOCAB, n_positions=64)
 
 
@@ -41,6 +43,11 @@ CASES = {
     "gpt_bigcode_mha": Case(config(transformers.GPTBigCodeConfig, GPT2_LIKE, multi_query=False,
                                    activation_function="gelu", tie_word_embeddings=False),
                             transformers.GPTBigCodeForCausalLM),
+    # Pre-norm blocks (do_layer_norm_before), ReLU, biases, positions from row 2, a tied head.
+    "opt": Case(config(transformers.OPTConfig, SMALL_OPT), transformers.OPTForCausalLM),
+    # OPT-350m's post-norm blocks (no final norm), no biases, an untied head.
+    "opt_post_norm": Case(config(transformers.OPTConfig, SMALL_OPT, do_layer_norm_before=False, enable_bias=False,
+                                 tie_word_embeddings=False), transformers.OPTForCausalLM),
 }
 globals().update(parity_tests(CASES))
 
@@ -60,6 +67,8 @@ def _saved(name, tmp_path, **changes):
     ("gpt_neox", dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     ("gpt_bigcode", dict(add_cross_attention=True), "add_cross_attention"),
     ("gpt_bigcode", dict(num_key_value_heads=2), "num_key_value_heads"),  # multi_query says 1
+    ("opt", dict(word_embed_proj_dim=32), "word_embed_proj_dim"),  # OPT-350m's projected embeddings
+    ("opt", dict(_remove_final_layer_norm=True), "_remove_final_layer_norm"),
 ])
 def test_unrepresentable_field_is_named(name, changes, key, tmp_path):
     with pytest.raises(ConfigError) as info:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from ..fit import ANY, Expresses, where
+from ..fit import ANY, Expresses
 from ..mapping import ModelType, TensorRule, override
 from . import llama
-from .common import (LAYERNORM, PLAIN, PLAIN_BACK, PLAIN_MODEL, SPLIT_HEADS, TOPOLOGY, activation, activation_back, dense,
-                     family_guess, gqa, numbers, rope, rope_back, rope_position)
+from .common import (LAYERNORM, PLAIN, PLAIN_BACK, PLAIN_MODEL, SAME_BIAS, SPLIT_HEADS, TOPOLOGY, activation,
+                     activation_back, dense, family_guess, gqa, numbers, rope, rope_back, rope_position)
 
 # Starcoder2Config's defaults, for config.json files that leave a field out.
 DEFAULTS = {"vocab_size": 49152, "hidden_size": 3072, "intermediate_size": 12288, "num_hidden_layers": 30,
@@ -48,8 +48,6 @@ def starcoder2_overrides(hf: Mapping[str, Any]) -> list[str]:
 
 
 # One use_bias flag: on q, k, v and o (gqa's one flag) exactly when on the MLP.
-SAME_BIAS = where(lambda v, spec: v == spec.params["attention"].out_bias, "attention.out_bias",
-                  "biases on the MLP but not on attention (or the reverse)")
 EXPRESSES = Expresses(
     groups={"position": rope_position(), "norm": LAYERNORM, "activation": PLAIN,
             "attention": gqa(window=ANY), "ffn": dense(bias=SAME_BIAS), "topology": {"decoder_only": TOPOLOGY}},
