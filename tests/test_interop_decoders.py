@@ -1,6 +1,6 @@
 """Hugging Face interop for more decoder-only types built from the existing components:
-qwen3, starcoder2, gpt_neox, gpt_bigcode, opt. The standard checks (hf_parity: logits eager and compiled, round trips, greedy
-decoding) and refusals that name the field."""
+qwen3, starcoder2, gpt_neox, gpt_bigcode, opt. The standard checks (hf_parity: logits eager
+and compiled, round trips, greedy decoding), Pythia's spellings, and refusals that name the field."""
 
 from __future__ import annotations
 

@@ -135,7 +135,8 @@ def tensors(spec: Any) -> list[TensorRule]:
     if attention.out_bias:
         rules.append(TensorRule(BLOCK + "attn.out.bias", (LAYER + "self_attn.o_proj.bias",)))
     if attention.qk_norm:  # Qwen-3's per-head RMSNorms of queries and keys
-        rules += [TensorRule(BLOCK + f"attn.{n}.weight", (LAYER + f"self_attn.{n}.weight",)) for n in ("q_norm", "k_norm")]
+        rules += [TensorRule(BLOCK + f"attn.{n}.weight", (LAYER + f"self_attn.{n}.weight",))
+                  for n in ("q_norm", "k_norm")]
     ffn = spec.params["ffn"]
     if ffn.plugin == "moe":
         experts = LAYER + "block_sparse_moe.experts.{e}."

@@ -94,7 +94,8 @@ def tensors(spec: Any) -> list[TensorRule]:
     norms = [(BLOCK + "attn_norm", LAYER + "self_attn_layer_norm"), (BLOCK + "ffn_norm", LAYER + "final_layer_norm")]
     if spec.params["topology"].norm_position == "pre":
         norms.append(("decoder.final_norm", "model.decoder.final_layer_norm"))
-    rules += [TensorRule(f"{ours}.{kind}", (f"{theirs}.{kind}",)) for ours, theirs in norms for kind in ("weight", "bias")]
+    rules += [TensorRule(f"{ours}.{kind}", (f"{theirs}.{kind}",))
+              for ours, theirs in norms for kind in ("weight", "bias")]
     if not spec.model.tie_embeddings:
         rules.append(TensorRule("head.weight", ("lm_head.weight",)))
     return rules
