@@ -95,3 +95,19 @@ def test_gpt_neox_as_pythia_writes_it(tmp_path):
     cfg, ours = from_hf(tmp_path)
     assert cfg.model.rotary_fraction == 0.25 and cfg.topology.parallel_residual is True
     torch.testing.assert_close(logits(ours.eval(), "causal"), logits(hf, "causal"), atol=1e-4, rtol=0)
+
+
+def test_heads_join_regroups_and_names_a_bad_shape():
+    """GPT-NeoX's q, k, v head by head <-> ours, part by part; rows that do not divide are named."""
+    import torch
+
+    from llmarch_compose.interop.hf import InteropError
+    from llmarch_compose.interop.mapping import TensorRule, to_ours, to_theirs
+
+    rule = TensorRule("qkv", ("fused",), "heads", (2, 3))  # 2 heads, q|k|v, 2 rows each
+    fused = torch.arange(12.0).reshape(12, 1)  # head 0: q 0-1, k 2-3, v 4-5; head 1: q 6-7, k 8-9, v 10-11
+    ours, _ = to_ours({"fused": fused}, [rule], 0)
+    assert ours["qkv"].flatten().tolist() == [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]
+    assert torch.equal(to_theirs(ours, [rule])["fused"], fused)
+    with pytest.raises(InteropError, match="qkv"):
+        to_ours({"fused": torch.zeros(10, 1)}, [rule], 0)
