@@ -17,16 +17,18 @@ PUBLISHED = {
     "llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320, "llama2_70b": 68_976_648_192,
     "llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496, "llama3_1_405b": 405_853_388_800,
     "qwen2_0_5b": 494_032_768, "qwen2_1_5b": 1_543_714_304, "qwen2_7b": 7_615_616_512, "qwen2_72b": 72_706_203_648,
+    "qwen3_8b": 8_190_735_360, "qwen3_30b_a3b": 30_532_122_624,
     "chatglm_6b": 6_173_286_400, "chatglm3_6b": 6_243_584_000,
     "baichuan2_7b": 7_505_973_248, "baichuan2_13b": 13_896_668_160,
-    "mistral_7b": 7_241_732_096, "mixtral_8x7b": 46_702_792_704,
+    "mistral_7b": 7_241_732_096, "mixtral_8x7b": 46_702_792_704, "pythia_1_4b": 1_414_647_808,
     "bert_base": 109_514_298, "bert_large": 335_174_458, "roberta_base": 124_697_433, "albert_base": 11_221_680,
     "t5_small": 60_506_624, "t5_base": 222_903_552, "t5_large": 737_668_096, "t5_3b": 2_851_598_336,
     "t5_11b": 11_307_321_344, "flan_t5_base": 247_577_856, "switch_base_8": 619_339_008,
     "deepseek_v3": 671_026_404_352, "bart_base": 139_420_416,
     "distilbert_base": 66_985_530, "xlm_roberta_base": 278_295_186,
 }
-PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248}
+# Qwen3-30B-A3B: the total less 120 of 128 experts (3 x 2048 x 768 each) in each of 48 layers.
+PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704}
 
 PRESETS = presets()
 

@@ -18,7 +18,7 @@ from llmarch_compose.interop.types import MODEL_TYPES  # noqa: E402
 # Fields a config class derives from others when left out: a config.json without them means
 # the field's own default (None), not the value derived for the class's default sizes.
 DERIVED = {"head_dim", "num_key_value_heads", "num_decoder_layers", "rope_parameters", "layer_types",
-           "sliding_window"}
+           "sliding_window", "word_embed_proj_dim"}
 BASE = {f.name for f in dataclasses.fields(transformers.PreTrainedConfig)}
 
 
@@ -68,7 +68,8 @@ def test_a_left_out_field_reads_as_transformers_reads_it(name, tmp_path):
     _, overrides = config_overrides({"model_type": name}, MODEL_TYPES)
     assert any(o.startswith("model.d_model=") for o in overrides)
     eps = {"llama": 1e-6, "mistral": 1e-6, "mixtral": 1e-5, "qwen2": 1e-6, "glm": 1.5625e-07,
-           "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "deepseek_v3": 1e-6, "gpt2": 1e-5, "bert": 1e-12, "t5": 1e-6}
+           "qwen2_moe": 1e-6, "qwen3": 1e-6, "qwen3_moe": 1e-6, "deepseek_v3": 1e-6, "gpt2": 1e-5, "bert": 1e-12,
+           "t5": 1e-6, "starcoder2": 1e-5, "gpt_neox": 1e-5, "gpt_bigcode": 1e-5, "opt": 1e-5}
     if name in eps:
         assert f"model.norm_eps={eps[name]!r}" in overrides, overrides
     if name == "mistral":

@@ -3,7 +3,7 @@ the type left to the guess: either transformers loads the folder with no missing
 unexpected key and computes our logits (fp32, within 1e-4), or `to_hf` refuses with a
 ConfigError naming a field. No third outcome.
 
-Besides the presets, a few specs cover the types no preset is (Qwen-MoE) and the shapes
+Besides the presets, a few specs cover the types no preset is (Qwen-MoE, StarCoder2, OPT) and the shapes
 that were once written silently wrong (a GELU or a parallel residual as LLaMA).
 """
 
@@ -36,6 +36,9 @@ EXTRA = {
                        "model.attention_bias=false"],
     "qwen3_moe-like": ["model=mixtral_8x7b", "model.qk_norm=true", "ffn.normalize_top_k=false",
                        "model.layer_pattern=[{layers:[1],ffn:dense}]"],
+    "starcoder2-like": ["model=mistral_7b", "norm=layernorm", "activation=gelu_tanh", "model.attention_bias=true",
+                        "model.mlp_bias=true"],
+    "opt-like": ["model=gpt2", "activation=relu", "model.position_offset=2"],
     "tiny+gelu": ["model=tiny", "activation=gelu"],
     "tiny+geglu": ["model=tiny", "activation=geglu"],
     "tiny+parallel_residual": ["model=tiny", "topology.parallel_residual=true"],

@@ -33,6 +33,9 @@ class TensorRule:
     - cat: several concatenated along dim 0 (fused q|k|v, gate|up);
     - t: one transposed (GPT-2's Conv1D stores [in, out]);
     - row: one [1, n] tensor held as our [n] (BART's final_logits_bias);
+    - heads: one fused tensor whose rows run head by head, each head's parts together
+      (GPT-NeoX's query_key_value: q, k, v of head 0, then of head 1, ...), held as our
+      part-major fusion (all q rows, then all k, then all v); `sizes` = (heads, parts);
     - experts: per-expert tensors (each `cat` of `theirs`) stacked and transposed to
       our [experts, in, out] layout.
     """
@@ -40,7 +43,7 @@ class TensorRule:
     ours: str
     theirs: tuple[str, ...]
     join: str = "copy"
-    sizes: tuple[int, ...] = ()  # dim-0 sizes of the parts, for splitting a fused tensor back
+    sizes: tuple[int, ...] = ()  # dim-0 sizes of the parts, for splitting a fused tensor back (heads: see above)
 
     def names(self, **index: int) -> tuple[str, tuple[str, ...]]:
         return self.ours.format(**index), tuple(t.format(**index) for t in self.theirs)
@@ -131,6 +134,15 @@ def expand(rules: Iterable[TensorRule], stacks: Mapping[str, int], n_experts: in
     return out
 
 
+def regroup(tensor: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
+    """Rows in `outer` x `inner` blocks as `inner` x `outer` blocks (each block's rows kept in
+    order): head-major q|k|v to part-major and, with the two counts swapped, back."""
+    if tensor.shape[0] % (outer * inner):
+        raise RuntimeError(f"{tensor.shape[0]} rows are not {outer} x {inner} equal blocks")
+    rest = tensor.shape[1:]
+    return tensor.reshape(outer, inner, -1, *rest).transpose(0, 1).reshape(tensor.shape)
+
+
 def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_experts: int
             ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Our tensors from checkpoint tensors, and the checkpoint names used."""
@@ -152,6 +164,8 @@ def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_e
                 ours[rule.ours] = take(rule.theirs[0]).t()
             elif rule.join == "row":  # squeeze, not reshape: [2, n] stays a wrong shape
                 ours[rule.ours] = take(rule.theirs[0]).squeeze(0)
+            elif rule.join == "heads":
+                ours[rule.ours] = regroup(take(rule.theirs[0]), *rule.sizes)
             elif rule.join == "experts":
                 per_expert = [torch.cat([take(t.format(e=e)) for t in rule.theirs], dim=0) for e in range(n_experts)]
                 ours[rule.ours] = torch.stack(per_expert).transpose(1, 2)
@@ -195,6 +209,9 @@ def to_theirs(ours: Mapping[str, torch.Tensor], rules: Sequence[TensorRule]) -> 
             put(rule.theirs[0], tensor.t(), rule.ours)
         elif rule.join == "row":
             put(rule.theirs[0], tensor.unsqueeze(0), rule.ours)
+        elif rule.join == "heads":
+            heads, parts = rule.sizes
+            put(rule.theirs[0], regroup(tensor, parts, heads), rule.ours)
         elif rule.join == "cat":
             for name, part in zip(rule.theirs, tensor.split(list(rule.sizes), dim=0)):
                 put(name, part, rule.ours)

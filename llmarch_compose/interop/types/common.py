@@ -169,6 +169,11 @@ SPLIT_HEADS = where(lambda v, spec: v * spec.model.n_heads == spec.model.d_model
                     "a head_dim other than d_model / n_heads")
 
 
+#: One bias flag for every projection of attention and MLP (StarCoder2's use_bias, OPT's enable_bias).
+SAME_BIAS = where(lambda v, spec: v == spec.params["attention"].out_bias, "attention.out_bias",
+                  "biases on the MLP but not on attention (or the reverse)")
+
+
 def dense(bias: Allowed = only(False)) -> dict[str, dict[str, Allowed]]:
     return {"dense": {"hidden": ANY, "bias": bias}}
 

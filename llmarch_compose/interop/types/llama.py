@@ -1,8 +1,10 @@
-"""The LLaMA family: llama, mistral, qwen2 (dense) and mixtral (experts).
+"""The LLaMA family: llama, mistral, qwen2, qwen3 (dense) and mixtral (experts).
 
 Their checkpoints share one layout: `model.layers.{i}.self_attn.{q,k,v,o}_proj`,
 `mlp.{gate,up,down}_proj` (Mixtral: `block_sparse_moe.gate` and
-`experts.{e}.w1|w3|w2`), RMSNorm weights, `model.norm`, `lm_head`.
+`experts.{e}.w1|w3|w2`), RMSNorm weights, `model.norm`, `lm_head`; qwen3 adds per-head RMSNorms of queries and
+keys (`self_attn.q_norm|k_norm`, our `model.qk_norm`) and states head_dim apart from
+hidden_size / num_attention_heads.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ DEFAULTS = {
     "qwen2": {**_BASE, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
               "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": 4096,
               "max_window_layers": 28, "layer_types": None, "bos_token_id": None,
+              "eos_token_id": None},
+    "qwen3": {**_BASE, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32, "head_dim": 128,
+              "max_position_embeddings": 32768, "attention_bias": False, "use_sliding_window": False,
+              "sliding_window": 4096, "max_window_layers": 28, "layer_types": None, "bos_token_id": None,
               "eos_token_id": None},
     "mixtral": {**_BASE, "intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 131072,
                 "rms_norm_eps": 1e-5, "sliding_window": None, "num_experts_per_tok": 2, "num_local_experts": 8,
@@ -83,6 +89,11 @@ def qwen2_overrides(hf: Mapping[str, Any]) -> list[str]:
     return [*_overrides(hf, "qwen2", window_key="_never"), "model.qkv_bias=true", "model.attention_bias=false"]
 
 
+def qwen3_overrides(hf: Mapping[str, Any]) -> list[str]:
+    full_attention_layers(hf)
+    return [*_overrides(hf, "qwen3", window_key="_never"), "model.qk_norm=true"]
+
+
 def mixtral_overrides(hf: Mapping[str, Any]) -> list[str]:
     out = [o for o in _overrides(hf, "mixtral", window_key="sliding_window") if not o.startswith("ffn=")]
     return [*out, "ffn=moe", override("model.n_experts", hf["num_local_experts"]),
@@ -123,6 +134,9 @@ def tensors(spec: Any) -> list[TensorRule]:
                                 "cat", (q, kv, kv)))
     if attention.out_bias:
         rules.append(TensorRule(BLOCK + "attn.out.bias", (LAYER + "self_attn.o_proj.bias",)))
+    if attention.qk_norm:  # Qwen-3's per-head RMSNorms of queries and keys
+        rules += [TensorRule(BLOCK + f"attn.{n}.weight", (LAYER + f"self_attn.{n}.weight",))
+                  for n in ("q_norm", "k_norm")]
     ffn = spec.params["ffn"]
     if ffn.plugin == "moe":
         experts = LAYER + "block_sparse_moe.experts.{e}."
@@ -157,6 +171,8 @@ EXPRESSES = {
     "mistral": _expresses(gqa(**NO_BIAS, window=ANY), dense()),
     # Biases on q, k and v, never on o; a window only on some layers (refused on reading).
     "qwen2": _expresses(gqa(qkv_bias=only(True), out_bias=only(False)), dense()),
+    # QK-norm always; attention_bias on all four projections; a window only on some layers (refused).
+    "qwen3": _expresses(gqa(qk_norm=only(True)), dense()),
     "mixtral": _expresses(gqa(**NO_BIAS, window=ANY), moe()),
 }
 
@@ -176,6 +192,7 @@ TYPES = (
     _type("llama", "LlamaForCausalLM", llama_overrides),
     _type("mistral", "MistralForCausalLM", mistral_overrides),
     _type("qwen2", "Qwen2ForCausalLM", qwen2_overrides),
+    _type("qwen3", "Qwen3ForCausalLM", qwen3_overrides),
     _type("mixtral", "MixtralForCausalLM", mixtral_overrides),
 )
 TYPES_BY_NAME = {t.name: t for t in TYPES}

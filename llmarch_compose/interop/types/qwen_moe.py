@@ -187,9 +187,6 @@ def qwen3_moe_config(spec: Any) -> dict[str, Any]:
 def tensors(spec: Any) -> list[TensorRule]:
     """LLaMA's attention, norm and embedding rules, QK-norm, and each layer's MLP or experts."""
     rules = [r for r in llama.tensors(spec) if ".ffn." not in r.ours]
-    if spec.params["attention"].qk_norm:
-        rules += [TensorRule(BLOCK + f"attn.{n}.weight", (LAYER + f"self_attn.{n}.weight",))
-                  for n in ("q_norm", "k_norm")]
     for i in range(spec.model.n_layers):
         ffn = spec.params_for("ffn", i)
         if ffn.plugin == "dense":
