@@ -100,6 +100,8 @@ PHRASES = {
     "topology.residual": "this residual",
     "topology.share_layers": "one block shared by every layer",
     "topology.embedding_norm": "this norm on the embeddings",
+    "topology.scale_embeddings": "embeddings scaled by sqrt(d_model)",
+    "norm.offset": "a norm scaled by (offset + weight)",
     "topology.mlm_transform": "this head transform",
     "topology.head_bias": "this LM-head bias",
     "topology.scale_tied_head": "this scaling of the LM head",

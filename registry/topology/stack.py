@@ -3,7 +3,7 @@
 Topologies differ in which stacks they have, whether those are causal, and
 what the head does; these shared parts carry the options any of them can use
 (norm placement, parallel residual, GLM's residual, ALBERT's factorized
-embeddings and shared layers, tied or normalized heads).
+embeddings and shared layers, Gemma's scaled embeddings, tied or normalized heads).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class TopologyParams:
     residual: str = "standard"  # glm: h = norm(x); x' = h * sqrt(2 * n_layers) + f(h) (ChatGLM-6B)
     share_layers: bool = False  # one block's weights for every layer (ALBERT)
     embedding_norm: bool = False  # a norm right after the embeddings (BERT, BART)
+    scale_embeddings: bool = False  # token embeddings * sqrt(d_model), the factor in their dtype (Gemma)
     tie_embeddings: bool = SI("${model.tie_embeddings}")
     mlm_transform: bool = False  # dense + activation + norm before the head (BERT's MLM head)
     head_bias: str = "none"  # none | param (BERT's decoder bias) | buffer (BART's final_logits_bias)
@@ -62,8 +63,9 @@ def position_inputs(position, positions: torch.Tensor, prefix_len: Optional[torc
 
 
 class Embeddings(nn.Module):
-    """Token embeddings (factorized through model.embedding_dim when set), token
-    types when model.type_vocab_size > 0, absolute positions, and an optional norm."""
+    """Token embeddings (factorized through model.embedding_dim when set, scaled by
+    sqrt(model.d_model) when topology.scale_embeddings), token types when
+    model.type_vocab_size > 0, absolute positions, and an optional norm."""
 
     def __init__(self, params: TopologyParams, ctx, position, tokens: Optional[nn.Embedding] = None):
         super().__init__()
@@ -74,6 +76,7 @@ class Embeddings(nn.Module):
         self.add_position = position.embed  # a bound method: the topology owns the module
         self.norm = ctx.build("norm", dim=width) if params.embedding_norm else None
         self.project = nn.Linear(width, m.d_model) if width != m.d_model else None
+        self.scale = math.sqrt(m.d_model) if params.scale_embeddings else None
         for table in (None if tokens is not None else self.tokens, self.token_types):
             if table is not None:
                 nn.init.normal_(table.weight, std=m.init_std)
@@ -81,6 +84,8 @@ class Embeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.tokens(input_ids)
+        if self.scale is not None:  # the factor rounded to the table's dtype first, as Gemma's normalizer is
+            x = x * x.new_tensor(self.scale)
         if self.token_types is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
             x = x + self.token_types(types)
