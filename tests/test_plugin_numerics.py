@@ -642,6 +642,10 @@ TOPOLOGY_CASES = {
                    "pre", False, False),
     "gemma_like": (["norm.offset=1.0", "topology.scale_embeddings=true", "activation=geglu_tanh", "attention=mqa",
                     "model.head_dim=24"], "pre", False, True),
+    "sandwich_softcap_untied": (["topology.norm_position=sandwich", "topology.final_logit_softcap=5.0",
+                                 "model.tie_embeddings=false"], "sandwich", False, False),
+    "gemma2_like": (["topology.norm_position=sandwich", "topology.final_logit_softcap=5.0", "norm.offset=1.0",
+                     "topology.scale_embeddings=true", "activation=geglu_tanh"], "sandwich", False, True),
 }
 
 
@@ -662,16 +666,22 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
             h = x + block.attn(block.attn_norm(x), pos)
             f = block.ffn(block.ffn_norm(h))
             x = h + f.output
+        elif norm_position == "sandwich":
+            h = x + block.attn_post_norm(block.attn(block.attn_norm(x), pos))
+            f = block.ffn(block.ffn_norm(h))
+            x = h + block.ffn_post_norm(f.output)
         else:
             h = block.attn_norm(x + block.attn(x, pos))
             f = block.ffn(h)
             x = block.ffn_norm(h + f.output)
         if f.aux_loss is not None:
             aux = f.aux_loss if aux is None else aux + f.aux_loss
-    if norm_position == "pre":
+    if norm_position in ("pre", "sandwich"):
         x = model.decoder.final_norm(x)
     head = model.embed.tokens.weight if tied else model.head.weight
-    return x @ head.transpose(0, 1), aux
+    logits = x @ head.transpose(0, 1)
+    cap = model.spec.params["topology"].final_logit_softcap
+    return (logits if cap is None else cap * torch.tanh(logits / cap)), aux
 
 
 @pytest.mark.parametrize("case", list(TOPOLOGY_CASES))

@@ -95,6 +95,7 @@ MODEL_FIELDS = ("head_dim", "tie_embeddings", "embedding_dim", "type_vocab_size"
 #: Generic phrases for "<type> cannot express ..." by key; the fallback names the value.
 PHRASES = {
     "topology.normalize_head": "a normalized LM head",
+    "topology.final_logit_softcap": "a cap on the logits",
     "topology.parallel_residual": "a parallel residual",
     "topology.norm_position": "this norm placement",
     "topology.residual": "this residual",
