@@ -29,11 +29,11 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return y if bias is None else y + bias
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * (offset + weight)."""
     n = x.shape[-1]
     mean_square = (x * x).sum(dim=-1, keepdim=True) / n
-    return x / torch.sqrt(mean_square + eps) * weight
+    return x / torch.sqrt(mean_square + eps) * (weight + offset)
 
 
 # --------------------------------------------------------------------- activations

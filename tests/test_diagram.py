@@ -216,6 +216,18 @@ class KitFlat(lc.Topology):
         self.mix = nn.Linear(ctx.model.d_model, ctx.model.d_model)
 
 
+def test_sandwich_norms_and_the_logit_cap():
+    spec, a = anatomy_of("model=gemma2_9b", "scale=tiny")
+    (stack,) = a.stacks
+    assert "norm_position sandwich" in stack.notes and len(stack.kinds) == 2  # sliding and full layers
+    # x + norm(f(norm(x))): the residual add follows the norm after each sublayer.
+    assert [(p.name, p.residual_after) for p in stack.kinds[0].parts] == [
+        ("attn_norm", False), ("attn", False), ("attn_post_norm", True), ("ffn_norm", False), ("ffn", False),
+        ("ffn_post_norm", True)]
+    assert "final_logit_softcap 30" in a.outputs[0].notes and "scale_embeddings" in stack.inputs[0].notes
+    assert counted(a) == a.params_total
+
+
 def test_a_third_party_plugin_and_new_topology_options_show_by_name():
     from llmarch_compose.registry.topology.decoder_only import DecoderOnly
     from llmarch_compose.registry.topology.stack import TopologyParams

@@ -125,6 +125,37 @@ def test_rmsnorm_upcasts_half_precision_inputs():
     torch.testing.assert_close(out.double(), want, rtol=2 ** -8, atol=1e-6)
 
 
+@pytest.mark.parametrize("offset", [1.0, -0.5])
+def test_rmsnorm_offset(offset):
+    """norm.offset: scale by (offset + weight), the weights starting at a unit scale."""
+    norm = make_ctx("norm=rmsnorm", f"norm.offset={offset}").build("norm")
+    assert torch.equal(norm.weight, torch.full((64,), 1.0 - offset))
+    randomize_(norm.double())
+    x = randn(2, 5, 64, scale=3.0) + 1.5
+    check_forward_backward(norm, lambda x, p: ref.rmsnorm(x, p["weight"], norm.eps, offset), norm, [x], FP32_INSIDE)
+
+
+def test_rmsnorm_offset_rounds_as_gemma_does():
+    """With an offset the product is taken in float32 and rounded once to the input's dtype:
+    bit for bit what transformers' GemmaRMSNorm gives, in bfloat16 as in float32."""
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.models.gemma.modeling_gemma.GemmaRMSNorm(64, eps=1e-6)
+    norm = make_ctx("norm=rmsnorm", "norm.offset=1.0", "model.norm_eps=1e-6").build("norm")
+    with torch.no_grad():
+        theirs.weight.copy_(randn(64, seed=3, dtype=torch.float32, scale=0.5))
+        norm.weight.copy_(theirs.weight)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = randn(3, 7, 64, scale=4.0, dtype=dtype)
+        mine, want = norm.to(dtype)(x), theirs.to(dtype)(x)
+        assert mine.dtype == want.dtype == dtype
+        assert torch.equal(mine, want)
+
+
+def test_rmsnorm_offset_is_validated():
+    with pytest.raises(lc.ConfigError, match="norm.offset"):
+        make_ctx("norm=rmsnorm", "norm.offset=.nan")
+
+
 @pytest.mark.parametrize("name", ["layernorm", "rmsnorm"])
 def test_norm_dim_argument(name):
     norm = make_ctx(f"norm={name}").build("norm", dim=12)
@@ -609,6 +640,12 @@ TOPOLOGY_CASES = {
                    "model.attention_bias=true", "model.mlp_bias=true"], "pre", False, True),
     "moe_untied": (["ffn=moe", "model.n_experts=4", "model.ffn_dim=24", "model.tie_embeddings=false"],
                    "pre", False, False),
+    "gemma_like": (["norm.offset=1.0", "topology.scale_embeddings=true", "activation=geglu_tanh", "attention=mqa",
+                    "model.head_dim=24"], "pre", False, True),
+    "sandwich_softcap_untied": (["topology.norm_position=sandwich", "topology.final_logit_softcap=5.0",
+                                 "model.tie_embeddings=false"], "sandwich", False, False),
+    "gemma2_like": (["topology.norm_position=sandwich", "topology.final_logit_softcap=5.0", "norm.offset=1.0",
+                     "topology.scale_embeddings=true", "activation=geglu_tanh"], "sandwich", False, True),
 }
 
 
@@ -616,6 +653,8 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
     """The decoder-only wiring recomputed by hand from the model's own (separately tested) submodules."""
     positions = torch.arange(ids.shape[-1])
     x = model.embed.tokens.weight[ids]
+    if model.spec.params["topology"].scale_embeddings:
+        x = x * math.sqrt(model.spec.model.d_model)
     x = model.position.embed(x, positions)
     pos = model.position.attention_inputs(positions)
     aux = None
@@ -627,16 +666,22 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
             h = x + block.attn(block.attn_norm(x), pos)
             f = block.ffn(block.ffn_norm(h))
             x = h + f.output
+        elif norm_position == "sandwich":
+            h = x + block.attn_post_norm(block.attn(block.attn_norm(x), pos))
+            f = block.ffn(block.ffn_norm(h))
+            x = h + block.ffn_post_norm(f.output)
         else:
             h = block.attn_norm(x + block.attn(x, pos))
             f = block.ffn(h)
             x = block.ffn_norm(h + f.output)
         if f.aux_loss is not None:
             aux = f.aux_loss if aux is None else aux + f.aux_loss
-    if norm_position == "pre":
+    if norm_position in ("pre", "sandwich"):
         x = model.decoder.final_norm(x)
     head = model.embed.tokens.weight if tied else model.head.weight
-    return x @ head.transpose(0, 1), aux
+    logits = x @ head.transpose(0, 1)
+    cap = model.spec.params["topology"].final_logit_softcap
+    return (logits if cap is None else cap * torch.tanh(logits / cap)), aux
 
 
 @pytest.mark.parametrize("case", list(TOPOLOGY_CASES))

@@ -150,6 +150,9 @@ def validate_model(model: ModelConfig) -> ModelConfig:
     if model.window is not None and model.window < 1:
         raise ConfigError("model.window", model.window, "a window must hold at least one token",
                           "an integer >= 1, or null for no window")
+    if model.attention_softcap is not None and not model.attention_softcap > 0:
+        raise ConfigError("model.attention_softcap", model.attention_softcap, "the cap on the attention scores "
+                          "must be positive", "a number > 0 (Gemma-2: 50.0), or null for none")
     return model
 
 

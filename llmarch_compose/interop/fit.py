@@ -95,11 +95,14 @@ MODEL_FIELDS = ("head_dim", "tie_embeddings", "embedding_dim", "type_vocab_size"
 #: Generic phrases for "<type> cannot express ..." by key; the fallback names the value.
 PHRASES = {
     "topology.normalize_head": "a normalized LM head",
+    "topology.final_logit_softcap": "a cap on the logits",
     "topology.parallel_residual": "a parallel residual",
     "topology.norm_position": "this norm placement",
     "topology.residual": "this residual",
     "topology.share_layers": "one block shared by every layer",
     "topology.embedding_norm": "this norm on the embeddings",
+    "topology.scale_embeddings": "embeddings scaled by sqrt(d_model)",
+    "norm.offset": "a norm scaled by (offset + weight)",
     "topology.mlm_transform": "this head transform",
     "topology.head_bias": "this LM-head bias",
     "topology.scale_tied_head": "this scaling of the LM head",

@@ -378,6 +378,9 @@ def _residuals(parts: list[Part], topology: Any) -> list[Part]:
             last = max((i for i, s in enumerate(sublayer) if s), default=None)
             return [dataclasses.replace(p, residual_after=i == last) for i, p in enumerate(parts)]
         return [dataclasses.replace(p, residual_after=s) for p, s in zip(parts, sublayer)]
+    if position == "sandwich":  # x + norm(f(norm(x))): the add follows the norm built after each sublayer
+        return [dataclasses.replace(p, residual_after=i > 0 and p.group == "norm" and sublayer[i - 1])
+                for i, p in enumerate(parts)]
     if position == "post":  # norm(x + f(x)): each norm after the sublayer built after it
         out: list[Part] = []
         pending: list[Part] = []

@@ -33,7 +33,8 @@ class GQAParams:
     window: Optional[int] = None  # sliding window (keys per query, its own included)
     scale: Optional[float] = SI("${model.attention_scale}")  # None: 1 / sqrt(head_dim)
     qk_norm: bool = SI("${model.qk_norm}")  # the norm plugin on each head's queries and keys
-    softcap: Optional[float] = None  # Gemma-2's cap on the scaled logits: softcap * tanh(logit / softcap)
+    # Gemma-2's cap on the scaled logits: softcap * tanh(logit / softcap)
+    softcap: Optional[float] = SI("${model.attention_softcap}")
     sinks: bool = False  # gpt-oss: a learned logit per query head joins the softmax, attending to no value
 
     def validate(self, model, key):

@@ -6,11 +6,11 @@ from torch import nn
 
 from llmarch_compose import Norm, register
 
-from .rmsnorm import RMSNormParams
+from .rmsnorm import NormParams
 
 
 @dataclass
-class LayerNormParams(RMSNormParams):
+class LayerNormParams(NormParams):
     bias: bool = True
 
 

@@ -3,7 +3,7 @@
 Topologies differ in which stacks they have, whether those are causal, and
 what the head does; these shared parts carry the options any of them can use
 (norm placement, parallel residual, GLM's residual, ALBERT's factorized
-embeddings and shared layers, tied or normalized heads).
+embeddings and shared layers, Gemma's scaled embeddings, tied or normalized heads).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from llmarch_compose.model.cache import DecodeInputs, DecodeState, step_position
 from llmarch_compose.plugin.interfaces import LayerStack
 from llmarch_compose.model.masks import BlockMasks, flex_runs
 
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "sandwich")
 RESIDUALS = ("standard", "glm")
 HEAD_BIASES = ("none", "param", "buffer")
 
@@ -31,16 +31,20 @@ HEAD_BIASES = ("none", "param", "buffer")
 class TopologyParams:
     """Options shared by every topology (so a preset's choices survive a change of topology)."""
 
-    norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2, LLaMA, T5); post: norm(x + f(x)) (BERT, BART)
+    # pre: x + f(norm(x)) (GPT-2, LLaMA, T5); post: norm(x + f(x)) (BERT, BART);
+    # sandwich: x + norm2(f(norm1(x))), a norm before and after each sublayer (Gemma-2)
+    norm_position: str = "pre"
     parallel_residual: bool = False  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-J, GPT-NeoX)
     residual: str = "standard"  # glm: h = norm(x); x' = h * sqrt(2 * n_layers) + f(h) (ChatGLM-6B)
     share_layers: bool = False  # one block's weights for every layer (ALBERT)
     embedding_norm: bool = False  # a norm right after the embeddings (BERT, BART)
+    scale_embeddings: bool = False  # token embeddings * sqrt(d_model), the factor in their dtype (Gemma)
     tie_embeddings: bool = SI("${model.tie_embeddings}")
     mlm_transform: bool = False  # dense + activation + norm before the head (BERT's MLM head)
     head_bias: str = "none"  # none | param (BERT's decoder bias) | buffer (BART's final_logits_bias)
     scale_tied_head: bool = False  # hidden * d_model**-0.5 before a tied head (T5 v1.0)
     normalize_head: bool = False  # unit-norm rows of the LM head (Baichuan-2's NormHead)
+    final_logit_softcap: Optional[float] = None  # cap * tanh(logits / cap) on the LM head's output (Gemma-2)
 
     def validate(self, model, key):
         for name, value, choices in (("norm_position", self.norm_position, NORM_POSITIONS),
@@ -51,6 +55,12 @@ class TopologyParams:
         if self.parallel_residual and (self.norm_position != "pre" or self.residual != "standard"):
             raise ConfigError(f"{key}.parallel_residual", True, "a parallel residual needs standard pre-norm",
                               f"false, or {key}.norm_position=pre and {key}.residual=standard")
+        if self.residual == "glm" and self.norm_position == "sandwich":
+            raise ConfigError(f"{key}.residual", "glm", "GLM's residual adds the normalized input, which a "
+                              "sandwich of norms would change", f"standard, or {key}.norm_position=pre or post")
+        if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
+            raise ConfigError(f"{key}.final_logit_softcap", self.final_logit_softcap, "must be positive",
+                              "a number > 0 (Gemma-2: 30.0), or null for none")
         if self.share_layers and model.layer_pattern:
             raise ConfigError(f"{key}.share_layers", True, "shared layers cannot follow a per-layer pattern",
                               "false, or an empty model.layer_pattern")
@@ -62,8 +72,9 @@ def position_inputs(position, positions: torch.Tensor, prefix_len: Optional[torc
 
 
 class Embeddings(nn.Module):
-    """Token embeddings (factorized through model.embedding_dim when set), token
-    types when model.type_vocab_size > 0, absolute positions, and an optional norm."""
+    """Token embeddings (factorized through model.embedding_dim when set, scaled by
+    sqrt(model.d_model) when topology.scale_embeddings), token types when
+    model.type_vocab_size > 0, absolute positions, and an optional norm."""
 
     def __init__(self, params: TopologyParams, ctx, position, tokens: Optional[nn.Embedding] = None):
         super().__init__()
@@ -74,6 +85,7 @@ class Embeddings(nn.Module):
         self.add_position = position.embed  # a bound method: the topology owns the module
         self.norm = ctx.build("norm", dim=width) if params.embedding_norm else None
         self.project = nn.Linear(width, m.d_model) if width != m.d_model else None
+        self.scale = math.sqrt(m.d_model) if params.scale_embeddings else None
         for table in (None if tokens is not None else self.tokens, self.token_types):
             if table is not None:
                 nn.init.normal_(table.weight, std=m.init_std)
@@ -81,6 +93,8 @@ class Embeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.tokens(input_ids)
+        if self.scale is not None:  # the factor rounded to the table's dtype first, as Gemma's normalizer is
+            x = x * x.new_tensor(self.scale)
         if self.token_types is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
             x = x + self.token_types(types)
@@ -103,22 +117,33 @@ class Block(nn.Module):
 
     def __init__(self, params: TopologyParams, ctx, layer: int, stack: str, causal: bool, cross: bool, position):
         super().__init__()
-        self.pre_norm = params.norm_position == "pre"
+        self.pre_norm = params.norm_position in ("pre", "sandwich")
         self.parallel = params.parallel_residual
         self.glm_alpha = math.sqrt(2 * ctx.model.n_layers) if params.residual == "glm" else None
+        sandwich = params.norm_position == "sandwich"
+
+        def post_norm() -> Optional[nn.Module]:  # a sandwich's norm on a sublayer's output
+            return ctx.build("norm", layer=layer, stack=stack) if sandwich else None
+
         self.attn_norm = ctx.build("norm", layer=layer, stack=stack)
         self.attn = ctx.build("attention", layer=layer, stack=stack, causal=causal, position=position)
+        self.attn_post_norm = post_norm()
         self.cross_norm = ctx.build("norm", layer=layer, stack=stack) if cross else None
         self.cross_attn = (ctx.build("attention", layer=layer, stack=stack, causal=False, cross=True,
                                      position=position) if cross else None)
+        self.cross_post_norm = post_norm() if cross else None
         self.ffn_norm = ctx.build("norm", layer=layer, stack=stack)
         self.ffn = ctx.build("ffn", layer=layer, stack=stack)
+        self.ffn_post_norm = post_norm()
 
     def _input(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """What a sublayer sees: the normalized stream (pre-norm, GLM) or the stream itself."""
         return norm(x) if self.pre_norm or self.glm_alpha else x
 
-    def _residual(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, norm: nn.Module,
+                  post: Optional[nn.Module] = None) -> torch.Tensor:
+        if post is not None:  # sandwich: the sublayer's output normalized before it joins the stream
+            y = post(y)
         if self.glm_alpha is not None:
             return h * self.glm_alpha + y
         return x + y if self.pre_norm else norm(x + y)
@@ -146,14 +171,15 @@ class Block(nn.Module):
             f = self.ffn(self.ffn_norm(x))
             return x + attend(self.attn, self.attn_norm(x), None, cache and cache.self_attn) + f.output, f.aux_loss
         h = self._input(x, self.attn_norm)
-        x = self._residual(x, h, attend(self.attn, h, None, cache and cache.self_attn), self.attn_norm)
+        x = self._residual(x, h, attend(self.attn, h, None, cache and cache.self_attn), self.attn_norm,
+                           self.attn_post_norm)
         if self.cross_attn is not None:
             h = self._input(x, self.cross_norm)
             x = self._residual(x, h, attend(self.cross_attn, h, memory, cache and cache.cross_attn),
-                               self.cross_norm)
+                               self.cross_norm, self.cross_post_norm)
         h = self._input(x, self.ffn_norm)
         f = self.ffn(h)
-        return self._residual(x, h, f.output, self.ffn_norm), f.aux_loss
+        return self._residual(x, h, f.output, self.ffn_norm, self.ffn_post_norm), f.aux_loss
 
 
 class Stack(LayerStack):
@@ -166,7 +192,7 @@ class Stack(LayerStack):
         self.repeats = n if params.share_layers else 1
         self.blocks = nn.ModuleList(Block(params, ctx, i, stack, causal, cross, position)
                                     for i in range(1 if params.share_layers else n))
-        final = params.norm_position == "pre" or params.residual == "glm"
+        final = params.norm_position in ("pre", "sandwich") or params.residual == "glm"
         self.final_norm = ctx.build("norm") if final else nn.Identity()
         # The distinct masks the layers attend with (a per-layer pattern may give some a window).
         self.mask_specs = tuple(dict.fromkeys(spec for m in self.blocks.modules() if isinstance(m, Attention)
@@ -221,7 +247,7 @@ class Stack(LayerStack):
 class LMHead(nn.Module):
     """Hidden states to vocabulary logits: tied to the token table or its own
     matrix, with BERT's transform, a vocabulary bias, T5's scaling or Baichuan's
-    row normalization when asked."""
+    row normalization, and a tanh cap on the logits, when asked."""
 
     def __init__(self, params: TopologyParams, ctx, embeddings: Embeddings):
         super().__init__()
@@ -245,6 +271,7 @@ class LMHead(nn.Module):
             self.register_buffer("bias", torch.zeros(m.vocab_size) if params.head_bias == "buffer" else None)
         self.scale = m.d_model ** -0.5 if params.scale_tied_head and params.tie_embeddings else None
         self.normalize = params.normalize_head
+        self.softcap = params.final_logit_softcap
 
     @property
     def tied(self) -> Optional[nn.Embedding]:
@@ -271,7 +298,10 @@ class LMHead(nn.Module):
         weight = self.tied.weight if self.tied is not None else self.weight
         if self.normalize:
             weight = F.normalize(weight, dim=-1)
-        return F.linear(x, weight, self.bias)
+        logits = F.linear(x, weight, self.bias)
+        if self.softcap is not None:  # as transformers' Gemma-2 caps: divide, tanh, multiply
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def cached_bias_of(position: PositionEncoding, inputs: PositionInputs):

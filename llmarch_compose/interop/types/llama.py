@@ -51,10 +51,11 @@ LAYER = "model.layers.{i}."
 BLOCK = "decoder.blocks.{i}."
 
 
-def _overrides(hf: Mapping[str, Any], name: str, window_key: str = "_never") -> list[str]:
+def _overrides(hf: Mapping[str, Any], name: str, window_key: str = "_never", act_key: str = "hidden_act"
+               ) -> list[str]:
     refuse(hf, "pretraining_tp", "tensor-parallel slicing of the projections", allowed=(None, 1))
     out = [
-        "position=rope", "norm=rmsnorm", f"activation={activation(hf, 'hidden_act', gated=True)}",
+        "position=rope", "norm=rmsnorm", f"activation={activation(hf, act_key, gated=True)}",
         "topology=decoder_only", "ffn=dense", override("model.name", f"hf:{name}"),
         override("model.n_kv_heads", hf.get("num_key_value_heads") or hf["num_attention_heads"]),
         override("model.tie_embeddings", bool(hf.get("tie_word_embeddings", False))),
