@@ -3,6 +3,8 @@ that runs forward and backward and compiles with fullgraph=True to the same numb
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ import llmarch_compose as lc
 from llmarch_compose.config.compose import presets
 from llmarch_compose.model.card import architecture_card
 from llmarch_compose.config.layer_patterns import LAYER_GROUPS, STACKS
+from llmarch_compose.config.spec import resolve_spec
+from preset_cases import DISTINCT_AT_TINY, SAME_AT_TINY
 
 # Published totals: the model with its LM or MLM head, tied tensors once, buffers excluded.
 PUBLISHED = {
@@ -71,8 +75,18 @@ def _loss(out):
     return loss + out.aux_loss if out.aux_loss is not None else loss
 
 
+def tiny_spec_without_name(name: str):
+    spec = resolve_spec(lc.compose([f"model={name}", "scale=tiny"]))
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, name=""))
+
+
+@pytest.mark.parametrize("twin", sorted(SAME_AT_TINY))
+def test_presets_left_out_of_compiled_checks_are_identical_at_tiny(twin):
+    assert tiny_spec_without_name(twin) == tiny_spec_without_name(SAME_AT_TINY[twin])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", DISTINCT_AT_TINY)
 def test_tiny_preset_trains_and_compiles_to_eager(name):
     cfg = lc.compose([f"model={name}", "scale=tiny"])
     full = lc.resolve_spec(lc.compose([f"model={name}"]))

@@ -26,7 +26,6 @@ COMBOS = {
     "post-norm": ["topology.norm_position=post"],
     "parallel-mqa": ["topology.parallel_residual=true", "attention=mqa"],
     "rope-llama3": ["model.rope_scaling={type:llama3,factor:8,original_max_seq_len:32}"],
-    "gpt2": ["model=gpt2"],
     "mla-alibi": ["attention=mla", "position=alibi"],  # score bias on an unrotated latent attention
 }
 
@@ -40,9 +39,14 @@ def assert_same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
+# The whole model compiled as one graph: every preset is (test_all_presets); here the
+# combinations no preset makes.
+WHOLE = ["mla-alibi", "sinusoidal-layernorm-gelu"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("whole", [False, True], ids=["regional", "whole"])
-@pytest.mark.parametrize("combo", sorted(COMBOS))
+@pytest.mark.parametrize("combo, whole", [*((c, False) for c in sorted(COMBOS)), *((c, True) for c in WHOLE)],
+                         ids=[*(f"{c}-regional" for c in sorted(COMBOS)), *(f"{c}-whole" for c in WHOLE)])
 def test_compiled_matches_eager(tiny_cfg, combo, whole):
     cfg = tiny_cfg(*COMBOS[combo])
     torch.manual_seed(0)

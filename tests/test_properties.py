@@ -174,6 +174,8 @@ def bad_values(f: dataclasses.Field):
         return st.one_of(st.integers(-10**6, 10**6).filter(lambda v: v not in (0, 1)), st.just("maybe"), junk)
     if f.name in TOKEN_FIELDS:
         low, high = TOKEN_RANGE
+        # eos_token_id may be a list of ids (GLM-4 stops at any of three): a list is junk only with a bad id.
+        junk = st.sampled_from(["abc", "{a:1}", f"[1,{low - 1}]", "[1,abc]"])
         return st.one_of(st.integers(-10**12, low - 1), st.integers(high + 1, 10**15), st.just(1.5), junk)
     non_finite = st.sampled_from(["nan", "inf", "-inf"])
     negative = st.integers(-10**9, -1)
