@@ -176,6 +176,7 @@ def test_short_default_training_run(tmp_path):
     assert str(out) in proc.stdout  # the closing line says where the outputs are
 
 
+@pytest.mark.slow
 def test_help_lists_groups_choices_tasks_and_examples(tmp_path):
     """`llmarch --help` is what a newcomer needs, taken from the registry and the config tree;
     Hydra's own dump of the whole config stays behind --hydra-help."""

@@ -227,6 +227,7 @@ def test_bad_device_on_the_command_line(tmp_path):
     assert not (tmp_path / "m.pt2").exists()
 
 
+@pytest.mark.slow
 def test_export_task_options_are_checked():
     for override, key in (("task.check_seq_len=16", "task.check_seq_len"),
                           ("task.example_seq_len=1", "task.example_seq_len"),

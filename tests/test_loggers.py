@@ -30,6 +30,7 @@ def metrics(out: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in records if r.get(key) is not None}
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_every_metric_and_the_config(logged):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

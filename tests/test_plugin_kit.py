@@ -171,6 +171,7 @@ def run_task(capsys, *overrides: str):
     return result, capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_plugins_task_lists_every_plugin_with_params_as_written(capsys):
     result, out = run_task(capsys, "task.format=json")
     assert json.loads(out) == json.loads(json.dumps(result, default=str))

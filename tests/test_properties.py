@@ -36,7 +36,7 @@ from llmarch_compose.train.data import data_config, make_source
 from llmarch_compose.train.loop import MAX_COUNT, TrainSettings, check
 
 VOCAB = 64
-COMBO_EXAMPLES = 30
+COMBO_EXAMPLES = 20
 BAD_VALUE_EXAMPLES = 40
 
 

@@ -313,6 +313,7 @@ def scalenorm_site(tmp_path):
     return site
 
 
+@pytest.mark.slow
 def test_third_party_plugin_discovered_through_entry_points(scalenorm_site, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
