@@ -104,6 +104,9 @@ class _Canvas:
         self.line([x, x], [y - r * 0.6, y + r * 0.6], lw=0.9, z=5)
 
 
+CHANGED_MARK = "set by model.layer_pattern"  # beside a part a layer_pattern rule changed
+
+
 class _Layout:
     """Places every box of the anatomy, top to bottom, column by column."""
 
@@ -127,7 +130,9 @@ class _Layout:
         room = width - title_end - COUNT_W - 0.1
         if not part.changed and text_width(text, NOTE_PT) <= room:
             return title_end, [text]
-        return None, wrap(text, width - NAME_W - 0.2, NOTE_PT)
+        # A changed part's first line below the title ends with its mark: the notes leave it room.
+        mark = text_width(CHANGED_MARK, NOTE_PT - 0.5) + 0.15 if part.changed else 0.0
+        return None, wrap(text, width - NAME_W - 0.2 - mark, NOTE_PT)
 
     def part(self, part: Part, x: float, y: float, width: float) -> float:
         h = self.part_height(part, width)
@@ -146,7 +151,7 @@ class _Layout:
                     ha="right")
         line_y = top + lines_height(1, PART_PT)
         if part.changed:
-            self.c.text(x + width - 0.08, line_y, "set by model.layer_pattern", pt=NOTE_PT - 0.5,
+            self.c.text(x + width - 0.08, line_y, CHANGED_MARK, pt=NOTE_PT - 0.5,
                         colour=CHANGED_EDGE, ha="right", style="italic")
         inline, notes = self._notes(part, width)
         if inline is not None:
