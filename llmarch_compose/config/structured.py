@@ -13,6 +13,16 @@ from ..errors import ConfigError, UnknownKeyError
 T = TypeVar("T")
 
 
+def field_default(f: dataclasses.Field, missing: Any = None) -> Any:
+    """The value a dataclass field takes when it is not given (its default, or a fresh one
+    from its factory); `missing` for a field that has neither."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return missing
+
+
 def to_dataclass(schema: type[T], node: Union[DictConfig, Mapping[str, Any]], key: str) -> T:
     """`node` (a subtree of the composed config, or a plain mapping) as an instance of
     `schema`. Interpolations are resolved against the whole config first, so

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ..errors import ConfigError
 from ..config.schema import ModelConfig
+from ..config.structured import field_default
 
 _SKIP = ("plugin", "name")  # the group node's own keys, not the plugin's params
 _NO_DEFAULT = object()
@@ -129,13 +130,8 @@ def show(value: Any) -> Any:
 
 
 def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
-    else:
-        return _NO_DEFAULT
-    return _resolve(value, "model")
+    value = field_default(f, _NO_DEFAULT)
+    return _NO_DEFAULT if value is _NO_DEFAULT else _resolve(value, "model")
 
 
 def _resolve(value: Any, node: str) -> Any:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config.schema import ModelConfig
 from ..config.spec import ModelSpec
+from ..config.structured import field_default
 from ..plugin import registry as plugins
 from ..plugin.interfaces import Attention, FeedForward, LayerStack, PositionEncoding, Topology, table_label
 from ..plugin.registry import RESERVED_KEYS
@@ -131,11 +132,8 @@ _UNKNOWN = object()
 
 
 def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
-    else:
+    value = field_default(f, _UNKNOWN)
+    if value is _UNKNOWN:
         return _UNKNOWN
     if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
         try:
