@@ -40,6 +40,11 @@ IDS = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0
 TARGETS = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
+def config(cls, base: dict, **changes):
+    """A Case's config: transformers' config class `cls` on a family's small base, changed."""
+    return lambda: cls(**{**base, **changes})
+
+
 @dataclass
 class Case:
     """One tiny transformers model of a mapped type."""

@@ -11,17 +11,13 @@ import transformers
 
 from llmarch_compose.errors import ConfigError
 from llmarch_compose.interop.hf import from_hf
-from hf_parity import VOCAB, Case, build_hf, parity_tests
+from hf_parity import VOCAB, Case, build_hf, config, parity_tests
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=VOCAB,
              max_position_embeddings=64)
 SMALL_OPT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96, vocab_size=VOCAB,
                  max_position_embeddings=64)
 GPT2_LIKE = dict(n_embd=64, n_layer=2, n_head=4, n_inner=96, vocab_size=VOCAB, n_positions=64)
-
-
-def config(cls, base, **changes):
-    return lambda: cls(**{**base, **changes})
 
 
 CASES = {

@@ -17,16 +17,12 @@ import llmarch_compose as lc
 from llmarch_compose.errors import ConfigError
 from llmarch_compose.interop.hf import InteropError, config_overrides, from_hf, to_hf
 from llmarch_compose.interop.types import MODEL_TYPES, guess_type
-from hf_parity import VOCAB, Case, build_hf, pair, parity_tests
+from hf_parity import VOCAB, Case, build_hf, config, pair, parity_tests
 from test_generate_hf import MARGIN, PROMPT, least_margin, left_padded
 
 BERT_LIKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=VOCAB,
                  max_position_embeddings=64)
 DISTIL = dict(dim=64, n_layers=2, n_heads=4, hidden_dim=96, vocab_size=VOCAB, max_position_embeddings=64)
-
-
-def config(cls, base, **changes):
-    return lambda: cls(**{**base, **changes})
 
 
 CASES = {

@@ -61,25 +61,28 @@ def test_fields_it_cannot_represent_are_refused_by_name(field, value):
     assert info.value.key == field
 
 
+def refused_key(overrides: list[str], model_type: str, out) -> str:
+    """The key to_hf names refusing the model `overrides` describe as `model_type`; nothing written."""
+    cfg = lc.compose(overrides)
+    with pytest.raises(ConfigError) as info:
+        to_hf(lc.build(cfg, device="meta"), cfg, out, model_type=model_type)
+    assert not out.exists()
+    return info.value.key
+
+
 @pytest.mark.parametrize("change, key", [
     ("norm.offset=0.0", "norm.offset"), ("topology.scale_embeddings=false", "topology.scale_embeddings"),
     ("attention.window=8", "attention.window"), ("attention.softcap=30.0", "attention.softcap"),
     ("activation=geglu", "activation.approximate"),  # GemmaConfig would read hidden_act gelu as the tanh GELU
 ])
 def test_to_hf_refuses_what_gemma_cannot_express(change, key, tmp_path):
-    cfg = lc.compose(["model=gemma_2b", "scale=tiny", change])
-    with pytest.raises(ConfigError) as info:
-        to_hf(lc.build(cfg, device="meta"), cfg, tmp_path / "out", model_type="gemma")
-    assert info.value.key == key and not (tmp_path / "out").exists()
+    assert refused_key(["model=gemma_2b", "scale=tiny", change], "gemma", tmp_path / "out") == key
 
 
 @pytest.mark.parametrize("change, key", [("norm.offset=1.0", "norm.offset"),
                                          ("topology.scale_embeddings=true", "topology.scale_embeddings")])
 def test_llama_refuses_each_gemma_component(change, key, tmp_path):
-    cfg = lc.compose(["model=tiny", change])
-    with pytest.raises(ConfigError) as info:
-        to_hf(lc.build(cfg, device="meta"), cfg, tmp_path / "out", model_type="llama")
-    assert info.value.key == key
+    assert refused_key(["model=tiny", change], "llama", tmp_path / "out") == key
 
 
 def test_preset_is_written_as_gemma():
@@ -136,19 +139,13 @@ def test_gemma2_released_fields_that_agree_are_read():
     ("model.attention_scale=0.3", "attention.scale"),
 ])
 def test_to_hf_refuses_what_gemma2_cannot_express(change, key, tmp_path):
-    cfg = lc.compose(["model=gemma2_9b", "scale=tiny", change])
-    with pytest.raises(ConfigError) as info:
-        to_hf(lc.build(cfg, device="meta"), cfg, tmp_path / "out", model_type="gemma2")
-    assert info.value.key == key and not (tmp_path / "out").exists()
+    assert refused_key(["model=gemma2_9b", "scale=tiny", change], "gemma2", tmp_path / "out") == key
 
 
 @pytest.mark.parametrize("change, key", [("topology.norm_position=sandwich", "topology.norm_position"),
                                          ("topology.final_logit_softcap=30.0", "topology.final_logit_softcap")])
 def test_other_types_refuse_gemma2_components(change, key, tmp_path):
-    cfg = lc.compose(["model=gemma_2b", "scale=tiny", change])
-    with pytest.raises(ConfigError) as info:
-        to_hf(lc.build(cfg, device="meta"), cfg, tmp_path / "out", model_type="gemma")
-    assert info.value.key == key
+    assert refused_key(["model=gemma_2b", "scale=tiny", change], "gemma", tmp_path / "out") == key
 
 
 def test_gemma2_preset_is_written_as_gemma2():
