@@ -186,6 +186,7 @@ def test_an_existing_folder_is_not_overwritten(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_package_never_imports_transformers(saved):
     code = ("import sys, torch, llmarch_compose as lc\n"
             "from llmarch_compose.interop.hf import from_hf\n"

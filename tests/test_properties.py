@@ -36,7 +36,7 @@ from llmarch_compose.train.data import data_config, make_source
 from llmarch_compose.train.loop import MAX_COUNT, TrainSettings, check
 
 VOCAB = 64
-COMBO_EXAMPLES = 20
+COMBO_EXAMPLES = 30
 BAD_VALUE_EXAMPLES = 40
 
 
@@ -102,6 +102,7 @@ def assert_trains(model, overrides: list[str], seq: int = 8) -> None:
         assert p.grad is None or bool(torch.isfinite(p.grad).all()), f"{overrides}: {name}"
 
 
+@pytest.mark.slow  # each example trains a step
 @settings(PROPERTY, max_examples=COMBO_EXAMPLES)
 @given(groups=choices, nums=numbers)
 def test_every_combination_builds_and_trains_or_names_a_key(groups, nums):
@@ -118,6 +119,7 @@ swaps = st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.none(), max_size=3)
     lambda chosen: st.fixed_dictionaries({g: st.sampled_from(OPTIONS[g]) for g in chosen}))
 
 
+@pytest.mark.slow  # each example trains a step
 @settings(PROPERTY, max_examples=PRESET_EXAMPLES)
 @given(preset=st.sampled_from(presets()), groups=swaps)
 def test_every_preset_with_swapped_groups_builds_and_trains_or_names_a_key(preset, groups):

@@ -359,6 +359,7 @@ def test_third_party_conflict_names_both_packages(tmp_path):
     assert DIST in proc.stderr and "my_conflicting_norms" in proc.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_facade_imports_no_task_benchmark_sweep_or_adapter():
     """`import llmarch_compose` is the facade alone: tasks, benchmarks, the sweep report and
     the Hugging Face adapter load when a command or the registry needs them."""
