@@ -90,10 +90,11 @@ def test_a_joblib_worker_that_dies_is_a_failed_row(tmp_path):
     rows = {r["norm.die"].lower(): r for r in csv_rows(sweep)}
     assert rows["true"]["status"] == "failed"
     assert rows["true"]["error"].startswith("ProcessDied: the job left neither a summary nor an error record")
-    # The healthy sibling either finished before the pool broke or was stopped with it
-    # (joblib's loky backend ends every worker when one dies): either way its row says
-    # so, and a completed one has its figures.
-    assert rows["false"]["status"] in ("completed", "failed")
+    # The healthy sibling finished before the pool broke, was stopped with it (joblib's loky
+    # backend ends every worker when one dies), or never began (a slow machine: the pool broke
+    # before its worker took the job, so it has no folder). Each is a row that says so, and a
+    # completed one has its figures.
+    assert rows["false"]["status"] in ("completed", "failed", "not started")
     if rows["false"]["status"] == "completed":
         assert float(rows["false"]["held-out loss"]) > 0
 
