@@ -58,6 +58,32 @@ def round_robin(steps: dict[str, Callable[[], torch.Tensor]], repeats: int, devi
     return times
 
 
+def attention_steps(seq: int, window: int, batch: int = 1, heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
+                    device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                    attend: Callable | None = None) -> tuple[dict[str, Callable[[], torch.Tensor]], float]:
+    """The three kernels of the module docstring on random q, k, v of one shape, ready to
+    call under no_grad, and the steady build time of the window's block mask in seconds.
+    `attend`: the compiled dispatcher to share between shapes (default: a new one)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, seq, head_dim, generator=g).to(device, dtype)
+    k, v = (torch.randn(batch, kv_heads, seq, head_dim, generator=g).to(device, dtype) for _ in range(2))
+    window_spec, causal = MaskSpec(True, window), MaskSpec(True)
+
+    for _ in range(2):  # the second build is the steady cost (the first warms torch's vmap up)
+        start = time.perf_counter()
+        block_masks = BlockMasks().for_forward([window_spec], batch, seq, seq, device, None, None, None)
+        synchronize(device)
+        build_s = time.perf_counter() - start
+    flex_pos, plain_pos = PositionInputs(block_masks=block_masks), PositionInputs()
+    attend = attend or torch.compile(scaled_dot_product, fullgraph=True)
+    steps = {
+        "flex window": lambda: attend(q, k, v, flex_pos, window_spec, None),
+        "sdpa causal": lambda: attend(q, k, v, plain_pos, causal, None),
+        "sdpa window (dense)": lambda: attend(q, k, v, plain_pos, window_spec, None),
+    }
+    return steps, build_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=4096)
@@ -75,25 +101,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(args.batch, args.heads, args.seq, args.head_dim, generator=g).to(device, dtype)
-    k, v = (torch.randn(args.batch, args.kv_heads, args.seq, args.head_dim, generator=g).to(device, dtype)
-            for _ in range(2))
-    window, causal = MaskSpec(True, args.window), MaskSpec(True)
-
-    for _ in range(2):  # the second build is the steady cost (the first warms torch's vmap up)
-        start = time.perf_counter()
-        block_masks = BlockMasks().for_forward([window], args.batch, args.seq, args.seq, device, None, None, None)
-        synchronize(device)
-        build_s = time.perf_counter() - start
-    flex_pos, plain_pos = PositionInputs(block_masks=block_masks), PositionInputs()
-    attend = torch.compile(scaled_dot_product, fullgraph=True)
-
-    steps = {
-        "flex window": lambda: attend(q, k, v, flex_pos, window, None),
-        "sdpa causal": lambda: attend(q, k, v, plain_pos, causal, None),
-        "sdpa window (dense)": lambda: attend(q, k, v, plain_pos, window, None),
-    }
+    steps, build_s = attention_steps(args.seq, args.window, args.batch, args.heads, args.kv_heads, args.head_dim,
+                                     device, dtype)
     with torch.no_grad():
         flex_out = steps["flex window"]()
         dense_out = steps["sdpa window (dense)"]()
