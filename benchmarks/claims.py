@@ -447,7 +447,7 @@ def claim_norms(sizes: Sizes, out: Path, claim: Claim) -> None:
     ax.axhline(1.0, color="grey", linewidth=1)
     ax.axhline(NORM_MARGIN, color="grey", linewidth=1, linestyle="--", label=f"threshold {NORM_MARGIN}x")
     ax.set(xscale="log", xlabel="width", ylabel="LayerNorm time / RMSNorm time",
-           title=f"Forward + backward, {sizes.norm_tokens:,} tokens, fp32 (above 1: RMSNorm cheaper)")
+           title=f"Forward + backward, {sizes.norm_tokens:,} tokens, fp32\n(above 1: RMSNorm cheaper)")
     ax.set_xticks(list(sizes.norm_widths), [str(w) for w in sizes.norm_widths])
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
