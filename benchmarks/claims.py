@@ -26,8 +26,9 @@ not hold here"), never written by hand:
     2x, 4x and 8x the training length on the same held-out tokens.
 
 Timings alternate their variants step by step (llmarch_compose.bench.harness.round_robin,
-each sample a loop of calls lasting at least 30 ms) and report medians; the CPU time other processes used during each claim is measured
-(llmarch_compose.train.foreign_load) and printed beside it.
+each sample a loop of calls lasting at least 30 ms) and report medians; the CPU time other
+processes used during each claim is measured (llmarch_compose.train.foreign_load) and
+printed beside it.
 """
 
 from __future__ import annotations
@@ -353,9 +354,10 @@ def claim_window(sizes: Sizes, out: Path, claim: Claim) -> None:
         f"attention's at least {FULL_EXPONENT_MIN} (quadratic, less what grows linearly: the projections are not "
         "in this call, but the kernel's per-row work is)."]
     window_ok, full_ok = slopes["flex window"] <= WINDOW_EXPONENT_MAX, slopes["sdpa causal"] >= FULL_EXPONENT_MIN
-    measured = (f"time ~ n^{slopes['flex window']:.2f} with a {sizes.window}-token window, n^{slopes['sdpa causal']:.2f}"
-                f" full causal ({lengths[0]}-{lengths[-1]} tokens); {medians['sdpa causal'][-1] / medians['flex window'][-1]:.2f}x"
-                f" at {lengths[-1]}")
+    last = medians["sdpa causal"][-1] / medians["flex window"][-1]
+    measured = (f"time ~ n^{slopes['flex window']:.2f} with a {sizes.window}-token window, "
+                f"n^{slopes['sdpa causal']:.2f} full causal ({lengths[0]}-{lengths[-1]} tokens); {last:.2f}x "
+                f"at {lengths[-1]}")
     if window_ok and full_ok:
         verdict, correction = HOLDS, ""
     elif window_ok:
@@ -888,17 +890,21 @@ def render(claims: list[Claim], args, sizes: Sizes, wall: float) -> str:
     loads = [c.foreign_load for c in claims if c.foreign_load is not None]
     weighted = (sum(c.foreign_load * c.seconds for c in claims if c.foreign_load is not None)
                 / sum(c.seconds for c in claims if c.foreign_load is not None)) if loads else None
+    threads = torch.get_num_threads()
+    everything = " ".join(["python benchmarks/claims.py", *(["--quick"] if args.quick else []),
+                           *([f"--threads {args.threads}"] if args.threads else [])])
     lines = [
         "# The survey's quantitative claims, measured",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, {os.cpu_count()} CPU cores, "
-        f"{torch.get_num_threads()} torch thread{'s' if torch.get_num_threads() != 1 else ''}, torch {torch.__version__}, Python {platform.python_version()}; "
+        f"{threads} torch thread{'s' if threads != 1 else ''}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}; "
         f"{'quick sizes (a smoke run: too small to trust)' if args.quick else 'full sizes'}; {wall:.0f} s in all. "
         f"Other processes used {load_text(weighted)} of the machine's CPU time over the run (time-weighted; "
         f"per claim below): timings are medians of alternating repetitions, so a load hits the variants alike, "
         "but absolute times are those of a shared machine.",
         "",
-        f"Reproduce everything: `{'python benchmarks/claims.py' + (' --quick' if args.quick else '') + (f' --threads {args.threads}' if args.threads else '')}`"
+        f"Reproduce everything: `{everything}`"
         " (each claim's own command is in its section). The verdicts are computed from the figures below "
         "against the thresholds each section states.",
         "",
