@@ -102,6 +102,16 @@ def test_layernorm(eps, bias):
     check_forward_backward(norm, lambda x, p: ref.layernorm(x, p["weight"], p.get("bias"), eps), norm, [x], TIGHT)
 
 
+def test_layernorm_without_affine_parameters():
+    """OLMo-1's non-parametric LayerNorm: no weight, no bias; the bias flag must agree."""
+    norm = make_ctx("norm=layernorm", "norm.affine=false", "norm.bias=false").build("norm")
+    assert norm.weight is None and norm.bias is None and not list(norm.parameters())
+    x = randn(2, 5, 64, scale=3.0) + 1.5
+    check_forward_backward(norm, lambda x, p: ref.layernorm(x, None, None, 1e-5), None, [x], TIGHT)
+    with pytest.raises(lc.ConfigError, match="norm.bias"):
+        make_ctx("norm=layernorm", "norm.affine=false")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("eps", [1e-5, 0.5])
 def test_rmsnorm(eps, dtype):
@@ -646,6 +656,11 @@ TOPOLOGY_CASES = {
                                  "model.tie_embeddings=false"], "sandwich", False, False),
     "gemma2_like": (["topology.norm_position=sandwich", "topology.final_logit_softcap=5.0", "norm.offset=1.0",
                      "topology.scale_embeddings=true", "activation=geglu_tanh"], "sandwich", False, True),
+    "post_output": (["topology.norm_position=post_output"], "post_output", False, True),
+    "olmo2_like": (["topology.norm_position=post_output", "model.qk_norm=true", "model.qk_norm_scope=whole",
+                    "model.tie_embeddings=false"], "post_output", False, False),
+    "olmo_like": (["norm=layernorm", "norm.affine=false", "norm.bias=false", "model.tie_embeddings=false"],
+                  "pre", False, False),
 }
 
 
@@ -670,13 +685,17 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
             h = x + block.attn_post_norm(block.attn(block.attn_norm(x), pos))
             f = block.ffn(block.ffn_norm(h))
             x = h + block.ffn_post_norm(f.output)
+        elif norm_position == "post_output":
+            h = x + block.attn_norm(block.attn(x, pos))
+            f = block.ffn(h)
+            x = h + block.ffn_norm(f.output)
         else:
             h = block.attn_norm(x + block.attn(x, pos))
             f = block.ffn(h)
             x = block.ffn_norm(h + f.output)
         if f.aux_loss is not None:
             aux = f.aux_loss if aux is None else aux + f.aux_loss
-    if norm_position in ("pre", "sandwich"):
+    if norm_position in ("pre", "sandwich", "post_output"):
         x = model.decoder.final_norm(x)
     head = model.embed.tokens.weight if tied else model.head.weight
     logits = x @ head.transpose(0, 1)

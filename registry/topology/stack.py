@@ -22,7 +22,7 @@ from llmarch_compose.model.cache import DecodeInputs, DecodeState, step_position
 from llmarch_compose.plugin.interfaces import LayerStack
 from llmarch_compose.model.masks import BlockMasks, flex_runs
 
-NORM_POSITIONS = ("pre", "post", "sandwich")
+NORM_POSITIONS = ("pre", "post", "sandwich", "post_output")
 RESIDUALS = ("standard", "glm")
 HEAD_BIASES = ("none", "param", "buffer")
 
@@ -32,7 +32,8 @@ class TopologyParams:
     """Options shared by every topology (so a preset's choices survive a change of topology)."""
 
     # pre: x + f(norm(x)) (GPT-2, LLaMA, T5); post: norm(x + f(x)) (BERT, BART);
-    # sandwich: x + norm2(f(norm1(x))), a norm before and after each sublayer (Gemma-2)
+    # sandwich: x + norm2(f(norm1(x))), a norm before and after each sublayer (Gemma-2);
+    # post_output: x + norm(f(x)), the sublayer's output normalized before it joins the stream (OLMo-2)
     norm_position: str = "pre"
     parallel_residual: bool = False  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-J, GPT-NeoX)
     residual: str = "standard"  # glm: h = norm(x); x' = h * sqrt(2 * n_layers) + f(h) (ChatGLM-6B)
@@ -55,9 +56,10 @@ class TopologyParams:
         if self.parallel_residual and (self.norm_position != "pre" or self.residual != "standard"):
             raise ConfigError(f"{key}.parallel_residual", True, "a parallel residual needs standard pre-norm",
                               f"false, or {key}.norm_position=pre and {key}.residual=standard")
-        if self.residual == "glm" and self.norm_position == "sandwich":
+        if self.residual == "glm" and self.norm_position in ("sandwich", "post_output"):
             raise ConfigError(f"{key}.residual", "glm", "GLM's residual adds the normalized input, which a "
-                              "sandwich of norms would change", f"standard, or {key}.norm_position=pre or post")
+                              f"norm on the sublayer's output ({self.norm_position}) would change",
+                              f"standard, or {key}.norm_position=pre or post")
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise ConfigError(f"{key}.final_logit_softcap", self.final_logit_softcap, "must be positive",
                               "a number > 0 (Gemma-2: 30.0), or null for none")
@@ -118,6 +120,8 @@ class Block(nn.Module):
     def __init__(self, params: TopologyParams, ctx, layer: int, stack: str, causal: bool, cross: bool, position):
         super().__init__()
         self.pre_norm = params.norm_position in ("pre", "sandwich")
+        # post_output: the block's one norm per sublayer normalizes that sublayer's output
+        self.output_norm = params.norm_position == "post_output"
         self.parallel = params.parallel_residual
         self.glm_alpha = math.sqrt(2 * ctx.model.n_layers) if params.residual == "glm" else None
         sandwich = params.norm_position == "sandwich"
@@ -146,6 +150,8 @@ class Block(nn.Module):
             y = post(y)
         if self.glm_alpha is not None:
             return h * self.glm_alpha + y
+        if self.output_norm:
+            return x + norm(y)
         return x + y if self.pre_norm else norm(x + y)
 
     def new_cache(self, batch: int, capacity: int, pad: torch.Tensor, device, dtype,
@@ -192,7 +198,7 @@ class Stack(LayerStack):
         self.repeats = n if params.share_layers else 1
         self.blocks = nn.ModuleList(Block(params, ctx, i, stack, causal, cross, position)
                                     for i in range(1 if params.share_layers else n))
-        final = params.norm_position in ("pre", "sandwich") or params.residual == "glm"
+        final = params.norm_position in ("pre", "sandwich", "post_output") or params.residual == "glm"
         self.final_norm = ctx.build("norm") if final else nn.Identity()
         # The distinct masks the layers attend with (a per-layer pattern may give some a window).
         self.mask_specs = tuple(dict.fromkeys(spec for m in self.blocks.modules() if isinstance(m, Attention)
