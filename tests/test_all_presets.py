@@ -34,6 +34,9 @@ PUBLISHED = {
     # OLMo-7B-hf and OLMo-2-1124-7B: their model pages give 6.89B and 7.3B; the exact totals are the
     # tensor shapes of their config.json files summed (OLMo-1's norms have no parameters).
     "olmo_7b": 6_888_095_744, "olmo2_7b": 7_298_617_344,
+    # Phi-3-mini-4k-instruct and phi-4: their model pages give 3.82B and 14.7B; the exact totals are the
+    # tensor shapes of their config.json files summed.
+    "phi3_mini": 3_821_079_552, "phi4": 14_659_507_200,
 }
 # Qwen3-30B-A3B: the total less 120 of 128 experts (3 x 2048 x 768 each) in each of 48 layers.
 PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704}
