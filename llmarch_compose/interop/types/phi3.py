@@ -48,7 +48,11 @@ def phi3_overrides(hf: Mapping[str, Any]) -> list[str]:
 
 def phi3_config(spec: Any) -> dict[str, Any]:
     out = {k: v for k, v in llama.hf_config(spec).items() if k in TYPES[0].fields}
-    return {**out, "original_max_position_embeddings": spec.model.max_seq_len}
+    for legacy in ("rope_theta", "rope_scaling", "partial_rotary_factor"):
+        out.pop(legacy, None)
+    # Only rope_parameters, with the rotating share stated (no scaling: the fit check refuses it).
+    rope = {**out["rope_parameters"], "partial_rotary_factor": spec.params["position"].fraction}
+    return {**out, "rope_parameters": rope, "original_max_position_embeddings": spec.model.max_seq_len}
 
 
 def tensors(spec: Any) -> list[TensorRule]:
