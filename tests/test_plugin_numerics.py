@@ -661,6 +661,14 @@ TOPOLOGY_CASES = {
                     "model.tie_embeddings=false"], "post_output", False, False),
     "olmo_like": (["norm=layernorm", "norm.affine=false", "norm.bias=false", "model.tie_embeddings=false"],
                   "pre", False, False),
+    "granite_like": (["topology.embedding_multiplier=3.0", "topology.residual_multiplier=0.5",
+                      "topology.logit_divisor=4.0", "model.attention_scale=0.3"], "pre", False, True),
+    "multipliers_parallel": (["topology.parallel_residual=true", "topology.residual_multiplier=0.7",
+                              "topology.embedding_multiplier=2.0"], "pre", True, True),
+    "multipliers_post_output": (["topology.norm_position=post_output", "topology.residual_multiplier=0.7",
+                                 "topology.logit_divisor=2.0", "model.tie_embeddings=false"],
+                                "post_output", False, False),
+    "multipliers_post": (["topology.norm_position=post", "topology.residual_multiplier=0.7"], "post", False, True),
 }
 
 
@@ -670,35 +678,41 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
     x = model.embed.tokens.weight[ids]
     if model.spec.params["topology"].scale_embeddings:
         x = x * math.sqrt(model.spec.model.d_model)
+    topology = model.spec.params["topology"]
+    if topology.embedding_multiplier is not None:
+        x = x * topology.embedding_multiplier
+    m = topology.residual_multiplier if topology.residual_multiplier is not None else 1.0
     x = model.position.embed(x, positions)
     pos = model.position.attention_inputs(positions)
     aux = None
     for block in model.decoder.blocks:
         if parallel:
             f = block.ffn(block.ffn_norm(x))
-            x = x + block.attn(block.attn_norm(x), pos) + f.output
+            x = x + m * block.attn(block.attn_norm(x), pos) + m * f.output
         elif norm_position == "pre":
-            h = x + block.attn(block.attn_norm(x), pos)
+            h = x + m * block.attn(block.attn_norm(x), pos)
             f = block.ffn(block.ffn_norm(h))
-            x = h + f.output
+            x = h + m * f.output
         elif norm_position == "sandwich":
-            h = x + block.attn_post_norm(block.attn(block.attn_norm(x), pos))
+            h = x + m * block.attn_post_norm(block.attn(block.attn_norm(x), pos))
             f = block.ffn(block.ffn_norm(h))
-            x = h + block.ffn_post_norm(f.output)
+            x = h + m * block.ffn_post_norm(f.output)
         elif norm_position == "post_output":
-            h = x + block.attn_norm(block.attn(x, pos))
+            h = x + m * block.attn_norm(block.attn(x, pos))
             f = block.ffn(h)
-            x = h + block.ffn_norm(f.output)
+            x = h + m * block.ffn_norm(f.output)
         else:
-            h = block.attn_norm(x + block.attn(x, pos))
+            h = block.attn_norm(x + m * block.attn(x, pos))
             f = block.ffn(h)
-            x = block.ffn_norm(h + f.output)
+            x = block.ffn_norm(h + m * f.output)
         if f.aux_loss is not None:
             aux = f.aux_loss if aux is None else aux + f.aux_loss
     if norm_position in ("pre", "sandwich", "post_output"):
         x = model.decoder.final_norm(x)
     head = model.embed.tokens.weight if tied else model.head.weight
     logits = x @ head.transpose(0, 1)
+    if topology.logit_divisor is not None:
+        logits = logits / topology.logit_divisor
     cap = model.spec.params["topology"].final_logit_softcap
     return (logits if cap is None else cap * torch.tanh(logits / cap)), aux
 
