@@ -510,6 +510,8 @@ ATTENTION_CASES = {
     "rope_partial": (["model.rotary_fraction=0.5"], True, 2, None),
     "rope_yarn": (["model.rope_scaling={type:yarn,factor:8,original_max_seq_len:4}"], True, 2, None),
     "no_position": (["position=none"], True, 2, None),
+    "rope_not_rotated": (["attention.rotary=false"], True, 2, None),  # a NoPE layer under RoPE (SmolLM3)
+    "rope_not_rotated_window": (["attention=swa", "model.window=4", "attention.rotary=false"], True, 2, 4),
 }
 
 
@@ -526,7 +528,7 @@ def test_attention(case):
     t = 9
     positions = torch.arange(t)
     pos = pe.attention_inputs(positions)
-    if isinstance(pe, lc.PositionEncoding) and pos.rotary is not None:
+    if isinstance(pe, lc.PositionEncoding) and pos.rotary is not None and "not_rotated" not in case:
         def rotate(x):
             return ref.rope_rotate(x, positions, pe.inv_freq, pe.rotary_dim, pe.interleaved, pe.attention_factor)
     else:
@@ -538,6 +540,11 @@ def test_attention(case):
                              4, n_kv, 16, causal, window, rotate, scale)
 
     check_forward_backward(lambda x: attn(x, pos), expected, attn, [randn(2, t, 64)], TIGHT)
+
+
+def test_unrotated_attention_needs_a_rotating_position_plugin():
+    with pytest.raises(lc.ConfigError, match="attention.rotary"):
+        make_ctx("position=learned", "attention.rotary=false").build("attention", layer_idx=0)
 
 
 @pytest.mark.parametrize("causal, window", [(True, None), (False, None), (True, 4), (False, 3)],

@@ -7,7 +7,7 @@ from omegaconf import SI
 from torch import nn
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-from llmarch_compose import Attention, ConfigError, PositionInputs, register
+from llmarch_compose import Attention, ConfigError, PositionEncoding, PositionInputs, register
 from llmarch_compose.model.cache import KVBuffer, attend_cached
 from llmarch_compose.model.kernels import dense_attention, explicit_attention, sink_rescale
 from llmarch_compose.model.masks import (
@@ -42,6 +42,9 @@ class GQAParams:
     # Gemma-2's cap on the scaled logits: softcap * tanh(logit / softcap)
     softcap: Optional[float] = SI("${model.attention_softcap}")
     sinks: bool = False  # gpt-oss: a learned logit per query head joins the softmax, attending to no value
+    # false: this attention leaves its queries and keys unrotated by the position plugin (SmolLM3's
+    # NoPE layers, set per layer through model.layer_pattern); refused with a plugin that rotates nothing
+    rotary: bool = True
 
     def validate(self, model, key):
         if self.num_kv_heads < 1 or model.n_heads % self.num_kv_heads:
@@ -138,7 +141,13 @@ class GroupedQueryAttention(Attention):
         # Zero sinks start as one more key of score 0 (a softmax that may attend to nothing).
         self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if params.sinks else None
         # A bound method, not a submodule: the topology owns the position module.
-        self.rotate = (position or ctx.position).rotate
+        position = position or ctx.position
+        self.rotate = position.rotate
+        if not params.rotary and type(position).rotate is PositionEncoding.rotate:
+            raise ConfigError("attention.rotary", False, f"position={getattr(position, 'plugin_name', '?')} "
+                              "rotates no queries or keys, so there is no rotation to leave out",
+                              ["true", "position=rope"])
+        self.rotary = params.rotary and not cross  # no positions across the two sequences
         for linear in self.children():
             if isinstance(linear, nn.Linear):
                 nn.init.normal_(linear.weight, std=m.init_std)
@@ -167,7 +176,7 @@ class GroupedQueryAttention(Attention):
         if self.q_norm is not None and not self.qk_norm_whole:
             q = self.q_norm(q)
             k = self.k_norm(k) if k is not None else None
-        if not self.cross:  # no positions across the two sequences
+        if self.rotary:
             q, k = self.rotate(q, k, pos)
         if pos.decoding is not None:
             out = self._attend_cached(q, k, v, pos, cache)
