@@ -19,13 +19,15 @@ import torch
 # --------------------------------------------------------------------------- norms
 
 
-def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) * weight + bias, var the biased (1/n) variance."""
+def layernorm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+              ) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias, var the biased (1/n) variance (no weight: unscaled)."""
     n = x.shape[-1]
     mean = x.sum(dim=-1, keepdim=True) / n
     centred = x - mean
     var = (centred * centred).sum(dim=-1, keepdim=True) / n
-    y = centred / torch.sqrt(var + eps) * weight
+    y = centred / torch.sqrt(var + eps)
+    y = y if weight is None else y * weight
     return y if bias is None else y + bias
 
 

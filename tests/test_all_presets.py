@@ -31,6 +31,14 @@ PUBLISHED = {
     "t5_11b": 11_307_321_344, "flan_t5_base": 247_577_856, "switch_base_8": 619_339_008,
     "deepseek_v3": 671_026_404_352, "bart_base": 139_420_416,
     "distilbert_base": 66_985_530, "xlm_roberta_base": 278_295_186,
+    # OLMo-7B-hf and OLMo-2-1124-7B: their model pages give 6.89B and 7.3B; the exact totals are the
+    # tensor shapes of their config.json files summed (OLMo-1's norms have no parameters).
+    "olmo_7b": 6_888_095_744, "olmo2_7b": 7_298_617_344,
+    # Phi-3-mini-4k-instruct and phi-4: their model pages give 3.82B and 14.7B; the exact totals are the
+    # tensor shapes of their config.json files summed.
+    "phi3_mini": 3_821_079_552, "phi4": 14_659_507_200,
+    # SmolLM3-3B: its model page gives 3.08B; the exact total is the tensor shapes of its config.json summed.
+    "smollm3_3b": 3_075_098_624,
 }
 # Qwen3-30B-A3B: the total less 120 of 128 experts (3 x 2048 x 768 each) in each of 48 layers.
 PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704}

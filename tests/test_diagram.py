@@ -228,6 +228,16 @@ def test_sandwich_norms_and_the_logit_cap():
     assert counted(a) == a.params_total
 
 
+def test_norms_on_the_sublayer_outputs():
+    spec, a = anatomy_of("scale=tiny", "topology.norm_position=post_output")
+    (stack,) = a.stacks
+    assert "norm_position post_output" in stack.notes
+    # x + norm(f(x)): each norm follows its sublayer, and the residual add follows the norm.
+    assert [(p.name, p.residual_after) for p in stack.kinds[0].parts] == [
+        ("attn", False), ("attn_norm", True), ("ffn", False), ("ffn_norm", True)]
+    assert counted(a) == a.params_total
+
+
 def test_a_third_party_plugin_and_new_topology_options_show_by_name():
     from llmarch_compose.registry.topology.decoder_only import DecoderOnly
     from llmarch_compose.registry.topology.stack import TopologyParams

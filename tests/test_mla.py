@@ -447,9 +447,11 @@ def test_mla_keeps_rope_tables_in_float32_under_bf16():
 # ------------------------------------------------------------------ QK-norm (gqa)
 
 
-def naive_qk_norm_attention(x, p, *, n_heads: int, n_kv_heads: int, head_dim: int, norm, rotate) -> torch.Tensor:
+def naive_qk_norm_attention(x, p, *, n_heads: int, n_kv_heads: int, head_dim: int, norm, rotate,
+                            whole: bool = False) -> torch.Tensor:
     """Causal attention where each head's query and key are normalized over head_dim (their
-    own weights, shared across heads) before RoPE, as Qwen3 and OLMo-2-style QK-norm do."""
+    own weights, shared across heads) before RoPE, as Qwen3's QK-norm does; `whole`: the
+    queries and keys normalized over the whole projection before the heads split (OLMo-2)."""
     b, t, _ = x.shape
     q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
     group = n_heads // n_kv_heads
@@ -460,11 +462,14 @@ def naive_qk_norm_attention(x, p, *, n_heads: int, n_kv_heads: int, head_dim: in
         q_all = ref.linear(x[bi], w[:q_size])
         k_all = ref.linear(x[bi], w[q_size:q_size + kv_size])
         v_all = ref.linear(x[bi], w[q_size + kv_size:])
+        if whole:
+            q_all, k_all = norm(q_all, "q_norm"), norm(k_all, "k_norm")
+        per_head = (lambda z, name: z) if whole else norm
         heads = []
         for h in range(n_heads):
             g = h // group
-            q = rotate(norm(q_all[:, h * head_dim:(h + 1) * head_dim], "q_norm"))
-            k = rotate(norm(k_all[:, g * head_dim:(g + 1) * head_dim], "k_norm"))
+            q = rotate(per_head(q_all[:, h * head_dim:(h + 1) * head_dim], "q_norm"))
+            k = rotate(per_head(k_all[:, g * head_dim:(g + 1) * head_dim], "k_norm"))
             v = v_all[:, g * head_dim:(g + 1) * head_dim]
             heads.append(ref.softmax_rows(q @ k.transpose(0, 1) / math.sqrt(head_dim), allowed) @ v)
         outputs.append(ref.linear(torch.cat(heads, dim=-1), p["out.weight"]))
@@ -472,8 +477,12 @@ def naive_qk_norm_attention(x, p, *, n_heads: int, n_kv_heads: int, head_dim: in
 
 
 QK_NORM_CASES = {
-    # id: (overrides, n_kv_heads, layernorm)
+    # id: (overrides, n_kv_heads, layernorm); "whole" in the id: model.qk_norm_scope=whole
     "rmsnorm": ([], 2, False),
+    "whole_rmsnorm": (["model.qk_norm_scope=whole"], 2, False),
+    "whole_rmsnorm_mqa_partial_rope": (["model.qk_norm_scope=whole", "attention=mqa", "model.rotary_fraction=0.5"],
+                                       1, False),
+    "whole_layernorm_mha": (["model.qk_norm_scope=whole", "norm=layernorm", "attention=mha"], 4, True),
     "rmsnorm_mqa_interleaved": (["attention=mqa", "position.interleaved=true"], 1, False),
     "rmsnorm_partial_rope": (["model.rotary_fraction=0.5"], 2, False),
     "layernorm_mha": (["norm=layernorm", "attention=mha"], 4, True),
@@ -485,7 +494,9 @@ def test_gqa_qk_norm_matches_naive_reference(case):
     overrides, n_kv, layernorm = QK_NORM_CASES[case]
     ctx = make_ctx("model.qk_norm=true", *overrides)
     attn = randomize_(ctx.build("attention").double(), std=0.25)
-    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (16,)
+    whole = "whole" in case
+    assert attn.q_norm.weight.shape == ((64,) if whole else (16,))
+    assert attn.k_norm.weight.shape == ((16 * n_kv,) if whole else (16,))
     pe = ctx.position.double()
     t = 9
     positions = torch.arange(t)
@@ -500,7 +511,8 @@ def test_gqa_qk_norm_matches_naive_reference(case):
                 return ref.layernorm(z, p[f"{name}.weight"], p[f"{name}.bias"], 1e-5)
             return ref.rmsnorm(z, p[f"{name}.weight"], 1e-5)
 
-        return naive_qk_norm_attention(x, p, n_heads=4, n_kv_heads=n_kv, head_dim=16, norm=norm, rotate=rotate)
+        return naive_qk_norm_attention(x, p, n_heads=4, n_kv_heads=n_kv, head_dim=16, norm=norm, rotate=rotate,
+                                       whole=whole)
 
     check_forward_backward(lambda x: attn(x, pos), expected, attn, [randn(2, t, 64)],
                            TIGHT if layernorm else FP32_INSIDE)
@@ -529,4 +541,30 @@ def test_gqa_qk_norm_matches_qwen3():
         return functional_call(hf, weights, (x, (cos, sin), mask))[0]
 
     pos = pe.attention_inputs(torch.arange(t))
+    check_forward_backward(lambda x: attn(x, pos), expected, attn, [randn(b, t, 64)], HF_TOL)
+
+
+def test_gqa_whole_qk_norm_matches_olmo2():
+    """model.qk_norm_scope=whole is OLMo-2's attention: RMSNorm over all heads' queries and keys."""
+    from transformers import Olmo2Config
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2Attention, Olmo2RotaryEmbedding
+
+    ctx = make_ctx("model.qk_norm=true", "model.qk_norm_scope=whole")
+    attn = randomize_(ctx.build("attention").double(), std=0.25)
+    config = Olmo2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                         attention_bias=False, vocab_size=128, num_hidden_layers=1, max_position_embeddings=64,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config._attn_implementation = "eager"
+    hf, rotary = Olmo2Attention(config, layer_idx=0).double(), Olmo2RotaryEmbedding(config)
+    b, t = 2, 9
+    mask = torch.full((t, t), float("-inf"), dtype=F64).triu(1)[None, None]
+
+    def expected(x, p):
+        q, k, v = p["qkv.weight"].split((64, 32, 32))
+        weights = {"q_proj.weight": q, "k_proj.weight": k, "v_proj.weight": v, "o_proj.weight": p["out.weight"],
+                   "q_norm.weight": p["q_norm.weight"], "k_norm.weight": p["k_norm.weight"]}
+        cos, sin = rotary(x, torch.arange(t)[None].expand(b, t))
+        return functional_call(hf, weights, (x, (cos, sin), mask))[0]
+
+    pos = ctx.position.attention_inputs(torch.arange(t))
     check_forward_backward(lambda x: attn(x, pos), expected, attn, [randn(b, t, 64)], HF_TOL)

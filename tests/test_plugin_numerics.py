@@ -102,6 +102,16 @@ def test_layernorm(eps, bias):
     check_forward_backward(norm, lambda x, p: ref.layernorm(x, p["weight"], p.get("bias"), eps), norm, [x], TIGHT)
 
 
+def test_layernorm_without_affine_parameters():
+    """OLMo-1's non-parametric LayerNorm: no weight, no bias; the bias flag must agree."""
+    norm = make_ctx("norm=layernorm", "norm.affine=false", "norm.bias=false").build("norm")
+    assert norm.weight is None and norm.bias is None and not list(norm.parameters())
+    x = randn(2, 5, 64, scale=3.0) + 1.5
+    check_forward_backward(norm, lambda x, p: ref.layernorm(x, None, None, 1e-5), None, [x], TIGHT)
+    with pytest.raises(lc.ConfigError, match="norm.bias"):
+        make_ctx("norm=layernorm", "norm.affine=false")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("eps", [1e-5, 0.5])
 def test_rmsnorm(eps, dtype):
@@ -500,6 +510,8 @@ ATTENTION_CASES = {
     "rope_partial": (["model.rotary_fraction=0.5"], True, 2, None),
     "rope_yarn": (["model.rope_scaling={type:yarn,factor:8,original_max_seq_len:4}"], True, 2, None),
     "no_position": (["position=none"], True, 2, None),
+    "rope_not_rotated": (["attention.rotary=false"], True, 2, None),  # a NoPE layer under RoPE (SmolLM3)
+    "rope_not_rotated_window": (["attention=swa", "model.window=4", "attention.rotary=false"], True, 2, 4),
 }
 
 
@@ -516,7 +528,7 @@ def test_attention(case):
     t = 9
     positions = torch.arange(t)
     pos = pe.attention_inputs(positions)
-    if isinstance(pe, lc.PositionEncoding) and pos.rotary is not None:
+    if isinstance(pe, lc.PositionEncoding) and pos.rotary is not None and "not_rotated" not in case:
         def rotate(x):
             return ref.rope_rotate(x, positions, pe.inv_freq, pe.rotary_dim, pe.interleaved, pe.attention_factor)
     else:
@@ -528,6 +540,11 @@ def test_attention(case):
                              4, n_kv, 16, causal, window, rotate, scale)
 
     check_forward_backward(lambda x: attn(x, pos), expected, attn, [randn(2, t, 64)], TIGHT)
+
+
+def test_unrotated_attention_needs_a_rotating_position_plugin():
+    with pytest.raises(lc.ConfigError, match="attention.rotary"):
+        make_ctx("position=learned", "attention.rotary=false").build("attention", layer_idx=0)
 
 
 @pytest.mark.parametrize("causal, window", [(True, None), (False, None), (True, 4), (False, 3)],
@@ -646,6 +663,19 @@ TOPOLOGY_CASES = {
                                  "model.tie_embeddings=false"], "sandwich", False, False),
     "gemma2_like": (["topology.norm_position=sandwich", "topology.final_logit_softcap=5.0", "norm.offset=1.0",
                      "topology.scale_embeddings=true", "activation=geglu_tanh"], "sandwich", False, True),
+    "post_output": (["topology.norm_position=post_output"], "post_output", False, True),
+    "olmo2_like": (["topology.norm_position=post_output", "model.qk_norm=true", "model.qk_norm_scope=whole",
+                    "model.tie_embeddings=false"], "post_output", False, False),
+    "olmo_like": (["norm=layernorm", "norm.affine=false", "norm.bias=false", "model.tie_embeddings=false"],
+                  "pre", False, False),
+    "granite_like": (["topology.embedding_multiplier=3.0", "topology.residual_multiplier=0.5",
+                      "topology.logit_divisor=4.0", "model.attention_scale=0.3"], "pre", False, True),
+    "multipliers_parallel": (["topology.parallel_residual=true", "topology.residual_multiplier=0.7",
+                              "topology.embedding_multiplier=2.0"], "pre", True, True),
+    "multipliers_post_output": (["topology.norm_position=post_output", "topology.residual_multiplier=0.7",
+                                 "topology.logit_divisor=2.0", "model.tie_embeddings=false"],
+                                "post_output", False, False),
+    "multipliers_post": (["topology.norm_position=post", "topology.residual_multiplier=0.7"], "post", False, True),
 }
 
 
@@ -655,31 +685,41 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
     x = model.embed.tokens.weight[ids]
     if model.spec.params["topology"].scale_embeddings:
         x = x * math.sqrt(model.spec.model.d_model)
+    topology = model.spec.params["topology"]
+    if topology.embedding_multiplier is not None:
+        x = x * topology.embedding_multiplier
+    m = topology.residual_multiplier if topology.residual_multiplier is not None else 1.0
     x = model.position.embed(x, positions)
     pos = model.position.attention_inputs(positions)
     aux = None
     for block in model.decoder.blocks:
         if parallel:
             f = block.ffn(block.ffn_norm(x))
-            x = x + block.attn(block.attn_norm(x), pos) + f.output
+            x = x + m * block.attn(block.attn_norm(x), pos) + m * f.output
         elif norm_position == "pre":
-            h = x + block.attn(block.attn_norm(x), pos)
+            h = x + m * block.attn(block.attn_norm(x), pos)
             f = block.ffn(block.ffn_norm(h))
-            x = h + f.output
+            x = h + m * f.output
         elif norm_position == "sandwich":
-            h = x + block.attn_post_norm(block.attn(block.attn_norm(x), pos))
+            h = x + m * block.attn_post_norm(block.attn(block.attn_norm(x), pos))
             f = block.ffn(block.ffn_norm(h))
-            x = h + block.ffn_post_norm(f.output)
-        else:
-            h = block.attn_norm(x + block.attn(x, pos))
+            x = h + m * block.ffn_post_norm(f.output)
+        elif norm_position == "post_output":
+            h = x + m * block.attn_norm(block.attn(x, pos))
             f = block.ffn(h)
-            x = block.ffn_norm(h + f.output)
+            x = h + m * block.ffn_norm(f.output)
+        else:
+            h = block.attn_norm(x + m * block.attn(x, pos))
+            f = block.ffn(h)
+            x = block.ffn_norm(h + m * f.output)
         if f.aux_loss is not None:
             aux = f.aux_loss if aux is None else aux + f.aux_loss
-    if norm_position in ("pre", "sandwich"):
+    if norm_position in ("pre", "sandwich", "post_output"):
         x = model.decoder.final_norm(x)
     head = model.embed.tokens.weight if tied else model.head.weight
     logits = x @ head.transpose(0, 1)
+    if topology.logit_divisor is not None:
+        logits = logits / topology.logit_divisor
     cap = model.spec.params["topology"].final_logit_softcap
     return (logits if cap is None else cap * torch.tanh(logits / cap)), aux
 

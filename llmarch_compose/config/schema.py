@@ -44,7 +44,8 @@ class ModelConfig:
     window: Optional[int] = None  # read by attention=swa
     attention_scale: Optional[float] = None  # None: 1 / sqrt(head_dim); T5 uses 1.0
     attention_softcap: Optional[float] = None  # read by attention=gqa: cap * tanh(score / cap) (Gemma-2: 50.0)
-    qk_norm: bool = False  # normalize queries and keys per head (the norm group's plugin)
+    qk_norm: bool = False  # normalize queries and keys (the norm group's plugin)
+    qk_norm_scope: str = "per_head"  # per_head: over each head (Qwen3); whole: over all heads at once (OLMo-2)
     # Multi-head latent attention (attention=mla, DeepSeek-V2/V3); None: derived from the width.
     q_lora_rank: Optional[int] = None  # None: queries projected directly
     kv_lora_rank: Optional[int] = None

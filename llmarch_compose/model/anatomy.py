@@ -379,14 +379,20 @@ def _residuals(parts: list[Part], topology: Any) -> list[Part]:
     if position == "sandwich":  # x + norm(f(norm(x))): the add follows the norm built after each sublayer
         return [dataclasses.replace(p, residual_after=i > 0 and p.group == "norm" and sublayer[i - 1])
                 for i, p in enumerate(parts)]
-    if position == "post":  # norm(x + f(x)): each norm after the sublayer built after it
+    if position in ("post", "post_output"):
+        # post: norm(x + f(x)); post_output: x + norm(f(x)). Each norm follows the sublayer built
+        # after it, the add before it (post) or after it (post_output).
         out: list[Part] = []
         pending: list[Part] = []
         for p in parts:
             if p.group == "norm":
                 pending.append(p)
-            else:
+            elif position == "post":
                 out += [dataclasses.replace(p, residual_after=True), *pending]
+                pending = []
+            else:
+                out += [p, *(dataclasses.replace(n, residual_after=i == len(pending) - 1)
+                             for i, n in enumerate(pending))]
                 pending = []
         return out + pending
     return parts

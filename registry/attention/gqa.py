@@ -7,7 +7,7 @@ from omegaconf import SI
 from torch import nn
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-from llmarch_compose import Attention, ConfigError, PositionInputs, register
+from llmarch_compose import Attention, ConfigError, PositionEncoding, PositionInputs, register
 from llmarch_compose.model.cache import KVBuffer, attend_cached
 from llmarch_compose.model.kernels import dense_attention, explicit_attention, sink_rescale
 from llmarch_compose.model.masks import (
@@ -25,6 +25,9 @@ from llmarch_compose.model.masks import (
 from llmarch_compose.errors import valid_divisors
 
 
+QK_NORM_SCOPES = ("per_head", "whole")
+
+
 @dataclass
 class GQAParams:
     num_kv_heads: int = SI("${model.n_kv_heads}")  # n_heads: MHA; 1: MQA; between: GQA
@@ -32,10 +35,16 @@ class GQAParams:
     out_bias: bool = SI("${model.attention_bias}")
     window: Optional[int] = None  # sliding window (keys per query, its own included)
     scale: Optional[float] = SI("${model.attention_scale}")  # None: 1 / sqrt(head_dim)
-    qk_norm: bool = SI("${model.qk_norm}")  # the norm plugin on each head's queries and keys
+    qk_norm: bool = SI("${model.qk_norm}")  # the norm plugin on the queries and keys
+    # per_head: over each head's head_dim, one weight shared by the heads (Qwen3); whole: over the
+    # whole projection, n_heads * head_dim queries and n_kv_heads * head_dim keys (OLMo-2)
+    qk_norm_scope: str = SI("${model.qk_norm_scope}")
     # Gemma-2's cap on the scaled logits: softcap * tanh(logit / softcap)
     softcap: Optional[float] = SI("${model.attention_softcap}")
     sinks: bool = False  # gpt-oss: a learned logit per query head joins the softmax, attending to no value
+    # false: this attention leaves its queries and keys unrotated by the position plugin (SmolLM3's
+    # NoPE layers, set per layer through model.layer_pattern); refused with a plugin that rotates nothing
+    rotary: bool = True
 
     def validate(self, model, key):
         if self.num_kv_heads < 1 or model.n_heads % self.num_kv_heads:
@@ -45,6 +54,11 @@ class GQAParams:
         if self.window is not None and self.window < 1:
             raise ConfigError(f"{key}.window", self.window, "a window must hold at least one token",
                               "an integer >= 1, or null for none")
+        if self.qk_norm_scope not in QK_NORM_SCOPES:
+            raise ConfigError(f"{key}.qk_norm_scope", self.qk_norm_scope, "unknown QK-norm scope", QK_NORM_SCOPES)
+        if self.qk_norm_scope != "per_head" and not self.qk_norm:
+            raise ConfigError(f"{key}.qk_norm_scope", self.qk_norm_scope, "is the scope of a QK-norm, and "
+                              f"{key}.qk_norm is false", ["per_head", f"{key}.qk_norm=true"])
         if self.softcap is not None and not self.softcap > 0:
             raise ConfigError(f"{key}.softcap", self.softcap, "the cap on the attention logits must be positive",
                               "a number > 0 (Gemma-2: 50.0), or null for none")
@@ -120,12 +134,20 @@ class GroupedQueryAttention(Attention):
         else:  # one fused projection: one matrix product instead of three
             self.qkv = nn.Linear(m.d_model, self.q_size + 2 * self.kv_size, bias=params.qkv_bias)
         self.out = nn.Linear(self.q_size, m.d_model, bias=params.out_bias)
-        self.q_norm = ctx.build("norm", dim=self.head_dim) if params.qk_norm else None
-        self.k_norm = ctx.build("norm", dim=self.head_dim) if params.qk_norm else None
+        self.qk_norm_whole = params.qk_norm_scope == "whole"
+        q_dim, k_dim = (self.q_size, self.kv_size) if self.qk_norm_whole else (self.head_dim, self.head_dim)
+        self.q_norm = ctx.build("norm", dim=q_dim) if params.qk_norm else None
+        self.k_norm = ctx.build("norm", dim=k_dim) if params.qk_norm else None
         # Zero sinks start as one more key of score 0 (a softmax that may attend to nothing).
         self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if params.sinks else None
         # A bound method, not a submodule: the topology owns the position module.
-        self.rotate = (position or ctx.position).rotate
+        position = position or ctx.position
+        self.rotate = position.rotate
+        if not params.rotary and type(position).rotate is PositionEncoding.rotate:
+            raise ConfigError("attention.rotary", False, f"position={getattr(position, 'plugin_name', '?')} "
+                              "rotates no queries or keys, so there is no rotation to leave out",
+                              ["true", "position=rope"])
+        self.rotary = params.rotary and not cross  # no positions across the two sequences
         for linear in self.children():
             if isinstance(linear, nn.Linear):
                 nn.init.normal_(linear.weight, std=m.init_std)
@@ -145,13 +167,16 @@ class GroupedQueryAttention(Attention):
                 k, v = self.kv(memory).split((self.kv_size, self.kv_size), dim=-1)
         else:
             q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        if self.q_norm is not None and self.qk_norm_whole:  # over all heads at once, before the split
+            q = self.q_norm(q)
+            k = self.k_norm(k) if k is not None else None
         q = self.heads(q, self.n_heads)
         if k is not None:
             k, v = self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_whole:
             q = self.q_norm(q)
             k = self.k_norm(k) if k is not None else None
-        if not self.cross:  # no positions across the two sequences
+        if self.rotary:
             q, k = self.rotate(q, k, pos)
         if pos.decoding is not None:
             out = self._attend_cached(q, k, v, pos, cache)

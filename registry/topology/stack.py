@@ -22,7 +22,7 @@ from llmarch_compose.model.cache import DecodeInputs, DecodeState, step_position
 from llmarch_compose.plugin.interfaces import LayerStack
 from llmarch_compose.model.masks import BlockMasks, flex_runs
 
-NORM_POSITIONS = ("pre", "post", "sandwich")
+NORM_POSITIONS = ("pre", "post", "sandwich", "post_output")
 RESIDUALS = ("standard", "glm")
 HEAD_BIASES = ("none", "param", "buffer")
 
@@ -32,7 +32,8 @@ class TopologyParams:
     """Options shared by every topology (so a preset's choices survive a change of topology)."""
 
     # pre: x + f(norm(x)) (GPT-2, LLaMA, T5); post: norm(x + f(x)) (BERT, BART);
-    # sandwich: x + norm2(f(norm1(x))), a norm before and after each sublayer (Gemma-2)
+    # sandwich: x + norm2(f(norm1(x))), a norm before and after each sublayer (Gemma-2);
+    # post_output: x + norm(f(x)), the sublayer's output normalized before it joins the stream (OLMo-2)
     norm_position: str = "pre"
     parallel_residual: bool = False  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-J, GPT-NeoX)
     residual: str = "standard"  # glm: h = norm(x); x' = h * sqrt(2 * n_layers) + f(h) (ChatGLM-6B)
@@ -45,6 +46,11 @@ class TopologyParams:
     scale_tied_head: bool = False  # hidden * d_model**-0.5 before a tied head (T5 v1.0)
     normalize_head: bool = False  # unit-norm rows of the LM head (Baichuan-2's NormHead)
     final_logit_softcap: Optional[float] = None  # cap * tanh(logits / cap) on the LM head's output (Gemma-2)
+    # Granite's multipliers (None: none): token embeddings * embedding_multiplier; each sublayer's
+    # output * residual_multiplier as it joins the stream; the LM head's logits / logit_divisor
+    embedding_multiplier: Optional[float] = None
+    residual_multiplier: Optional[float] = None
+    logit_divisor: Optional[float] = None
 
     def validate(self, model, key):
         for name, value, choices in (("norm_position", self.norm_position, NORM_POSITIONS),
@@ -55,9 +61,15 @@ class TopologyParams:
         if self.parallel_residual and (self.norm_position != "pre" or self.residual != "standard"):
             raise ConfigError(f"{key}.parallel_residual", True, "a parallel residual needs standard pre-norm",
                               f"false, or {key}.norm_position=pre and {key}.residual=standard")
-        if self.residual == "glm" and self.norm_position == "sandwich":
+        if self.residual == "glm" and self.norm_position in ("sandwich", "post_output"):
             raise ConfigError(f"{key}.residual", "glm", "GLM's residual adds the normalized input, which a "
-                              "sandwich of norms would change", f"standard, or {key}.norm_position=pre or post")
+                              f"norm on the sublayer's output ({self.norm_position}) would change",
+                              f"standard, or {key}.norm_position=pre or post")
+        for name in ("embedding_multiplier", "residual_multiplier", "logit_divisor"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value != 0):
+                raise ConfigError(f"{key}.{name}", value, "must be a finite, nonzero number",
+                                  "a number (Granite-3: e.g. 12.0, 0.22, 8.0), or null for none")
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise ConfigError(f"{key}.final_logit_softcap", self.final_logit_softcap, "must be positive",
                               "a number > 0 (Gemma-2: 30.0), or null for none")
@@ -86,6 +98,7 @@ class Embeddings(nn.Module):
         self.norm = ctx.build("norm", dim=width) if params.embedding_norm else None
         self.project = nn.Linear(width, m.d_model) if width != m.d_model else None
         self.scale = math.sqrt(m.d_model) if params.scale_embeddings else None
+        self.multiplier = params.embedding_multiplier
         for table in (None if tokens is not None else self.tokens, self.token_types):
             if table is not None:
                 nn.init.normal_(table.weight, std=m.init_std)
@@ -95,6 +108,8 @@ class Embeddings(nn.Module):
         x = self.tokens(input_ids)
         if self.scale is not None:  # the factor rounded to the table's dtype first, as Gemma's normalizer is
             x = x * x.new_tensor(self.scale)
+        if self.multiplier is not None:  # Granite: a Python number times the table's output
+            x = x * self.multiplier
         if self.token_types is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
             x = x + self.token_types(types)
@@ -118,8 +133,11 @@ class Block(nn.Module):
     def __init__(self, params: TopologyParams, ctx, layer: int, stack: str, causal: bool, cross: bool, position):
         super().__init__()
         self.pre_norm = params.norm_position in ("pre", "sandwich")
+        # post_output: the block's one norm per sublayer normalizes that sublayer's output
+        self.output_norm = params.norm_position == "post_output"
         self.parallel = params.parallel_residual
         self.glm_alpha = math.sqrt(2 * ctx.model.n_layers) if params.residual == "glm" else None
+        self.residual_multiplier = params.residual_multiplier
         sandwich = params.norm_position == "sandwich"
 
         def post_norm() -> Optional[nn.Module]:  # a sandwich's norm on a sublayer's output
@@ -144,9 +162,13 @@ class Block(nn.Module):
                   post: Optional[nn.Module] = None) -> torch.Tensor:
         if post is not None:  # sandwich: the sublayer's output normalized before it joins the stream
             y = post(y)
+        if self.output_norm:
+            y = norm(y)
+        if self.residual_multiplier is not None:  # Granite: the sublayer's share scaled as it joins
+            y = y * self.residual_multiplier
         if self.glm_alpha is not None:
             return h * self.glm_alpha + y
-        return x + y if self.pre_norm else norm(x + y)
+        return x + y if self.pre_norm or self.output_norm else norm(x + y)
 
     def new_cache(self, batch: int, capacity: int, pad: torch.Tensor, device, dtype,
                   source: Optional[tuple[int, torch.Tensor]] = None) -> "BlockCache":
@@ -169,7 +191,10 @@ class Block(nn.Module):
 
         if self.parallel:
             f = self.ffn(self.ffn_norm(x))
-            return x + attend(self.attn, self.attn_norm(x), None, cache and cache.self_attn) + f.output, f.aux_loss
+            y = attend(self.attn, self.attn_norm(x), None, cache and cache.self_attn) + f.output
+            if self.residual_multiplier is not None:
+                y = y * self.residual_multiplier
+            return x + y, f.aux_loss
         h = self._input(x, self.attn_norm)
         x = self._residual(x, h, attend(self.attn, h, None, cache and cache.self_attn), self.attn_norm,
                            self.attn_post_norm)
@@ -192,7 +217,7 @@ class Stack(LayerStack):
         self.repeats = n if params.share_layers else 1
         self.blocks = nn.ModuleList(Block(params, ctx, i, stack, causal, cross, position)
                                     for i in range(1 if params.share_layers else n))
-        final = params.norm_position in ("pre", "sandwich") or params.residual == "glm"
+        final = params.norm_position in ("pre", "sandwich", "post_output") or params.residual == "glm"
         self.final_norm = ctx.build("norm") if final else nn.Identity()
         # The distinct masks the layers attend with (a per-layer pattern may give some a window).
         self.mask_specs = tuple(dict.fromkeys(spec for m in self.blocks.modules() if isinstance(m, Attention)
@@ -272,6 +297,7 @@ class LMHead(nn.Module):
         self.scale = m.d_model ** -0.5 if params.scale_tied_head and params.tie_embeddings else None
         self.normalize = params.normalize_head
         self.softcap = params.final_logit_softcap
+        self.divisor = params.logit_divisor
 
     @property
     def tied(self) -> Optional[nn.Embedding]:
@@ -299,6 +325,8 @@ class LMHead(nn.Module):
         if self.normalize:
             weight = F.normalize(weight, dim=-1)
         logits = F.linear(x, weight, self.bias)
+        if self.divisor is not None:  # Granite's logits_scaling
+            logits = logits / self.divisor
         if self.softcap is not None:  # as transformers' Gemma-2 caps: divide, tanh, multiply
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
