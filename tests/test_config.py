@@ -107,6 +107,8 @@ INVALID = [
     pytest.param(["norm.offset=inf"], "norm.offset", float("inf"), ["1.0"], id="infinite-norm-offset"),
     pytest.param(["topology.parallel_residual=true", "topology.norm_position=post"],
                  "topology.parallel_residual", True, ["norm_position=pre"], id="parallel-post-norm"),
+    pytest.param(["topology.shared_norm=true"], "topology.shared_norm", True, ["parallel_residual=true"],
+                 id="shared-norm-sequential"),
     pytest.param(["position=sinusoidal", "model.d_model=63", "model.n_heads=7"], "model.d_model", 63, ["even"],
                  id="sinusoidal-odd-width"),
     pytest.param(["model.rope_scaling={type:ntk,factor:2}"], "position.scaling.type", "ntk",

@@ -146,6 +146,28 @@ def test_glm_residual_matches_a_hand_wired_block():
         torch.testing.assert_close(block(x, pos)[0], want)
 
 
+def test_shared_norm_drops_the_ffn_norm_and_refuses_cross_attention():
+    two = build("topology.parallel_residual=true", "norm=layernorm")
+    one = build("topology.parallel_residual=true", "topology.shared_norm=true", "norm=layernorm")
+    assert one.decoder.blocks[0].ffn_norm is None
+    size = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert size(two) - size(one) == 2 * 2 * 64  # per layer: a LayerNorm's weight and bias
+    with pytest.raises(ConfigError) as info:
+        build("topology=encoder_decoder", "topology.parallel_residual=true", "topology.shared_norm=true")
+    assert info.value.key == "topology.parallel_residual"
+
+
+def test_shared_norm_decodes_as_it_runs_whole():
+    model = build("topology.parallel_residual=true", "topology.shared_norm=true")
+    with torch.no_grad():
+        whole = model(IDS).logits.argmax(-1)
+    out = lc.generate(model, IDS[:, :6], 4, eos_token_id=-1)  # no end token
+    assert out.shape == (2, 10)
+    with torch.no_grad():
+        again = model(out).logits.argmax(-1)
+    assert torch.equal(out[:, 6:], again[:, 5:9])
+
+
 def test_normalized_head_uses_unit_rows():
     model = build("topology.normalize_head=true", "model.tie_embeddings=false")
     with torch.no_grad():

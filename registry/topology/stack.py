@@ -34,7 +34,10 @@ class TopologyParams:
     # pre: x + f(norm(x)) (GPT-2, LLaMA, T5); post: norm(x + f(x)) (BERT, BART);
     # sandwich: x + norm2(f(norm1(x))), a norm before and after each sublayer (Gemma-2)
     norm_position: str = "pre"
-    parallel_residual: bool = False  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-J, GPT-NeoX)
+    parallel_residual: bool = False  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-NeoX, Falcon-40B)
+    # with parallel_residual, one norm feeds both branches: x + attn(norm(x)) + ffn(norm(x))
+    # (GPT-J, Falcon-7B, Phi-1.5/2, Cohere, StableLM-2)
+    shared_norm: bool = False
     residual: str = "standard"  # glm: h = norm(x); x' = h * sqrt(2 * n_layers) + f(h) (ChatGLM-6B)
     share_layers: bool = False  # one block's weights for every layer (ALBERT)
     embedding_norm: bool = False  # a norm right after the embeddings (BERT, BART)
@@ -55,6 +58,10 @@ class TopologyParams:
         if self.parallel_residual and (self.norm_position != "pre" or self.residual != "standard"):
             raise ConfigError(f"{key}.parallel_residual", True, "a parallel residual needs standard pre-norm",
                               f"false, or {key}.norm_position=pre and {key}.residual=standard")
+        if self.shared_norm and not self.parallel_residual:
+            raise ConfigError(f"{key}.shared_norm", True, "one norm shared by attention and the FFN needs a "
+                              "parallel residual (a sequential block normalizes the stream between them)",
+                              f"false, or {key}.parallel_residual=true")
         if self.residual == "glm" and self.norm_position == "sandwich":
             raise ConfigError(f"{key}.residual", "glm", "GLM's residual adds the normalized input, which a "
                               "sandwich of norms would change", f"standard, or {key}.norm_position=pre or post")
@@ -132,7 +139,11 @@ class Block(nn.Module):
         self.cross_attn = (ctx.build("attention", layer=layer, stack=stack, causal=False, cross=True,
                                      position=position) if cross else None)
         self.cross_post_norm = post_norm() if cross else None
-        self.ffn_norm = ctx.build("norm", layer=layer, stack=stack)
+        if self.parallel and cross:
+            raise ConfigError("topology.parallel_residual", True, "the parallel block has no place for "
+                              "cross-attention", "false with a stack that cross-attends")
+        # With a shared norm the FFN reads attn_norm's output: no norm of its own.
+        self.ffn_norm = None if params.shared_norm else ctx.build("norm", layer=layer, stack=stack)
         self.ffn = ctx.build("ffn", layer=layer, stack=stack)
         self.ffn_post_norm = post_norm()
 
@@ -168,8 +179,9 @@ class Block(nn.Module):
             return layer(h, pos, memory, cache=buffer)
 
         if self.parallel:
-            f = self.ffn(self.ffn_norm(x))
-            return x + attend(self.attn, self.attn_norm(x), None, cache and cache.self_attn) + f.output, f.aux_loss
+            h = self.attn_norm(x)
+            f = self.ffn(h if self.ffn_norm is None else self.ffn_norm(x))
+            return x + attend(self.attn, h, None, cache and cache.self_attn) + f.output, f.aux_loss
         h = self._input(x, self.attn_norm)
         x = self._residual(x, h, attend(self.attn, h, None, cache and cache.self_attn), self.attn_norm,
                            self.attn_post_norm)
