@@ -31,6 +31,11 @@ PUBLISHED = {
     "t5_11b": 11_307_321_344, "flan_t5_base": 247_577_856, "switch_base_8": 619_339_008,
     "deepseek_v3": 671_026_404_352, "bart_base": 139_420_416,
     "distilbert_base": 66_985_530, "xlm_roberta_base": 278_295_186,
+    # Phi-2: the Hub's safetensors count of microsoft/phi-2 (F16: 2,779,683,840).
+    "phi2": 2_779_683_840,
+    # Falcon-7B: the Hub's safetensors count of tiiuae/falcon-7b, 7,217,189,760, stores the tied
+    # head a second time; less that copy (65,024 x 4,544) it is the count its config.json implies.
+    "falcon_7b": 6_921_720_704,
 }
 # Qwen3-30B-A3B: the total less 120 of 128 experts (3 x 2048 x 768 each) in each of 48 layers.
 PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704}

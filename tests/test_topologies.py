@@ -238,6 +238,16 @@ def test_shared_layers_refuse_a_pattern():
 
 # ------------------------------------------------------------------ scale=tiny
 
+@pytest.mark.parametrize("fraction, head_dim, kept", [(0.25, 16, 0.25), (0.4, 16, 0.375), (0.5, 16, 0.5),
+                                                      (1.0, 16, 1.0), (0.05, 16, 0.125), (0.95, 16, 0.875)])
+def test_tiny_keeps_partial_rotary_on_an_even_number_of_dimensions(fraction, head_dim, kept):
+    from llmarch_compose.config.scale import rotary_fraction
+
+    assert rotary_fraction(fraction, head_dim) == kept
+    spec = lc.resolve_spec(lc.compose(["model=phi2", "scale=tiny"]))
+    assert spec.params["position"].fraction == 0.375  # Phi-2's 32 of 80 as 6 of 16
+
+
 @pytest.mark.parametrize("preset, heads, kv", [("llama2_7b", 4, 4), ("llama2_70b", 4, 2), ("chatglm3_6b", 4, 2)])
 def test_tiny_keeps_the_attention_kind(preset, heads, kv):
     spec = lc.resolve_spec(lc.compose([f"model={preset}", "scale=tiny"]))
