@@ -102,6 +102,7 @@ INVALID = [
                  "topology.parallel_residual", True, ["norm_position=pre"], id="parallel-sandwich"),
     pytest.param(["topology.final_logit_softcap=0"], "topology.final_logit_softcap", 0, ["> 0", "null"],
                  id="zero-logit-cap"),
+    pytest.param(["topology.logit_scale=0"], "topology.logit_scale", 0, ["null"], id="zero-logit-scale"),
     pytest.param(["model.attention_softcap=0"], "model.attention_softcap", 0, ["> 0", "null"],
                  id="zero-attention-cap"),
     pytest.param(["norm.offset=inf"], "norm.offset", float("inf"), ["1.0"], id="infinite-norm-offset"),

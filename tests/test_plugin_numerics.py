@@ -647,6 +647,9 @@ TOPOLOGY_CASES = {
                     "model.head_dim=24"], "pre", False, True),
     "sandwich_softcap_untied": (["topology.norm_position=sandwich", "topology.final_logit_softcap=5.0",
                                  "model.tie_embeddings=false"], "sandwich", False, False),
+    "logit_scale_shared_norm": (["topology.parallel_residual=true", "topology.shared_norm=true", "norm=layernorm",
+                                 "norm.bias=false", "model.rope_interleaved=true", "topology.logit_scale=0.0625"],
+                                "pre", "shared", True),
     "gemma2_like": (["topology.norm_position=sandwich", "topology.final_logit_softcap=5.0", "norm.offset=1.0",
                      "topology.scale_embeddings=true", "activation=geglu_tanh"], "sandwich", False, True),
 }
@@ -688,6 +691,9 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
         x = model.decoder.final_norm(x)
     head = model.embed.tokens.weight if tied else model.head.weight
     logits = x @ head.transpose(0, 1)
+    scale = model.spec.params["topology"].logit_scale
+    if scale is not None:
+        logits = logits * scale
     cap = model.spec.params["topology"].final_logit_softcap
     return (logits if cap is None else cap * torch.tanh(logits / cap)), aux
 

@@ -48,6 +48,7 @@ class TopologyParams:
     scale_tied_head: bool = False  # hidden * d_model**-0.5 before a tied head (T5 v1.0)
     normalize_head: bool = False  # unit-norm rows of the LM head (Baichuan-2's NormHead)
     final_logit_softcap: Optional[float] = None  # cap * tanh(logits / cap) on the LM head's output (Gemma-2)
+    logit_scale: Optional[float] = None  # logits * scale on the LM head's output, before any cap (Cohere)
 
     def validate(self, model, key):
         for name, value, choices in (("norm_position", self.norm_position, NORM_POSITIONS),
@@ -68,6 +69,9 @@ class TopologyParams:
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise ConfigError(f"{key}.final_logit_softcap", self.final_logit_softcap, "must be positive",
                               "a number > 0 (Gemma-2: 30.0), or null for none")
+        if self.logit_scale is not None and not (math.isfinite(self.logit_scale) and self.logit_scale != 0):
+            raise ConfigError(f"{key}.logit_scale", self.logit_scale, "must be a finite number other than 0",
+                              "a number (Command-R: 0.0625), or null for none")
         if self.share_layers and model.layer_pattern:
             raise ConfigError(f"{key}.share_layers", True, "shared layers cannot follow a per-layer pattern",
                               "false, or an empty model.layer_pattern")
@@ -259,7 +263,7 @@ class Stack(LayerStack):
 class LMHead(nn.Module):
     """Hidden states to vocabulary logits: tied to the token table or its own
     matrix, with BERT's transform, a vocabulary bias, T5's scaling or Baichuan's
-    row normalization, and a tanh cap on the logits, when asked."""
+    row normalization, a factor on the logits and a tanh cap on them, when asked."""
 
     def __init__(self, params: TopologyParams, ctx, embeddings: Embeddings):
         super().__init__()
@@ -284,6 +288,7 @@ class LMHead(nn.Module):
         self.scale = m.d_model ** -0.5 if params.scale_tied_head and params.tie_embeddings else None
         self.normalize = params.normalize_head
         self.softcap = params.final_logit_softcap
+        self.logit_scale = params.logit_scale
 
     @property
     def tied(self) -> Optional[nn.Embedding]:
@@ -311,6 +316,8 @@ class LMHead(nn.Module):
         if self.normalize:
             weight = F.normalize(weight, dim=-1)
         logits = F.linear(x, weight, self.bias)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
         if self.softcap is not None:  # as transformers' Gemma-2 caps: divide, tanh, multiply
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

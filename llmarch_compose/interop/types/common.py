@@ -112,7 +112,7 @@ TOPOLOGY = {
     "tie_embeddings": where(lambda v, spec: v == spec.model.tie_embeddings, "model.tie_embeddings",
                             "a head tied otherwise than model.tie_embeddings says"),
     "mlm_transform": only(False), "head_bias": only("none"), "scale_tied_head": only(False),
-    "normalize_head": only(False), "final_logit_softcap": only(None),
+    "normalize_head": only(False), "final_logit_softcap": only(None), "logit_scale": only(None),
 }
 
 
