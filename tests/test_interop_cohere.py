@@ -52,3 +52,12 @@ def test_unrepresentable_field_is_named(changes, key, tmp_path):
     with pytest.raises(ConfigError) as info:
         from_hf(_saved("cohere", tmp_path, **changes))
     assert info.value.key == key
+
+
+def test_a_config_without_rope_fields_has_coheres_base(tmp_path):
+    folder = _saved("cohere", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg, _ = from_hf(folder)
+    assert cfg.model.rope_theta == 500000.0

@@ -11,7 +11,8 @@ untied), with no post-attention norm.
 
 Refused: `use_qk_norm` (Cohere's QK LayerNorm has weights of its own for each head,
 which our QK-norm, one per layer shared by the heads, does not express) and a
-`logit_scale` of null (transformers multiplies by it).
+`logit_scale` of null (transformers multiplies by it). A config.json that states no RoPE
+base means CohereConfig's, 500000.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Mapping
 from ...errors import ConfigError
 from ..fit import ANY, Expresses, only, where
 from ..mapping import ModelType, TensorRule, override
-from . import llama
+from . import llama, phi
 from .common import (GATED, GATED_BACK, PLAIN_MODEL, SPLIT_HEADS, activation, activation_back, dense, family_guess,
                      gqa, numbers, refuse, rope, rope_back, rope_position, topology)
 
@@ -31,6 +32,7 @@ DEFAULTS = {"vocab_size": 256000, "hidden_size": 8192, "intermediate_size": 2252
             "max_position_embeddings": 8192, "layer_norm_eps": 1e-5, "pad_token_id": 0, "bos_token_id": 5,
             "eos_token_id": 255001, "tie_word_embeddings": True, "rope_parameters": None,
             "attention_bias": False, "use_qk_norm": False}
+DEFAULT_THETA = 500000.0  # CohereConfig's base when a config.json states none
 NUMBERS = {
     "hidden_size": "model.d_model", "num_hidden_layers": "model.n_layers", "num_attention_heads": "model.n_heads",
     "intermediate_size": "model.ffn_dim", "vocab_size": "model.vocab_size",
@@ -41,6 +43,8 @@ NUMBERS = {
 
 def cohere_overrides(hf: Mapping[str, Any]) -> list[str]:
     refuse(hf, "use_qk_norm", "a LayerNorm with weights of its own for each head's queries and keys")
+    stated = {"rope_parameters": phi.rope_parameters(hf, None, DEFAULT_THETA),
+              "max_position_embeddings": hf["max_position_embeddings"]}
     scale = hf["logit_scale"]
     if scale is None:
         raise ConfigError("logit_scale", None, "cannot be represented: transformers' Cohere multiplies the logits "
@@ -52,7 +56,7 @@ def cohere_overrides(hf: Mapping[str, Any]) -> list[str]:
         "model.mlp_bias=false", "model.rope_interleaved=true",
         override("model.tie_embeddings", bool(hf["tie_word_embeddings"])),
         "topology.parallel_residual=true", "topology.shared_norm=true", override("topology.logit_scale", float(scale)),
-        *numbers(hf, NUMBERS), *rope(hf),
+        *numbers(hf, NUMBERS), *rope(stated),
     ]
 
 

@@ -20,7 +20,7 @@ places.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from ..fit import ANY, Expresses, only
 from ..mapping import ModelType, TensorRule, override
@@ -44,13 +44,17 @@ LAYER = "model.layers.{i}."
 BLOCK = "decoder.blocks.{i}."
 
 
-def rope_parameters(hf: Mapping[str, Any], default_factor: float = DEFAULT_ROTARY_FACTOR) -> dict[str, Any]:
-    """The RoPE parameters a config class with a default rotating share settles on: the dict
-    given (`rope_scaling`, else `rope_parameters`), then the top-level base and share."""
+def rope_parameters(hf: Mapping[str, Any], default_factor: Optional[float] = DEFAULT_ROTARY_FACTOR,
+                    default_theta: float = 10000.0) -> dict[str, Any]:
+    """The RoPE parameters transformers settles on for a config class with its own defaults
+    (a rotating share, a base): the dict given (`rope_scaling`, else `rope_parameters`), then
+    the top-level base and share, then the class's defaults."""
     params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     theta, share = hf.get("rope_theta"), hf.get("partial_rotary_factor")
-    params.setdefault("rope_theta", 10000.0 if theta is None else theta)
-    params.setdefault("partial_rotary_factor", default_factor if share is None else share)
+    params.setdefault("rope_theta", default_theta if theta is None else theta)
+    share = default_factor if share is None else share
+    if share is not None:
+        params.setdefault("partial_rotary_factor", share)
     return params
 
 
