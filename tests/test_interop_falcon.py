@@ -60,3 +60,28 @@ def test_unrepresentable_field_is_named(name, changes, key, tmp_path):
     with pytest.raises(ConfigError) as info:
         from_hf(_saved(name, tmp_path, **changes))
     assert info.value.key == key
+
+
+def test_groups_join_reorders_query_key_value_group_by_group():
+    import torch
+
+    from llmarch_compose.interop.hf import InteropError
+    from llmarch_compose.interop.mapping import TensorRule, to_ours, to_theirs
+
+    # 2 key/value groups of 2 query heads, 1 row per head: group 0 is q0 q1 k0 v0, group 1 q2 q3 k1 v1.
+    rule = TensorRule("qkv", ("fused",), "groups", (2, 2, 1))
+    fused = torch.arange(8.0).reshape(8, 1)
+    ours, _ = to_ours({"fused": fused}, [rule], 0)
+    assert ours["qkv"].flatten().tolist() == [0, 1, 4, 5, 2, 6, 3, 7]
+    assert torch.equal(to_theirs(ours, [rule])["fused"], fused)
+    bias = torch.arange(8.0)  # a bias (one dimension) reorders the same way
+    assert to_ours({"fused": bias}, [rule], 0)[0]["qkv"].tolist() == [0, 1, 4, 5, 2, 6, 3, 7]
+    # One group is multi-query's q|k|v as it stands; one query head per group is multi-head's head by head.
+    one = TensorRule("qkv", ("fused",), "groups", (1, 3, 1))
+    assert torch.equal(to_ours({"fused": fused[:5]}, [one], 0)[0]["qkv"], fused[:5])
+    per_head = TensorRule("qkv", ("fused",), "groups", (2, 1, 1))
+    heads = TensorRule("qkv", ("fused",), "heads", (2, 3))
+    assert torch.equal(to_ours({"fused": fused[:6]}, [per_head], 0)[0]["qkv"],
+                       to_ours({"fused": fused[:6]}, [heads], 0)[0]["qkv"])
+    with pytest.raises(InteropError, match="qkv"):
+        to_ours({"fused": torch.zeros(7, 1)}, [rule], 0)
