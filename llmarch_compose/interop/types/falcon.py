@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ...errors import ConfigError
-from ..fit import ANY, Expresses, Rule, only
+from ..fit import ANY, Expresses, Rule
 from ..mapping import ModelType, TensorRule, override
 from .common import (LAYERNORM, PLAIN, PLAIN_BACK, PLAIN_MODEL, SAME_BIAS, SPLIT_HEADS, activation,
                      activation_back, dense, family_guess, gqa, numbers, refuse, rope, rope_back, rope_position,
