@@ -152,9 +152,11 @@ def test_shared_norm_drops_the_ffn_norm_and_refuses_cross_attention():
     assert one.decoder.blocks[0].ffn_norm is None
     size = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     assert size(two) - size(one) == 2 * 2 * 64  # per layer: a LayerNorm's weight and bias
-    with pytest.raises(ConfigError) as info:
-        build("topology=encoder_decoder", "topology.parallel_residual=true", "topology.shared_norm=true")
-    assert info.value.key == "topology.parallel_residual"
+    for topology in ("encoder_decoder", "t5", "bart"):  # refused before anything is built
+        with pytest.raises(ConfigError) as info:
+            lc.resolve_spec(lc.compose([*TINY, f"topology={topology}", "topology.parallel_residual=true",
+                                        "topology.shared_norm=true"]))
+        assert info.value.key == "topology.parallel_residual"
 
 
 def test_shared_norm_decodes_as_it_runs_whole():
