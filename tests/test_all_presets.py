@@ -39,6 +39,11 @@ PUBLISHED = {
     "phi3_mini": 3_821_079_552, "phi4": 14_659_507_200,
     # SmolLM3-3B: its model page gives 3.08B; the exact total is the tensor shapes of its config.json summed.
     "smollm3_3b": 3_075_098_624,
+    # Phi-2: the Hub's safetensors count of microsoft/phi-2 (F16: 2,779,683,840).
+    "phi2": 2_779_683_840,
+    # Falcon-7B: the Hub's safetensors count of tiiuae/falcon-7b, 7,217,189,760, stores the tied
+    # head a second time; less that copy (65,024 x 4,544) it is the count its config.json implies.
+    "falcon_7b": 6_921_720_704,
 }
 # Qwen3-30B-A3B: the total less 120 of 128 experts (3 x 2048 x 768 each) in each of 48 layers.
 PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704}

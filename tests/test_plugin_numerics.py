@@ -645,7 +645,7 @@ def test_moe_aux_loss_matches_transformers(case):
 # ---------------------------------------------------------------------------- topology
 
 TOPOLOGY_CASES = {
-    # id: (overrides, norm position, parallel, tied)
+    # id: (overrides, norm position, parallel (True, or "shared": one norm for both branches), tied)
     "pre_tied": ([], "pre", False, True),
     "pre_untied": (["model.tie_embeddings=false"], "pre", False, False),
     "post_layernorm": (["topology.norm_position=post", "norm=layernorm"], "post", False, True),
@@ -653,6 +653,9 @@ TOPOLOGY_CASES = {
                                 "position=sinusoidal", "activation=gelu"], "post", False, False),
     "parallel": (["topology.parallel_residual=true"], "pre", True, True),
     "parallel_untied": (["topology.parallel_residual=true", "model.tie_embeddings=false"], "pre", True, False),
+    # One LayerNorm feeding both branches (Falcon-7B, Phi-2, GPT-J), MQA, an untied head.
+    "parallel_shared_norm": (["topology.parallel_residual=true", "topology.shared_norm=true", "norm=layernorm",
+                              "attention=mqa", "model.tie_embeddings=false"], "pre", "shared", False),
     "gpt2_like": (["position=learned", "norm=layernorm", "activation=gelu_tanh", "attention=mha",
                    "model.attention_bias=true", "model.mlp_bias=true"], "pre", False, True),
     "moe_untied": (["ffn=moe", "model.n_experts=4", "model.ffn_dim=24", "model.tie_embeddings=false"],
@@ -661,6 +664,9 @@ TOPOLOGY_CASES = {
                     "model.head_dim=24"], "pre", False, True),
     "sandwich_softcap_untied": (["topology.norm_position=sandwich", "topology.final_logit_softcap=5.0",
                                  "model.tie_embeddings=false"], "sandwich", False, False),
+    "logit_scale_shared_norm": (["topology.parallel_residual=true", "topology.shared_norm=true", "norm=layernorm",
+                                 "norm.bias=false", "model.rope_interleaved=true", "topology.logit_scale=0.0625"],
+                                "pre", "shared", True),
     "gemma2_like": (["topology.norm_position=sandwich", "topology.final_logit_softcap=5.0", "norm.offset=1.0",
                      "topology.scale_embeddings=true", "activation=geglu_tanh"], "sandwich", False, True),
     "post_output": (["topology.norm_position=post_output"], "post_output", False, True),
@@ -693,7 +699,12 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
     pos = model.position.attention_inputs(positions)
     aux = None
     for block in model.decoder.blocks:
-        if parallel:
+        if parallel == "shared":
+            assert block.ffn_norm is None
+            h = block.attn_norm(x)
+            f = block.ffn(h)
+            x = x + block.attn(h, pos) + f.output
+        elif parallel:
             f = block.ffn(block.ffn_norm(x))
             x = x + m * block.attn(block.attn_norm(x), pos) + m * f.output
         elif norm_position == "pre":
@@ -720,6 +731,9 @@ def reference_decoder(model, ids, norm_position, parallel, tied):
     logits = x @ head.transpose(0, 1)
     if topology.logit_divisor is not None:
         logits = logits / topology.logit_divisor
+    scale = topology.logit_scale
+    if scale is not None:
+        logits = logits * scale
     cap = model.spec.params["topology"].final_logit_softcap
     return (logits if cap is None else cap * torch.tanh(logits / cap)), aux
 

@@ -3,7 +3,8 @@ the type left to the guess: either transformers loads the folder with no missing
 unexpected key and computes our logits (fp32, within 1e-4), or `to_hf` refuses with a
 ConfigError naming a field. No third outcome.
 
-Besides the presets, a few specs cover the types no preset is (Qwen-MoE, StarCoder2, OPT) and the shapes
+Besides the presets, a few specs cover the types no preset is (Qwen-MoE, StarCoder2, OPT, GPT-J,
+StableLM, Cohere) and the shapes
 that were once written silently wrong (a GELU or a parallel residual as LLaMA).
 """
 
@@ -39,6 +40,15 @@ EXTRA = {
     "starcoder2-like": ["model=mistral_7b", "norm=layernorm", "activation=gelu_tanh", "model.attention_bias=true",
                         "model.mlp_bias=true"],
     "opt-like": ["model=gpt2", "activation=relu", "model.position_offset=2"],
+    # The shared-norm parallel blocks of the types no preset is written as (GPT-J, StableLM-2, Cohere),
+    # and Falcon-40B's two-norm block with grouped key/value heads.
+    "gptj-like": ["model=phi2", "model.attention_bias=false", "model.rope_interleaved=true"],
+    "stablelm-like": ["model=llama2_7b", "norm=layernorm", "model.rotary_fraction=0.25", "model.qkv_bias=true",
+                      "topology.parallel_residual=true", "topology.shared_norm=true"],
+    "cohere-like": ["model=llama2_7b", "norm=layernorm", "norm.bias=false", "model.rope_interleaved=true",
+                    "attention=gqa", "model.n_kv_heads=8", "topology.parallel_residual=true",
+                    "topology.shared_norm=true", "topology.logit_scale=0.0625"],
+    "falcon-40b-like": ["model=falcon_7b", "attention=gqa", "model.n_kv_heads=8", "topology.shared_norm=false"],
     "tiny+gelu": ["model=tiny", "activation=gelu"],
     "tiny+geglu": ["model=tiny", "activation=geglu"],
     "tiny+parallel_residual": ["model=tiny", "topology.parallel_residual=true"],

@@ -146,6 +146,30 @@ def test_glm_residual_matches_a_hand_wired_block():
         torch.testing.assert_close(block(x, pos)[0], want)
 
 
+def test_shared_norm_drops_the_ffn_norm_and_refuses_cross_attention():
+    two = build("topology.parallel_residual=true", "norm=layernorm")
+    one = build("topology.parallel_residual=true", "topology.shared_norm=true", "norm=layernorm")
+    assert one.decoder.blocks[0].ffn_norm is None
+    size = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert size(two) - size(one) == 2 * 2 * 64  # per layer: a LayerNorm's weight and bias
+    for topology in ("encoder_decoder", "t5", "bart"):  # refused before anything is built
+        with pytest.raises(ConfigError) as info:
+            lc.resolve_spec(lc.compose([*TINY, f"topology={topology}", "topology.parallel_residual=true",
+                                        "topology.shared_norm=true"]))
+        assert info.value.key == "topology.parallel_residual"
+
+
+def test_shared_norm_decodes_as_it_runs_whole():
+    model = build("topology.parallel_residual=true", "topology.shared_norm=true")
+    with torch.no_grad():
+        whole = model(IDS).logits.argmax(-1)
+    out = lc.generate(model, IDS[:, :6], 4, eos_token_id=-1)  # no end token
+    assert out.shape == (2, 10)
+    with torch.no_grad():
+        again = model(out).logits.argmax(-1)
+    assert torch.equal(out[:, 6:], again[:, 5:9])
+
+
 def test_normalized_head_uses_unit_rows():
     model = build("topology.normalize_head=true", "model.tie_embeddings=false")
     with torch.no_grad():
@@ -215,6 +239,16 @@ def test_shared_layers_refuse_a_pattern():
 
 
 # ------------------------------------------------------------------ scale=tiny
+
+@pytest.mark.parametrize("fraction, head_dim, kept", [(0.25, 16, 0.25), (0.4, 16, 0.375), (0.5, 16, 0.5),
+                                                      (1.0, 16, 1.0), (0.05, 16, 0.125), (0.95, 16, 0.875)])
+def test_tiny_keeps_partial_rotary_on_an_even_number_of_dimensions(fraction, head_dim, kept):
+    from llmarch_compose.config.scale import rotary_fraction
+
+    assert rotary_fraction(fraction, head_dim) == kept
+    spec = lc.resolve_spec(lc.compose(["model=phi2", "scale=tiny"]))
+    assert spec.params["position"].fraction == 0.375  # Phi-2's 32 of 80 as 6 of 16
+
 
 @pytest.mark.parametrize("preset, heads, kv", [("llama2_7b", 4, 4), ("llama2_70b", 4, 2), ("chatglm3_6b", 4, 2)])
 def test_tiny_keeps_the_attention_kind(preset, heads, kv):

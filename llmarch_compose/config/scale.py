@@ -5,7 +5,8 @@ group node that interpolates them sees the small values. It keeps the
 structure: the group choices, the layer pattern (at least 4 layers, so
 DeepSeek keeps dense and MoE layers), MHA / GQA / MQA (as the ratio of KV heads
 to heads), factorized embeddings, latent attention, shared experts and expert
-groups. `scale=full` changes nothing. Tune a scale with `scale.d_model=128` etc.:
+groups, partial rotary (its share rounded to an even number of rotating dimensions
+where the small head needs it). `scale=full` changes nothing. Tune a scale with `scale.d_model=128` etc.:
 a `model.` override is replaced by the scale's value.
 """
 
@@ -71,7 +72,21 @@ def scaled_numbers(model: dict[str, Any], s: ScaleConfig) -> dict[str, Any]:
     for key in ("qk_nope_head_dim", "v_head_dim"):
         out[key] = s.head_dim if model[key] else model[key]
     out["qk_rope_head_dim"] = s.rope_head_dim if model["qk_rope_head_dim"] else model["qk_rope_head_dim"]
+    out["rotary_fraction"] = rotary_fraction(model["rotary_fraction"], s.head_dim)
     return out
+
+
+def rotary_fraction(fraction: float, head_dim: int) -> float:
+    """A partial rotary share on a `head_dim`-wide head: kept where it rotates an even number
+    of dimensions, else the nearest share that does (at least 2, less than the whole head
+    when the share was less): Phi-2's 0.4 of 80 (32) is 6 of 16 at scale=tiny."""
+    dims = fraction * head_dim
+    if dims == int(dims) and int(dims) % 2 == 0:
+        return fraction
+    even = max(2, round(dims / 2) * 2)
+    if fraction < 1.0:
+        even = min(even, head_dim - 2)
+    return even / head_dim
 
 
 def apply_scale(cfg: DictConfig) -> DictConfig:

@@ -97,7 +97,9 @@ MODEL_FIELDS = ("head_dim", "tie_embeddings", "embedding_dim", "type_vocab_size"
 PHRASES = {
     "topology.normalize_head": "a normalized LM head",
     "topology.final_logit_softcap": "a cap on the logits",
+    "topology.logit_scale": "a factor on the logits",
     "topology.parallel_residual": "a parallel residual",
+    "topology.shared_norm": "one norm shared by attention and the FFN",
     "topology.norm_position": "this norm placement",
     "topology.residual": "this residual",
     "topology.share_layers": "one block shared by every layer",

@@ -36,6 +36,10 @@ class TensorRule:
     - heads: one fused tensor whose rows run head by head, each head's parts together
       (GPT-NeoX's query_key_value: q, k, v of head 0, then of head 1, ...), held as our
       part-major fusion (all q rows, then all k, then all v); `sizes` = (heads, parts);
+    - groups: one fused tensor whose rows run key/value group by group, each group's query
+      heads, then its key head, then its value head (Falcon's query_key_value: multi-query
+      and multi-head layouts are the cases of one group and of one query head per group),
+      held as our part-major fusion; `sizes` = (groups, query heads per group, head_dim);
     - experts: per-expert tensors (each `cat` of `theirs`) stacked and transposed to
       our [experts, in, out] layout.
     """
@@ -143,6 +147,24 @@ def regroup(tensor: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
     return tensor.reshape(outer, inner, -1, *rest).transpose(0, 1).reshape(tensor.shape)
 
 
+def ungroup(tensor: torch.Tensor, groups: int, per_group: int, head_dim: int) -> torch.Tensor:
+    """Group-major rows (per group: its query heads, its key head, its value head) as our
+    part-major fusion (all queries, all keys, all values)."""
+    rest = tensor.shape[1:]
+    parts = tensor.reshape(groups, per_group + 2, head_dim, *rest)
+    q, k, v = parts[:, :per_group], parts[:, per_group], parts[:, per_group + 1]
+    return torch.cat([q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)])
+
+
+def group(tensor: torch.Tensor, groups: int, per_group: int, head_dim: int) -> torch.Tensor:
+    """The inverse of `ungroup`."""
+    rest = tensor.shape[1:]
+    q, k, v = tensor.split([groups * per_group * head_dim, groups * head_dim, groups * head_dim])
+    parts = torch.cat([q.reshape(groups, per_group, head_dim, *rest), k.reshape(groups, 1, head_dim, *rest),
+                       v.reshape(groups, 1, head_dim, *rest)], dim=1)
+    return parts.reshape(tensor.shape)
+
+
 def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_experts: int
             ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Our tensors from checkpoint tensors, and the checkpoint names used."""
@@ -166,6 +188,8 @@ def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_e
                 ours[rule.ours] = take(rule.theirs[0]).squeeze(0)
             elif rule.join == "heads":
                 ours[rule.ours] = regroup(take(rule.theirs[0]), *rule.sizes)
+            elif rule.join == "groups":
+                ours[rule.ours] = ungroup(take(rule.theirs[0]), *rule.sizes)
             elif rule.join == "experts":
                 per_expert = [torch.cat([take(t.format(e=e)) for t in rule.theirs], dim=0) for e in range(n_experts)]
                 ours[rule.ours] = torch.stack(per_expert).transpose(1, 2)
@@ -212,6 +236,8 @@ def to_theirs(ours: Mapping[str, torch.Tensor], rules: Sequence[TensorRule]) -> 
         elif rule.join == "heads":
             heads, parts = rule.sizes
             put(rule.theirs[0], regroup(tensor, parts, heads), rule.ours)
+        elif rule.join == "groups":
+            put(rule.theirs[0], group(tensor, *rule.sizes), rule.ours)
         elif rule.join == "cat":
             for name, part in zip(rule.theirs, tensor.split(list(rule.sizes), dim=0)):
                 put(name, part, rule.ours)

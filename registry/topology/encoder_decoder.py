@@ -1,14 +1,24 @@
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from llmarch_compose import SEQ2SEQ, ModelOutput, register
+from llmarch_compose import SEQ2SEQ, ConfigError, ModelOutput, register
 from llmarch_compose.model.cache import DecodeState
 
 from .stack import HeadedTopology, Embeddings, LMHead, Stack, TopologyParams, position_inputs
 
 
-@register("topology", "encoder_decoder", params=TopologyParams)
+@dataclass
+class EncoderDecoderParams(TopologyParams):
+    def validate(self, model, key):
+        super().validate(model, key)
+        if self.parallel_residual:  # the decoder's blocks cross-attend
+            raise ConfigError(f"{key}.parallel_residual", True, "the parallel block has no place for "
+                              "cross-attention", "false")
+
+
+@register("topology", "encoder_decoder", params=EncoderDecoderParams)
 class EncoderDecoder(HeadedTopology):
     """A sequence-to-sequence model (T5, BART): a bidirectional encoder, a causal
     decoder with cross-attention to the encoder's output, one shared token table.
@@ -20,7 +30,7 @@ class EncoderDecoder(HeadedTopology):
 
     objective = SEQ2SEQ
 
-    def __init__(self, params: TopologyParams, ctx):
+    def __init__(self, params: EncoderDecoderParams, ctx):
         super().__init__()
         self.encoder_position = ctx.build("position", causal=False)
         self.position = ctx.position  # the decoder's

@@ -35,7 +35,10 @@ class TopologyParams:
     # sandwich: x + norm2(f(norm1(x))), a norm before and after each sublayer (Gemma-2);
     # post_output: x + norm(f(x)), the sublayer's output normalized before it joins the stream (OLMo-2)
     norm_position: str = "pre"
-    parallel_residual: bool = False  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-J, GPT-NeoX)
+    parallel_residual: bool = False  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-NeoX, Falcon-40B)
+    # with parallel_residual, one norm feeds both branches: x + attn(norm(x)) + ffn(norm(x))
+    # (GPT-J, Falcon-7B, Phi-1.5/2, Cohere, StableLM-2)
+    shared_norm: bool = False
     residual: str = "standard"  # glm: h = norm(x); x' = h * sqrt(2 * n_layers) + f(h) (ChatGLM-6B)
     share_layers: bool = False  # one block's weights for every layer (ALBERT)
     embedding_norm: bool = False  # a norm right after the embeddings (BERT, BART)
@@ -51,6 +54,9 @@ class TopologyParams:
     embedding_multiplier: Optional[float] = None
     residual_multiplier: Optional[float] = None
     logit_divisor: Optional[float] = None
+    # Cohere's logit_scale multiplies where Granite's logits_scaling divides: each family's own
+    # arithmetic, so logits match theirs to the bit and config.json round-trips its number exactly
+    logit_scale: Optional[float] = None  # logits * scale on the LM head's output, before any cap (Cohere)
 
     def validate(self, model, key):
         for name, value, choices in (("norm_position", self.norm_position, NORM_POSITIONS),
@@ -61,15 +67,20 @@ class TopologyParams:
         if self.parallel_residual and (self.norm_position != "pre" or self.residual != "standard"):
             raise ConfigError(f"{key}.parallel_residual", True, "a parallel residual needs standard pre-norm",
                               f"false, or {key}.norm_position=pre and {key}.residual=standard")
+        if self.shared_norm and not self.parallel_residual:
+            raise ConfigError(f"{key}.shared_norm", True, "one norm shared by attention and the FFN needs a "
+                              "parallel residual (a sequential block normalizes the stream between them)",
+                              f"false, or {key}.parallel_residual=true")
         if self.residual == "glm" and self.norm_position in ("sandwich", "post_output"):
             raise ConfigError(f"{key}.residual", "glm", "GLM's residual adds the normalized input, which a "
                               f"norm on the sublayer's output ({self.norm_position}) would change",
                               f"standard, or {key}.norm_position=pre or post")
-        for name in ("embedding_multiplier", "residual_multiplier", "logit_divisor"):
+        for name, example in (("embedding_multiplier", "Granite-3: 12.0"), ("residual_multiplier", "Granite-3: 0.22"),
+                              ("logit_divisor", "Granite-3: 8.0"), ("logit_scale", "Command-R: 0.0625")):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value != 0):
                 raise ConfigError(f"{key}.{name}", value, "must be a finite, nonzero number",
-                                  "a number (Granite-3: e.g. 12.0, 0.22, 8.0), or null for none")
+                                  f"a number ({example}), or null for none")
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise ConfigError(f"{key}.final_logit_softcap", self.final_logit_softcap, "must be positive",
                               "a number > 0 (Gemma-2: 30.0), or null for none")
@@ -150,7 +161,11 @@ class Block(nn.Module):
         self.cross_attn = (ctx.build("attention", layer=layer, stack=stack, causal=False, cross=True,
                                      position=position) if cross else None)
         self.cross_post_norm = post_norm() if cross else None
-        self.ffn_norm = ctx.build("norm", layer=layer, stack=stack)
+        if self.parallel and cross:
+            raise ConfigError("topology.parallel_residual", True, "the parallel block has no place for "
+                              "cross-attention", "false with a stack that cross-attends")
+        # With a shared norm the FFN reads attn_norm's output: no norm of its own.
+        self.ffn_norm = None if params.shared_norm else ctx.build("norm", layer=layer, stack=stack)
         self.ffn = ctx.build("ffn", layer=layer, stack=stack)
         self.ffn_post_norm = post_norm()
 
@@ -190,8 +205,9 @@ class Block(nn.Module):
             return layer(h, pos, memory, cache=buffer)
 
         if self.parallel:
-            f = self.ffn(self.ffn_norm(x))
-            y = attend(self.attn, self.attn_norm(x), None, cache and cache.self_attn) + f.output
+            h = self.attn_norm(x)
+            f = self.ffn(h if self.ffn_norm is None else self.ffn_norm(x))
+            y = attend(self.attn, h, None, cache and cache.self_attn) + f.output
             if self.residual_multiplier is not None:
                 y = y * self.residual_multiplier
             return x + y, f.aux_loss
@@ -272,7 +288,7 @@ class Stack(LayerStack):
 class LMHead(nn.Module):
     """Hidden states to vocabulary logits: tied to the token table or its own
     matrix, with BERT's transform, a vocabulary bias, T5's scaling or Baichuan's
-    row normalization, and a tanh cap on the logits, when asked."""
+    row normalization, a factor on the logits and a tanh cap on them, when asked."""
 
     def __init__(self, params: TopologyParams, ctx, embeddings: Embeddings):
         super().__init__()
@@ -298,6 +314,7 @@ class LMHead(nn.Module):
         self.normalize = params.normalize_head
         self.softcap = params.final_logit_softcap
         self.divisor = params.logit_divisor
+        self.logit_scale = params.logit_scale
 
     @property
     def tied(self) -> Optional[nn.Embedding]:
@@ -327,6 +344,8 @@ class LMHead(nn.Module):
         logits = F.linear(x, weight, self.bias)
         if self.divisor is not None:  # Granite's logits_scaling
             logits = logits / self.divisor
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
         if self.softcap is not None:  # as transformers' Gemma-2 caps: divide, tanh, multiply
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -106,12 +106,13 @@ def _with(base: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
 
 #: Every TopologyParams option, at the value that leaves a plain pre-norm stack and head.
 TOPOLOGY = {
-    "norm_position": only("pre"), "parallel_residual": only(False), "residual": only("standard"),
+    "norm_position": only("pre"), "parallel_residual": only(False), "shared_norm": only(False),
+    "residual": only("standard"),
     "share_layers": only(False), "embedding_norm": only(False), "scale_embeddings": only(False),
     "tie_embeddings": where(lambda v, spec: v == spec.model.tie_embeddings, "model.tie_embeddings",
                             "a head tied otherwise than model.tie_embeddings says"),
     "mlm_transform": only(False), "head_bias": only("none"), "scale_tied_head": only(False),
-    "normalize_head": only(False), "final_logit_softcap": only(None),
+    "normalize_head": only(False), "final_logit_softcap": only(None), "logit_scale": only(None),
 }
 
 
