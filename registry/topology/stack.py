@@ -190,8 +190,25 @@ class Stack(LayerStack):
         super().__init__()
         n = ctx.model.n_layers
         self.repeats = n if params.share_layers else 1
-        self.blocks = nn.ModuleList(Block(params, ctx, i, stack, causal, cross, position)
-                                    for i in range(1 if params.share_layers else n))
+        built = range(1 if params.share_layers else n)
+        # Layers whose position params a model.layer_pattern rule changed (Gemma-3's global RoPE
+        # base) rotate with a module of their own, one per distinct params; the others with `position`.
+        self.layer_positions = nn.ModuleList()
+        own: dict[int, int] = {}
+        self.position_index = []  # per block: 0 for the stack's position, k for layer_positions[k - 1]
+        for i in built:
+            changed = ctx.spec.layer_params.get((stack, i), {}).get("position")
+            if changed is None or changed == ctx.spec.params["position"]:
+                self.position_index.append(0)
+                continue
+            if id(changed) not in own:
+                self.layer_positions.append(ctx.build("position", layer=i, stack=stack))
+                own[id(changed)] = len(self.layer_positions)
+            self.position_index.append(own[id(changed)])
+        self.blocks = nn.ModuleList(
+            Block(params, ctx, i, stack, causal, cross,
+                  self.layer_positions[self.position_index[i] - 1] if self.position_index[i] else position)
+            for i in built)
         final = params.norm_position in ("pre", "sandwich") or params.residual == "glm"
         self.final_norm = ctx.build("norm") if final else nn.Identity()
         # The distinct masks the layers attend with (a per-layer pattern may give some a window).
@@ -220,6 +237,13 @@ class Stack(LayerStack):
         return pos._replace(block_masks=self.block_masks.for_forward(
             self.mask_specs, b, t, t, x.device, pos.prefix_len, pos.slopes, pos.bias))
 
+    @staticmethod
+    def _layer_inputs(position: PositionEncoding, x: torch.Tensor, pos: PositionInputs) -> PositionInputs:
+        """`pos` with the rotation tables of a layer's own position module (computed once per
+        forward for all the layers that share it); masks, biases and decoding state unchanged."""
+        positions = pos.positions if pos.positions is not None else torch.arange(x.shape[1], device=x.device)
+        return pos._replace(rotary=position.kernel_inputs(positions, pos.prefix_len).rotary)
+
     def new_caches(self, batch: int, capacity: int, pad: torch.Tensor, device, dtype,
                    source: Optional[tuple[int, torch.Tensor]] = None) -> list[BlockCache]:
         """One decoding state per layer run (a block shared by several layers has one per run)."""
@@ -232,12 +256,13 @@ class Stack(LayerStack):
             pos = self.with_block_masks(x, pos)
         aux = None
         run = 0
+        per_position = [pos, *(self._layer_inputs(m, x, pos) for m in self.layer_positions)]
         for _ in range(self.repeats):
-            for block in self.blocks:
+            for block, k in zip(self.blocks, self.position_index):
                 if caches is None:
-                    x, block_aux = block(x, pos, memory)
+                    x, block_aux = block(x, per_position[k], memory)
                 else:
-                    x, block_aux = block(x, pos, memory, caches[run])
+                    x, block_aux = block(x, per_position[k], memory, caches[run])
                 run += 1
                 if block_aux is not None:
                     aux = block_aux if aux is None else aux + block_aux
