@@ -25,19 +25,17 @@ def activation(hf: Mapping[str, Any], key: str, gated: bool) -> str:
     return ACTIVATIONS[name][0 if gated else 1]
 
 
-def rope(hf: Mapping[str, Any]) -> list[str]:
-    """model.rope_theta, model.rope_scaling and model.rotary_fraction from either
-    spelling: transformers 5's rope_parameters or rope_theta + rope_scaling."""
+def rope_values(hf: Mapping[str, Any]) -> tuple[float, float, Optional[dict[str, Any]]]:
+    """(theta, rotary fraction, our scaling mapping or None) from either spelling:
+    transformers 5's rope_parameters or rope_theta + rope_scaling."""
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
     theta = params.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     merged = {**scaling, **params}
-    out = [override("model.rope_theta", float(theta))]
     fraction = hf.get("partial_rotary_factor", merged.get("partial_rotary_factor", 1.0))
-    out.append(override("model.rotary_fraction", float(fraction)))
     if kind == "default":
-        return out
+        return float(theta), float(fraction), None
     if kind not in ("linear", "dynamic", "llama3", "yarn"):
         raise ConfigError("rope_scaling.rope_type", kind, "no RoPE scaling of this type",
                           ["default", "linear", "dynamic", "llama3", "yarn"])
@@ -54,13 +52,21 @@ def rope(hf: Mapping[str, Any]) -> list[str]:
                         ("mscale_all_dim", "mscale_all_dim")):
         if merged.get(theirs) is not None:
             ours[key] = float(merged[theirs])
-    return [*out, override("model.rope_scaling", ours)]
+    return float(theta), float(fraction), ours
 
 
-def rope_back(spec: Any) -> dict[str, Any]:
+def rope(hf: Mapping[str, Any]) -> list[str]:
+    """model.rope_theta, model.rope_scaling and model.rotary_fraction (see `rope_values`)."""
+    theta, fraction, scaling = rope_values(hf)
+    out = [override("model.rope_theta", theta), override("model.rotary_fraction", fraction)]
+    return out if scaling is None else [*out, override("model.rope_scaling", scaling)]
+
+
+def rope_back(spec: Any, position: Any = None) -> dict[str, Any]:
     """The HF rope fields of our spec (both spellings, so old and new readers agree); with
-    dynamic scaling also max_position_embeddings, the length past which it scales."""
-    position = spec.params["position"]
+    dynamic scaling also max_position_embeddings, the length past which it scales.
+    `position`: a layer's own position params (default: the model-wide ones)."""
+    position = spec.params["position"] if position is None else position
     out: dict[str, Any] = {"rope_theta": position.theta}
     s = position.scaling
     params: dict[str, Any] = {"rope_theta": position.theta, "rope_type": "default"}
