@@ -41,6 +41,10 @@ class TopologyParams:
     scale_embeddings: bool = False  # token embeddings * sqrt(d_model), the factor in their dtype (Gemma)
     tie_embeddings: bool = SI("${model.tie_embeddings}")
     mlm_transform: bool = False  # dense + activation + norm before the head (BERT's MLM head)
+    mlm_transform_bias: bool = True  # the transform's dense has a bias (ModernBERT's has none)
+    # The first layer normalizes its attention input; false: it reads the embeddings as they are
+    # (ModernBERT, whose embeddings are already normalized). Pre-norm only.
+    first_attn_norm: bool = True
     head_bias: str = "none"  # none | param (BERT's decoder bias) | buffer (BART's final_logits_bias)
     scale_tied_head: bool = False  # hidden * d_model**-0.5 before a tied head (T5 v1.0)
     normalize_head: bool = False  # unit-norm rows of the LM head (Baichuan-2's NormHead)
@@ -58,6 +62,15 @@ class TopologyParams:
         if self.residual == "glm" and self.norm_position == "sandwich":
             raise ConfigError(f"{key}.residual", "glm", "GLM's residual adds the normalized input, which a "
                               "sandwich of norms would change", f"standard, or {key}.norm_position=pre or post")
+        if not self.mlm_transform_bias and not self.mlm_transform:
+            raise ConfigError(f"{key}.mlm_transform_bias", False, "there is no MLM transform to leave unbiased",
+                              f"true, or {key}.mlm_transform=true")
+        if not self.first_attn_norm and (self.norm_position != "pre" or self.residual != "standard"):
+            raise ConfigError(f"{key}.first_attn_norm", False, "only a pre-norm block normalizes the attention "
+                              "input alone", f"true, or {key}.norm_position=pre and {key}.residual=standard")
+        if not self.first_attn_norm and self.share_layers:
+            raise ConfigError(f"{key}.first_attn_norm", False, "one shared block runs every layer, the first "
+                              "among them", f"true, or {key}.share_layers=false")
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise ConfigError(f"{key}.final_logit_softcap", self.final_logit_softcap, "must be positive",
                               "a number > 0 (Gemma-2: 30.0), or null for none")
@@ -125,7 +138,9 @@ class Block(nn.Module):
         def post_norm() -> Optional[nn.Module]:  # a sandwich's norm on a sublayer's output
             return ctx.build("norm", layer=layer, stack=stack) if sandwich else None
 
-        self.attn_norm = ctx.build("norm", layer=layer, stack=stack)
+        # ModernBERT's first layer: no norm before attention (its input, the embeddings, is normalized).
+        skip = layer == 0 and not params.first_attn_norm
+        self.attn_norm = nn.Identity() if skip else ctx.build("norm", layer=layer, stack=stack)
         self.attn = ctx.build("attention", layer=layer, stack=stack, causal=causal, position=position)
         self.attn_post_norm = post_norm()
         self.cross_norm = ctx.build("norm", layer=layer, stack=stack) if cross else None
@@ -282,9 +297,11 @@ class LMHead(nn.Module):
         self._tied = (embeddings.tokens,) if params.tie_embeddings else ()
         self.transform = None
         if params.mlm_transform:
-            self.transform = nn.Sequential(nn.Linear(m.d_model, width), ctx.activation, ctx.build("norm", dim=width))
+            self.transform = nn.Sequential(nn.Linear(m.d_model, width, bias=params.mlm_transform_bias),
+                                           ctx.activation, ctx.build("norm", dim=width))
             nn.init.normal_(self.transform[0].weight, std=m.init_std)
-            nn.init.zeros_(self.transform[0].bias)
+            if self.transform[0].bias is not None:
+                nn.init.zeros_(self.transform[0].bias)
         elif width != m.d_model and params.tie_embeddings:
             raise ConfigError("topology.mlm_transform", False,
                               f"a head tied to {width}-wide factorized embeddings needs a transform to that width",

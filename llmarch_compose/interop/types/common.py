@@ -55,6 +55,36 @@ def rope_values(hf: Mapping[str, Any]) -> tuple[float, float, Optional[dict[str,
     return float(theta), float(fraction), ours
 
 
+LAYER_KINDS = ("sliding_attention", "full_attention")
+
+
+def rope_by_layer_type(hf: Mapping[str, Any], legacy: Mapping[str, str], default_theta: Mapping[str, float],
+                       scaled: tuple[str, ...]) -> dict[str, tuple[float, Optional[dict[str, Any]]]]:
+    """Each layer type's (RoPE base, our scaling or None), for configs that key rope_parameters by
+    layer type (Gemma-3, ModernBERT): else `legacy[kind]` names the field of each type's base
+    (rope_theta, rope_local_base_freq, global_rope_theta ...), `default_theta[kind]` what a config
+    without either means, and rope_scaling applies to the types in `scaled`."""
+    given = hf.get("rope_parameters") or {}
+    if not isinstance(given, Mapping) or any(k not in LAYER_KINDS for k in given):
+        raise ConfigError("rope_parameters", given, "cannot be represented: this config keys them by layer type",
+                          [f"{{{', '.join(LAYER_KINDS)}: {{rope_type, rope_theta, ...}}}}"])
+    per = {kind: dict(given.get(kind) or {"rope_type": "default"}) for kind in LAYER_KINDS}
+    for kind in scaled:
+        per[kind].update(hf.get("rope_scaling") or {})
+    out = {}
+    for kind in LAYER_KINDS:
+        params = per[kind]
+        old = hf.get(legacy[kind])
+        params.setdefault("rope_theta", old if old is not None else default_theta[kind])
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(f"rope_parameters.{kind}.partial_rotary_factor", params["partial_rotary_factor"],
+                              "cannot be represented: the RoPE of each layer type turns the whole head", [1.0])
+        theta, _, scaling = rope_values({"rope_parameters": params,
+                                         "max_position_embeddings": hf.get("max_position_embeddings")})
+        out[kind] = (theta, scaling)
+    return out
+
+
 def rope(hf: Mapping[str, Any]) -> list[str]:
     """model.rope_theta, model.rope_scaling and model.rotary_fraction (see `rope_values`)."""
     theta, fraction, scaling = rope_values(hf)

@@ -22,8 +22,8 @@ from ...errors import ConfigError
 from ..fit import ANY, Expresses, Rule, only, where
 from ..mapping import ROPE_SPELLINGS, ModelType, TensorRule, override
 from . import llama
-from .common import (GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, activation, activation_back, dense, family_guess, gqa,
-                     refuse, rope_back, rope_position, rope_values, topology, unused)
+from .common import (LAYER_KINDS, GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, activation, activation_back, dense, family_guess, gqa,
+                     refuse, rope_back, rope_by_layer_type, rope_position, topology, unused)
 
 # GemmaConfig()'s defaults, for fields a config.json leaves out.
 DEFAULTS = {"vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
@@ -202,32 +202,15 @@ DEFAULTS3 = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 921
 EXTRA_FIELDS3 = {"rope_local_base_freq": None, "sliding_window_pattern": None, "_sliding_window_pattern": None,
                  "cache_implementation": None}
 GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # Gemma3TextConfig.default_theta
-KINDS = ("sliding_attention", "full_attention")
+KINDS = LAYER_KINDS
 
 
 def gemma3_ropes(hf: Mapping[str, Any]) -> dict[str, tuple[float, Optional[dict[str, Any]]]]:
     """Each layer type's (RoPE base, our scaling or None), as Gemma3TextConfig reads them:
     rope_parameters per layer type, else rope_theta and rope_scaling for the full layers and
     rope_local_base_freq for the sliding ones."""
-    given = hf.get("rope_parameters") or {}
-    if not isinstance(given, Mapping) or any(k not in KINDS for k in given):
-        raise ConfigError("rope_parameters", given, "cannot be represented: Gemma3TextConfig keys them by layer "
-                          "type", [f"{{{', '.join(KINDS)}: {{rope_type, rope_theta, ...}}}}"])
-    per = {kind: dict(given.get(kind) or {"rope_type": "default"}) for kind in KINDS}
-    if hf.get("rope_scaling"):
-        per["full_attention"].update(hf["rope_scaling"])
-    legacy = {"full_attention": hf.get("rope_theta"), "sliding_attention": hf.get("rope_local_base_freq")}
-    out = {}
-    for kind in KINDS:
-        params = per[kind]
-        params.setdefault("rope_theta", legacy[kind] if legacy[kind] is not None else GEMMA3_THETA[kind])
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ConfigError(f"rope_parameters.{kind}.partial_rotary_factor", params["partial_rotary_factor"],
-                              "cannot be represented: Gemma3's default RoPE turns the whole head", [1.0])
-        theta, _, scaling = rope_values({"rope_parameters": params,
-                                         "max_position_embeddings": hf["max_position_embeddings"]})
-        out[kind] = (theta, scaling)
-    return out
+    return rope_by_layer_type(hf, {"full_attention": "rope_theta", "sliding_attention": "rope_local_base_freq"},
+                              GEMMA3_THETA, scaled=("full_attention",))
 
 
 def gemma3_overrides(hf: Mapping[str, Any]) -> list[str]:
