@@ -311,3 +311,34 @@ def test_full_scale_changes_nothing():
 
 def test_per_layer_groups_are_the_ones_the_docs_name():
     assert LAYER_GROUPS == ("attention", "ffn", "norm", "position")
+
+
+# ------------------------------------------------------------------ ModernBERT's topology options
+
+def test_first_layer_without_attention_norm_matches_a_hand_wiring():
+    model = build("topology=encoder_only", "topology.norm_position=pre", "topology.first_attn_norm=false",
+                  "topology.mlm_transform_bias=false", "position=rope")
+    assert isinstance(model.encoder.blocks[0].attn_norm, torch.nn.Identity)
+    assert not isinstance(model.encoder.blocks[1].attn_norm, torch.nn.Identity)
+    assert model.head.transform[0].bias is None
+    positions = torch.arange(IDS.shape[-1])
+    with torch.no_grad():
+        x = model.embed.norm(model.embed.tokens.weight[IDS])
+        pos = model.position.attention_inputs(positions)
+        for i, block in enumerate(model.encoder.blocks):
+            x = x + block.attn(x if i == 0 else block.attn_norm(x), pos)
+            x = x + block.ffn(block.ffn_norm(x)).output
+        h = model.head.transform(model.encoder.final_norm(x))
+        want = h @ model.embed.tokens.weight.T + model.head.bias
+        torch.testing.assert_close(model(IDS).logits, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["topology=encoder_only", "topology.first_attn_norm=false"], "topology.first_attn_norm"),  # post-norm
+    (["topology.mlm_transform_bias=false"], "topology.mlm_transform_bias"),
+    (["topology.first_attn_norm=false", "topology.share_layers=true"], "topology.first_attn_norm"),
+])
+def test_modernbert_options_are_refused_where_they_mean_nothing(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        spec_of(*overrides)
+    assert info.value.key == key
