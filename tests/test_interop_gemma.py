@@ -14,7 +14,7 @@ import llmarch_compose as lc
 from llmarch_compose.errors import ConfigError
 from llmarch_compose.interop.hf import config_overrides, to_hf
 from llmarch_compose.interop.types import MODEL_TYPES, guess_type
-from hf_parity import VOCAB, Case, pair, parity_tests, logits
+from hf_parity import VOCAB, Case, pair, parity_tests
 
 # Multi-query attention as in gemma-2b, and a head_dim (24) other than hidden / heads (16), as in gemma-7b.
 GEMMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=24,
@@ -201,6 +201,8 @@ def test_gemma3_released_spelling_reads_as_transformers_reads_it():
                                               "partial_rotary_factor": 0.5}}),
      "rope_parameters.full_attention.partial_rotary_factor"),
     (dict(sliding_window=None), "sliding_window"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}),
+     "rope_parameters.full_attention.rope_type"),
 ])
 def test_gemma3_fields_it_cannot_represent_are_refused_by_name(changes, key):
     with pytest.raises(ConfigError) as info:

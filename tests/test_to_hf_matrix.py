@@ -39,6 +39,7 @@ EXTRA = {
     "starcoder2-like": ["model=mistral_7b", "norm=layernorm", "activation=gelu_tanh", "model.attention_bias=true",
                         "model.mlp_bias=true"],
     "opt-like": ["model=gpt2", "activation=relu", "model.position_offset=2"],
+    "glm4-like": ["model=chatglm3_6b", "topology.norm_position=sandwich"],
     "tiny+gelu": ["model=tiny", "activation=gelu"],
     "tiny+geglu": ["model=tiny", "activation=geglu"],
     "tiny+parallel_residual": ["model=tiny", "topology.parallel_residual=true"],

@@ -56,6 +56,15 @@ def rope_values(hf: Mapping[str, Any]) -> tuple[float, float, Optional[dict[str,
 
 
 LAYER_KINDS = ("sliding_attention", "full_attention")
+#: The RoPE scalings a RoPE per layer type may have (dynamic NTK rescales at run time, per config).
+SCALED_BY_LAYER_TYPE = ("default", "linear", "llama3", "yarn")
+
+
+def rope_by_layer_position(**changes: Allowed) -> dict[str, dict[str, Allowed]]:
+    """`rope_position` for a type with a RoPE per layer type: no dynamic scaling."""
+    out = rope_position(**changes)
+    out["rope"]["scaling.type"] = only(*SCALED_BY_LAYER_TYPE[1:])
+    return out
 
 
 def rope_by_layer_type(hf: Mapping[str, Any], legacy: Mapping[str, str], default_theta: Mapping[str, float],
@@ -81,6 +90,9 @@ def rope_by_layer_type(hf: Mapping[str, Any], legacy: Mapping[str, str], default
                               "cannot be represented: the RoPE of each layer type turns the whole head", [1.0])
         theta, _, scaling = rope_values({"rope_parameters": params,
                                          "max_position_embeddings": hf.get("max_position_embeddings")})
+        if scaling is not None and scaling["type"] == "dynamic":  # it would grow one base for all layer types
+            raise ConfigError(f"rope_parameters.{kind}.rope_type", "dynamic", "cannot be represented: dynamic "
+                              "NTK scaling of one layer type's RoPE", list(SCALED_BY_LAYER_TYPE))
         out[kind] = (theta, scaling)
     return out
 

@@ -22,8 +22,9 @@ from ...errors import ConfigError
 from ..fit import ANY, Expresses, Rule, only, where
 from ..mapping import ROPE_SPELLINGS, ModelType, TensorRule, override
 from . import llama
-from .common import (LAYER_KINDS, GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, activation, activation_back, dense, family_guess, gqa,
-                     refuse, rope_back, rope_by_layer_type, rope_position, topology, unused)
+from .common import (GATED, GATED_BACK, LAYER_KINDS, PLAIN_MODEL, RMSNORM, activation, activation_back, dense,
+                     family_guess, gqa, refuse, rope_back, rope_by_layer_position, rope_by_layer_type, rope_position,
+                     topology, unused)
 
 # GemmaConfig()'s defaults, for fields a config.json leaves out.
 DEFAULTS = {"vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
@@ -285,7 +286,7 @@ def _same_position(field: str) -> Any:
 
 
 EXPRESSES3 = Expresses(
-    groups={"position": rope_position(), "norm": {"rmsnorm": {**RMSNORM["rmsnorm"], "offset": only(1.0)}},
+    groups={"position": rope_by_layer_position(), "norm": {"rmsnorm": {**RMSNORM["rmsnorm"], "offset": only(1.0)}},
             "activation": GATED, "attention": gqa(window=ANY, scale=SCALE, softcap=ANY, qk_norm=only(True)),
             "ffn": dense(),
             "topology": {"decoder_only": topology(scale_embeddings=only(True), norm_position=only("sandwich"),
@@ -293,7 +294,7 @@ EXPRESSES3 = Expresses(
     model=PLAIN_MODEL,
     # layer_types, with a RoPE of their own for each: any layer sliding or full.
     layers={"attention": EXPRESSES2.layers["attention"],
-            "position": rope_position(fraction=_same_position("fraction"),
+            "position": rope_by_layer_position(fraction=_same_position("fraction"),
                                       interleaved=_same_position("interleaved"))},
     rules=(*EXPRESSES2.rules,
            Rule("model.layer_pattern", lambda spec: list(spec.model.layer_pattern),

@@ -26,8 +26,8 @@ from typing import Any, Mapping
 from ...errors import ConfigError
 from ..fit import ANY, Expresses, Rule, only, where
 from ..mapping import ModelType, TensorRule, override
-from .common import (LAYER_KINDS, GATED, GATED_BACK, activation, activation_back, family_guess, gqa, refuse,
-                     rope_back, rope_by_layer_type, rope_position, topology, unused)
+from .common import (GATED, GATED_BACK, LAYER_KINDS, activation, activation_back, family_guess, gqa,
+                     rope_back, rope_by_layer_position, rope_by_layer_type, topology, unused)
 
 # ModernBertConfig()'s defaults, for fields a config.json leaves out.
 DEFAULTS = {"vocab_size": 50368, "hidden_size": 768, "intermediate_size": 1152, "num_hidden_layers": 22,
@@ -65,9 +65,10 @@ def layer_types(hf: Mapping[str, Any]) -> list[str]:
 
 
 def overrides(hf: Mapping[str, Any]) -> list[str]:
-    # Only how the library trains or runs (sparse MLM loss, flash kernels, compile), or its other heads.
+    # Only how the library trains or runs (sparse MLM loss, flash kernels, compile), its other heads,
+    # and the tokenizer's ids.
     unused(hf, "sparse_prediction", "sparse_pred_ignore_index", "deterministic_flash_attn", "reference_compile",
-           "repad_logits_with_grad", "classifier_pooling", "cls_token_id", "sep_token_id")  # (token ids: the tokenizer's)
+           "repad_logits_with_grad", "classifier_pooling", "cls_token_id", "sep_token_id")
     act = activation(hf, "hidden_activation", gated=True)
     if hf["classifier_activation"] != hf["hidden_activation"]:
         raise ConfigError("classifier_activation", hf["classifier_activation"], "cannot be represented: our MLM "
@@ -194,7 +195,7 @@ def _same_position(field: str) -> Any:
 
 
 EXPRESSES = Expresses(
-    groups={"position": rope_position(), "norm": {"layernorm": {"eps": ANY, "bias": ANY}},
+    groups={"position": rope_by_layer_position(), "norm": {"layernorm": {"eps": ANY, "bias": ANY}},
             "activation": GATED, "attention": gqa(num_kv_heads=MHA, qkv_bias=SAME_BIAS, window=ANY),
             "ffn": {"dense": {"hidden": ANY, "bias": ANY}},
             "topology": {"encoder_only": topology(
@@ -205,7 +206,7 @@ EXPRESSES = Expresses(
     stacks=("encoder",),
     layers={"attention": {"gqa": {**{f: _same(f) for f in ("num_kv_heads", "qkv_bias", "out_bias", "scale",
                                                            "qk_norm", "softcap")}, "window": ANY}},
-            "position": rope_position(fraction=_same_position("fraction"),
+            "position": rope_by_layer_position(fraction=_same_position("fraction"),
                                       interleaved=_same_position("interleaved"))},
     rules=(Rule("model.layer_pattern", lambda spec: sorted({w for w in windows(spec) if w is not None}),
                 lambda spec: len({w for w in windows(spec) if w is not None}) <= 1, "one window size",
