@@ -217,7 +217,7 @@ class Stack(LayerStack):
                 self.position_index.append(0)
                 continue
             if id(changed) not in own:
-                self.layer_positions.append(ctx.build("position", layer=i, stack=stack))
+                self.layer_positions.append(ctx.build("position", layer=i, stack=stack, causal=causal))
                 own[id(changed)] = len(self.layer_positions)
             self.position_index.append(own[id(changed)])
         self.blocks = nn.ModuleList(
