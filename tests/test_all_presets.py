@@ -44,7 +44,13 @@ PUBLISHED = {
     # Falcon-7B: the Hub's safetensors count of tiiuae/falcon-7b, 7,217,189,760, stores the tied
     # head a second time; less that copy (65,024 x 4,544) it is the count its config.json implies.
     "falcon_7b": 6_921_720_704,
+    "gemma3_4b": 3_880_263_168, "modernbert_base": 149_655_232,
 }
+# Gemma-3-4B, its language model alone: 671,252,480 embedding (262,208 x 2,560) + 3,209,010,688
+# other parameters; the Gemma 3 technical report (Table 1) gives 3,209M non-embedding parameters
+# (and 417M for the vision encoder, not part of this preset).
+# ModernBERT-base: 149M parameters (answerdotai/ModernBERT-base model card), exactly the sum of
+# the tensors of its ModernBertForMaskedLM checkpoint with the decoder tied.
 # Qwen3-30B-A3B: the total less 120 of 128 experts (3 x 2048 x 768 each) in each of 48 layers.
 PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704}
 

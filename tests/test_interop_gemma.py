@@ -25,10 +25,19 @@ GEMMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key
 GEMMA2 = dict(GEMMA, num_key_value_heads=2, sliding_window=8, query_pre_attn_scalar=20, attn_logit_softcapping=2.0,
               final_logit_softcapping=5.0)
 
+# Gemma-3: a sliding layer (window 8, RoPE base 10K) and a full one (base 1M, linear scaling by 8),
+# per-head norms of queries and keys, no softcaps (Gemma3TextConfig's default).
+GEMMA3 = dict(GEMMA, num_key_value_heads=2, num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=20,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})
+
 CASES = {"gemma": Case(lambda: transformers.GemmaConfig(**GEMMA), transformers.GemmaForCausalLM),
          # Greedy: a smaller token table, or the scaled embeddings steer every step to one repeated token.
          "gemma2": Case(lambda: transformers.Gemma2Config(**GEMMA2), transformers.Gemma2ForCausalLM,
-                        own_std={"embed_tokens": 0.05})}
+                        own_std={"embed_tokens": 0.05}),
+         "gemma3_text": Case(lambda: transformers.Gemma3TextConfig(**GEMMA3), transformers.Gemma3ForCausalLM,
+                             own_std={"embed_tokens": 0.05})}
 globals().update(parity_tests(CASES))
 
 
@@ -152,3 +161,78 @@ def test_gemma2_preset_is_written_as_gemma2():
     spec = lc.resolve_spec(lc.compose(["model=gemma2_9b", "scale=tiny"]))
     assert guess_type(spec) == "gemma2"
     assert [spec.params_for("attention", i).window is not None for i in range(4)] == [True, False, True, False]
+
+
+# ------------------------------------------------------------------ gemma3 (text)
+
+def test_gemma3_config_reads_with_a_rope_per_layer_type(tmp_path_factory):
+    _, cfg, _ = pair(CASES, "gemma3_text", tmp_path_factory)
+    spec = lc.resolve_spec(cfg)
+    assert spec.params["attention"].qk_norm and spec.params["topology"].final_logit_softcap is None
+    assert [spec.params_for("attention", i).window for i in range(3)] == [8, None, 8]
+    ropes = [(p.theta, p.scaling and (p.scaling.type, p.scaling.factor)) for p in
+             (spec.params_for("position", i) for i in range(3))]
+    assert ropes == [(1e4, None), (1e6, ("linear", 8.0)), (1e4, None)]
+
+
+def gemma3_config(**changes):
+    return {"model_type": "gemma3_text", **{k: v for k, v in GEMMA3.items() if k != "rope_parameters"}, **changes}
+
+
+def test_gemma3_released_spelling_reads_as_transformers_reads_it():
+    """rope_theta and rope_scaling are the global layers', rope_local_base_freq the local ones';
+    sliding_window_pattern 6 makes every sixth layer global."""
+    hf = gemma3_config(num_hidden_layers=7, layer_types=None, sliding_window_pattern=6, rope_theta=5e5,
+                       rope_local_base_freq=2e4, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    theirs = transformers.Gemma3TextConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    _, ours = config_overrides(hf, MODEL_TYPES)
+    spec = lc.resolve_spec(lc.compose(ours))
+    for i, kind in enumerate(theirs.layer_types):
+        p, want = spec.params_for("position", i), theirs.rope_parameters[kind]
+        assert (spec.params_for("attention", i).window is None) == (kind == "full_attention")
+        assert p.theta == want["rope_theta"]
+        assert (p.scaling.factor if p.scaling else None) == want.get("factor")
+
+
+@pytest.mark.parametrize("changes, key", [
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+    (dict(rope_parameters={"global": {"rope_theta": 1e6}}), "rope_parameters"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6,
+                                              "partial_rotary_factor": 0.5}}),
+     "rope_parameters.full_attention.partial_rotary_factor"),
+    (dict(sliding_window=None), "sliding_window"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}),
+     "rope_parameters.full_attention.rope_type"),
+])
+def test_gemma3_fields_it_cannot_represent_are_refused_by_name(changes, key):
+    with pytest.raises(ConfigError) as info:
+        config_overrides(gemma3_config(**changes), MODEL_TYPES)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("change, key", [
+    ("model.qk_norm=false", "attention.qk_norm"),
+    ("model.layer_pattern=[{layers:[5],attention:{window:null},position:{theta:1.0e6}},"
+     "{layers:[0],position:{theta:2.0e4}}]", "model.layer_pattern"),
+])
+def test_to_hf_refuses_what_gemma3_cannot_express(change, key, tmp_path):
+    assert refused_key(["model=gemma3_4b", "scale=tiny", change], "gemma3_text", tmp_path / "out") == key
+
+
+def test_gemma2_refuses_a_rope_per_layer(tmp_path):
+    assert refused_key(["model=gemma2_9b", "scale=tiny", "model.layer_pattern=[{every:2,offset:0,"
+                        "attention:{window:8},position:{theta:1.0e6}}]"], "gemma2", tmp_path / "out") \
+        == "model.layer_pattern"
+
+
+def test_gemma3_preset_is_written_as_gemma3_and_reads_back(tmp_path):
+    spec = lc.resolve_spec(lc.compose(["model=gemma3_4b", "scale=tiny"]))
+    assert guess_type(spec) == "gemma3_text"
+    assert [spec.params_for("attention", i).window is None for i in range(6)] == [False] * 5 + [True]
+    cfg = lc.compose(["model=gemma3_4b", "scale=tiny"])
+    to_hf(lc.build(cfg), cfg, tmp_path / "out")
+    import json
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    _, ours = config_overrides(written, MODEL_TYPES)
+    back = lc.resolve_spec(lc.compose(ours))
+    assert back.layer_params == spec.layer_params and back.params["position"] == spec.params["position"]

@@ -49,6 +49,7 @@ EXTRA = {
                     "attention=gqa", "model.n_kv_heads=8", "topology.parallel_residual=true",
                     "topology.shared_norm=true", "topology.logit_scale=0.0625"],
     "falcon-40b-like": ["model=falcon_7b", "attention=gqa", "model.n_kv_heads=8", "topology.shared_norm=false"],
+    "glm4-like": ["model=chatglm3_6b", "topology.norm_position=sandwich"],
     "tiny+gelu": ["model=tiny", "activation=gelu"],
     "tiny+geglu": ["model=tiny", "activation=geglu"],
     "tiny+parallel_residual": ["model=tiny", "topology.parallel_residual=true"],

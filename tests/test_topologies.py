@@ -238,6 +238,72 @@ def test_shared_layers_refuse_a_pattern():
         spec_of("topology.share_layers=true", "model.layer_pattern=[{every:2,ffn:moe}]")
 
 
+# ------------------------------------------------------------------ per-layer position params
+
+GLOBAL_ROPE = "model.layer_pattern=[{every:3,offset:2,position:{theta:1.0e6,scaling:{type:linear,factor:8.0}}}]"
+
+
+def naive_per_layer_rope(model, ids, thetas, factors):
+    """A pre-norm decoder recomputed with reference attention, each layer rotating with
+    theta[i] ** (-2j/d) / factor[i] (the norms and FFNs are the model's own, tested elsewhere)."""
+    import reference as ref
+    m = model.spec.model
+    positions = torch.arange(ids.shape[-1])
+    x = model.embed.tokens.weight[ids]
+    for block, theta, factor in zip(model.decoder.blocks, thetas, factors):
+        inv_freq = ref.rope_inv_freq(theta, m.head_dim) / factor
+
+        def rotate(t, inv_freq=inv_freq):
+            return ref.rope_rotate(t, positions, inv_freq, m.head_dim, False)
+
+        a = block.attn
+        x = x + ref.attention(block.attn_norm(x), a.qkv.weight, a.qkv.bias, a.out.weight, a.out.bias,
+                              m.n_heads, a.n_kv_heads, m.head_dim, causal=True, window=None, rotate=rotate)
+        x = x + block.ffn(block.ffn_norm(x)).output
+    return model.decoder.final_norm(x) @ model.embed.tokens.weight.T
+
+
+def test_a_rule_gives_layers_a_rope_base_and_scaling_of_their_own():
+    spec = spec_of(GLOBAL_ROPE)
+    assert [spec.params_for("position", i).theta for i in range(6)] == [10000.0] * 2 + [1.0e6] + [10000.0] * 2 + [1.0e6]
+    assert spec.params_for("position", 5).scaling.factor == 8.0 and spec.params_for("position", 0).scaling is None
+    model = lc.build(spec)
+    # One module for the two global layers, rotating with their params; the others use the stack's.
+    assert len(model.decoder.layer_positions) == 1 and model.decoder.position_index == [0, 0, 1, 0, 0, 1]
+    assert model.decoder.blocks[5].attn.rotate.__self__ is model.decoder.layer_positions[0]
+    assert model.decoder.blocks[0].attn.rotate.__self__ is model.position
+
+
+def test_per_layer_rope_matches_a_naive_reference_and_decodes():
+    model = build("model.n_layers=3", GLOBAL_ROPE.replace("every:3,offset:2", "layers:[1]"))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = model(ids).logits
+        want = naive_per_layer_rope(model, ids, [1e4, 1e6, 1e4], [1.0, 8.0, 1.0])
+        # Within the float32 angles RoPE computes (the reference's are float64).
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # The model-wide base everywhere is another model: the rule is used.
+        assert (got - naive_per_layer_rope(model, ids, [1e4] * 3, [1.0] * 3)).abs().max() > 1e-3
+        state = model.new_decode_state(2, 9)
+        parts = [model.decode_step(ids[:, :4], state, all_logits=True).logits]
+        parts += [model.decode_step(ids[:, i:i + 1], state, all_logits=True).logits for i in range(4, 9)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), got, rtol=1e-5, atol=1e-5)  # as without a rule
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.layer_pattern=[{layers:[1],position:{thetaa:1.0}}]"], "position.thetaa"),  # as for any group
+    (["model.layer_pattern=[{layers:[1],position:{theta:-1.0}}]"], "model.layer_pattern[0].position.theta"),
+    (["model.layer_pattern=[{layers:[9],position:{theta:1.0e6}}]"], "model.layer_pattern[0]"),
+    (["model.layer_pattern=[{layers:[1],position:alibi}]"], "model.layer_pattern[0].position.plugin"),
+    (["position=alibi", "model.layer_pattern=[{layers:[1],position:{plugin:alibi}}]"],
+     "model.layer_pattern[0].position"),
+])
+def test_bad_per_layer_positions_are_refused_by_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        spec_of(*overrides)
+    assert info.value.key == key
+
+
 # ------------------------------------------------------------------ scale=tiny
 
 @pytest.mark.parametrize("fraction, head_dim, kept", [(0.25, 16, 0.25), (0.4, 16, 0.375), (0.5, 16, 0.5),
@@ -278,4 +344,35 @@ def test_full_scale_changes_nothing():
 
 
 def test_per_layer_groups_are_the_ones_the_docs_name():
-    assert LAYER_GROUPS == ("attention", "ffn", "norm")
+    assert LAYER_GROUPS == ("attention", "ffn", "norm", "position")
+
+
+# ------------------------------------------------------------------ ModernBERT's topology options
+
+def test_first_layer_without_attention_norm_matches_a_hand_wiring():
+    model = build("topology=encoder_only", "topology.norm_position=pre", "topology.first_attn_norm=false",
+                  "topology.mlm_transform_bias=false", "position=rope")
+    assert isinstance(model.encoder.blocks[0].attn_norm, torch.nn.Identity)
+    assert not isinstance(model.encoder.blocks[1].attn_norm, torch.nn.Identity)
+    assert model.head.transform[0].bias is None
+    positions = torch.arange(IDS.shape[-1])
+    with torch.no_grad():
+        x = model.embed.norm(model.embed.tokens.weight[IDS])
+        pos = model.position.attention_inputs(positions)
+        for i, block in enumerate(model.encoder.blocks):
+            x = x + block.attn(x if i == 0 else block.attn_norm(x), pos)
+            x = x + block.ffn(block.ffn_norm(x)).output
+        h = model.head.transform(model.encoder.final_norm(x))
+        want = h @ model.embed.tokens.weight.T + model.head.bias
+        torch.testing.assert_close(model(IDS).logits, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["topology=encoder_only", "topology.first_attn_norm=false"], "topology.first_attn_norm"),  # post-norm
+    (["topology.mlm_transform_bias=false"], "topology.mlm_transform_bias"),
+    (["topology.first_attn_norm=false", "topology.share_layers=true"], "topology.first_attn_norm"),
+])
+def test_modernbert_options_are_refused_where_they_mean_nothing(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        spec_of(*overrides)
+    assert info.value.key == key

@@ -7,12 +7,18 @@ and changes what those layers build:
       - {every: 2, offset: 1, attention: {window: 256}}   # GPT-3: banded every other layer
       - {stop: 3, ffn: dense}                             # DeepSeek: dense before layer 3
       - {every: 2, offset: 0, ffn: dense}                 # Switch: MoE every other layer
+      - {every: 6, offset: 5, position: {theta: 1.0e6}}   # Gemma-3: a RoPE base of its own on global layers
 
 Selectors: `every` + `offset` (layers i with i % every == offset), `start` and
 `stop` (start <= i < stop), `layers` (an explicit list), `stack` (`encoder` or
 `decoder`, for encoder-decoder models); several combine with "and". A group
 value is a plugin name (that plugin with its defaults, reading the `model.`
 numbers) or a mapping of parameters to change (it may name a `plugin`).
+
+`position` changes the params of the position plugin for the layers selected (RoPE's
+`theta` and `scaling`): those layers rotate q and k with a module of their own, built
+from the changed params. The plugin stays the model-wide one, and it must act only by
+rotating q and k (what is added to the embeddings or to the scores is model-wide).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from ..plugin import registry as plugins
 from ..errors import ConfigError, UnknownKeyError, valid_range
 
 #: Groups whose choice may differ from layer to layer.
-LAYER_GROUPS = ("attention", "ffn", "norm")
+LAYER_GROUPS = ("attention", "ffn", "norm", "position")
 SELECTORS = ("every", "offset", "start", "stop", "layers", "stack")
 STACKS = ("encoder", "decoder")
 

@@ -3,7 +3,8 @@
 `scale=tiny` rewrites the `model.` numbers before anything reads them, so every
 group node that interpolates them sees the small values. It keeps the
 structure: the group choices, the layer pattern (at least 4 layers, so
-DeepSeek keeps dense and MoE layers), MHA / GQA / MQA (as the ratio of KV heads
+DeepSeek keeps dense and MoE layers; more where a rule's first layer lies further in,
+as Gemma-3's global layer is the sixth), MHA / GQA / MQA (as the ratio of KV heads
 to heads), factorized embeddings, latent attention, shared experts and expert
 groups, partial rotary (its share rounded to an even number of rotating dimensions
 where the small head needs it). `scale=full` changes nothing. Tune a scale with `scale.d_model=128` etc.:
@@ -43,6 +44,24 @@ add("scale", "full", node=ScaleConfig())
 add("scale", "tiny", node=ScaleConfig(name="tiny", d_model=64))
 
 
+def _pattern_depth(model: dict[str, Any]) -> int:
+    """How many layers every model.layer_pattern rule needs to select one (0 without rules;
+    a rule that is wrong or selects nothing is left to the spec's validation to report)."""
+    from .layer_patterns import STACKS, parse_rules
+    from ..errors import ConfigError
+
+    try:
+        rules = parse_rules(model.get("layer_pattern") or [])
+    except ConfigError:
+        return 0
+    depth = 0
+    for rule in rules:
+        first = next((i for i in range(model["n_layers"]) if any(rule.selects(i, st) for st in STACKS)), None)
+        if first is not None:
+            depth = max(depth, first + 1)
+    return depth
+
+
 def scaled_numbers(model: dict[str, Any], s: ScaleConfig) -> dict[str, Any]:
     """The `model.` numbers of `model` at scale `s` (a plain mapping in, one out)."""
     heads, kv = model["n_heads"], model["n_kv_heads"]
@@ -55,7 +74,7 @@ def scaled_numbers(model: dict[str, Any], s: ScaleConfig) -> dict[str, Any]:
         # MHA stays MHA, MQA stays MQA, anything between becomes 2 KV heads.
         n_kv_heads=s.n_heads if kv == heads else 1 if kv == 1 else 2,
         head_dim=s.head_dim,
-        n_layers=min(model["n_layers"], s.n_layers),
+        n_layers=min(model["n_layers"], max(s.n_layers, _pattern_depth(model))),
         ffn_dim=s.ffn_dim,
         expert_ffn_dim=s.expert_ffn_dim,
         vocab_size=s.vocab_size,

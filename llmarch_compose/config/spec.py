@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..plugin import registry as plugins
+from ..plugin.interfaces import PositionEncoding
 from ..errors import ConfigError, valid_divisors, valid_range  # noqa: F401 (re-exported)
 from . import match
 from .layer_patterns import LAYER_GROUPS, STACKS, layer_node, parse_rules
@@ -230,9 +231,25 @@ def resolve_layers(cfg: DictConfig, model: ModelConfig, params: Mapping[str, Any
                         node = layer_node(node, rules[i].changes[group], group, model_numbers, key)
                     p = make_params(group, node)
                     p.validate(model, f"{rules[chain[-1]].key}.{group}")
+                    if group == "position":
+                        _check_layer_position(p, params["position"], f"{rules[chain[-1]].key}.position")
                     cache[group, chain] = p
                 out.setdefault((stack, layer), {})[group] = cache[group, chain]
     return out
+
+
+def _check_layer_position(layer: Any, base: Any, key: str) -> None:
+    """A layer's own position params: the model-wide plugin, one that only rotates q and k
+    (the embeddings are shared by every layer, and so are the score biases the masks carry)."""
+    if layer.plugin != base.plugin:
+        raise ConfigError(f"{key}.plugin", layer.plugin, f"a layer keeps the model-wide position plugin "
+                          f"({base.plugin}); a rule changes its params only", [base.plugin])
+    cls = plugins.get("position", layer.plugin).cls
+    rotates = cls.rotate is not PositionEncoding.rotate
+    shared = cls.embed is not PositionEncoding.embed or cls.cached_bias is not PositionEncoding.cached_bias
+    if not rotates or shared:
+        raise ConfigError(key, layer.plugin, "only a position plugin that acts by rotating q and k alone "
+                          "(no embedding, no score bias) can differ from layer to layer", ["rope", "rope_2d"])
 
 
 def _rule_text(cfg: DictConfig, rule: Any) -> Any:

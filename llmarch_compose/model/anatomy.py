@@ -344,7 +344,10 @@ class _Describer:
         shared = stack.repeats if len(blocks) == 1 and stack.repeats > 1 else 1
         views = tuple(LayerKind(_letter(k), tuple(i for i in range(n) if layer_kind[i] == k), parts, shared)
                       for parts, k in kinds.items())
-        after = tuple(p for n_, c in stack.named_children() if c is not stack.blocks and (p := self.part(n_, c)))
+        # (A layer's own position module, `layer_positions`, is a layer_pattern rule's change, not a part after.)
+        after = tuple(p for n_, c in stack.named_children()
+                      if c is not stack.blocks and c is not getattr(stack, "layer_positions", None)
+                      and (p := self.part(n_, c)))
         attention = [a for a in stack.modules() if isinstance(a, Attention)]
         causal = any(a.causal for a in attention if not a.cross)
         params = sum(k.params * (1 if k.runs > 1 else len(k.layers)) for k in views) + sum(p.params for p in after)

@@ -45,6 +45,10 @@ class TopologyParams:
     scale_embeddings: bool = False  # token embeddings * sqrt(d_model), the factor in their dtype (Gemma)
     tie_embeddings: bool = SI("${model.tie_embeddings}")
     mlm_transform: bool = False  # dense + activation + norm before the head (BERT's MLM head)
+    mlm_transform_bias: bool = True  # the transform's dense has a bias (ModernBERT's has none)
+    # The first layer normalizes its attention input; false: it reads the embeddings as they are
+    # (ModernBERT, whose embeddings are already normalized). Pre-norm only.
+    first_attn_norm: bool = True
     head_bias: str = "none"  # none | param (BERT's decoder bias) | buffer (BART's final_logits_bias)
     scale_tied_head: bool = False  # hidden * d_model**-0.5 before a tied head (T5 v1.0)
     normalize_head: bool = False  # unit-norm rows of the LM head (Baichuan-2's NormHead)
@@ -81,6 +85,15 @@ class TopologyParams:
             if value is not None and not (math.isfinite(value) and value != 0):
                 raise ConfigError(f"{key}.{name}", value, "must be a finite, nonzero number",
                                   f"a number ({example}), or null for none")
+        if not self.mlm_transform_bias and not self.mlm_transform:
+            raise ConfigError(f"{key}.mlm_transform_bias", False, "there is no MLM transform to leave unbiased",
+                              f"true, or {key}.mlm_transform=true")
+        if not self.first_attn_norm and (self.norm_position != "pre" or self.residual != "standard"):
+            raise ConfigError(f"{key}.first_attn_norm", False, "only a pre-norm block normalizes the attention "
+                              "input alone", f"true, or {key}.norm_position=pre and {key}.residual=standard")
+        if not self.first_attn_norm and self.share_layers:
+            raise ConfigError(f"{key}.first_attn_norm", False, "one shared block runs every layer, the first "
+                              "among them", f"true, or {key}.share_layers=false")
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise ConfigError(f"{key}.final_logit_softcap", self.final_logit_softcap, "must be positive",
                               "a number > 0 (Gemma-2: 30.0), or null for none")
@@ -154,7 +167,9 @@ class Block(nn.Module):
         def post_norm() -> Optional[nn.Module]:  # a sandwich's norm on a sublayer's output
             return ctx.build("norm", layer=layer, stack=stack) if sandwich else None
 
-        self.attn_norm = ctx.build("norm", layer=layer, stack=stack)
+        # ModernBERT's first layer: no norm before attention (its input, the embeddings, is normalized).
+        skip = layer == 0 and not params.first_attn_norm
+        self.attn_norm = nn.Identity() if skip else ctx.build("norm", layer=layer, stack=stack)
         self.attn = ctx.build("attention", layer=layer, stack=stack, causal=causal, position=position)
         self.attn_post_norm = post_norm()
         self.cross_norm = ctx.build("norm", layer=layer, stack=stack) if cross else None
@@ -231,8 +246,25 @@ class Stack(LayerStack):
         super().__init__()
         n = ctx.model.n_layers
         self.repeats = n if params.share_layers else 1
-        self.blocks = nn.ModuleList(Block(params, ctx, i, stack, causal, cross, position)
-                                    for i in range(1 if params.share_layers else n))
+        built = range(1 if params.share_layers else n)
+        # Layers whose position params a model.layer_pattern rule changed (Gemma-3's global RoPE
+        # base) rotate with a module of their own, one per distinct params; the others with `position`.
+        self.layer_positions = nn.ModuleList()
+        own: dict[int, int] = {}
+        self.position_index = []  # per block: 0 for the stack's position, k for layer_positions[k - 1]
+        for i in built:
+            changed = ctx.spec.layer_params.get((stack, i), {}).get("position")
+            if changed is None or changed == ctx.spec.params["position"]:
+                self.position_index.append(0)
+                continue
+            if id(changed) not in own:
+                self.layer_positions.append(ctx.build("position", layer=i, stack=stack, causal=causal))
+                own[id(changed)] = len(self.layer_positions)
+            self.position_index.append(own[id(changed)])
+        self.blocks = nn.ModuleList(
+            Block(params, ctx, i, stack, causal, cross,
+                  self.layer_positions[self.position_index[i] - 1] if self.position_index[i] else position)
+            for i in built)
         final = params.norm_position in ("pre", "sandwich", "post_output") or params.residual == "glm"
         self.final_norm = ctx.build("norm") if final else nn.Identity()
         # The distinct masks the layers attend with (a per-layer pattern may give some a window).
@@ -261,6 +293,13 @@ class Stack(LayerStack):
         return pos._replace(block_masks=self.block_masks.for_forward(
             self.mask_specs, b, t, t, x.device, pos.prefix_len, pos.slopes, pos.bias))
 
+    @staticmethod
+    def _layer_inputs(position: PositionEncoding, x: torch.Tensor, pos: PositionInputs) -> PositionInputs:
+        """`pos` with the rotation tables of a layer's own position module (computed once per
+        forward for all the layers that share it); masks, biases and decoding state unchanged."""
+        positions = pos.positions if pos.positions is not None else torch.arange(x.shape[1], device=x.device)
+        return pos._replace(rotary=position.kernel_inputs(positions, pos.prefix_len).rotary)
+
     def new_caches(self, batch: int, capacity: int, pad: torch.Tensor, device, dtype,
                    source: Optional[tuple[int, torch.Tensor]] = None) -> list[BlockCache]:
         """One decoding state per layer run (a block shared by several layers has one per run)."""
@@ -273,12 +312,13 @@ class Stack(LayerStack):
             pos = self.with_block_masks(x, pos)
         aux = None
         run = 0
+        per_position = [pos, *(self._layer_inputs(m, x, pos) for m in self.layer_positions)]
         for _ in range(self.repeats):
-            for block in self.blocks:
+            for block, k in zip(self.blocks, self.position_index):
                 if caches is None:
-                    x, block_aux = block(x, pos, memory)
+                    x, block_aux = block(x, per_position[k], memory)
                 else:
-                    x, block_aux = block(x, pos, memory, caches[run])
+                    x, block_aux = block(x, per_position[k], memory, caches[run])
                 run += 1
                 if block_aux is not None:
                     aux = block_aux if aux is None else aux + block_aux
@@ -298,9 +338,11 @@ class LMHead(nn.Module):
         self._tied = (embeddings.tokens,) if params.tie_embeddings else ()
         self.transform = None
         if params.mlm_transform:
-            self.transform = nn.Sequential(nn.Linear(m.d_model, width), ctx.activation, ctx.build("norm", dim=width))
+            self.transform = nn.Sequential(nn.Linear(m.d_model, width, bias=params.mlm_transform_bias),
+                                           ctx.activation, ctx.build("norm", dim=width))
             nn.init.normal_(self.transform[0].weight, std=m.init_std)
-            nn.init.zeros_(self.transform[0].bias)
+            if self.transform[0].bias is not None:
+                nn.init.zeros_(self.transform[0].bias)
         elif width != m.d_model and params.tie_embeddings:
             raise ConfigError("topology.mlm_transform", False,
                               f"a head tied to {width}-wide factorized embeddings needs a transform to that width",

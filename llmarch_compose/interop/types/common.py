@@ -25,19 +25,17 @@ def activation(hf: Mapping[str, Any], key: str, gated: bool) -> str:
     return ACTIVATIONS[name][0 if gated else 1]
 
 
-def rope(hf: Mapping[str, Any]) -> list[str]:
-    """model.rope_theta, model.rope_scaling and model.rotary_fraction from either
-    spelling: transformers 5's rope_parameters or rope_theta + rope_scaling."""
+def rope_values(hf: Mapping[str, Any]) -> tuple[float, float, Optional[dict[str, Any]]]:
+    """(theta, rotary fraction, our scaling mapping or None) from either spelling:
+    transformers 5's rope_parameters or rope_theta + rope_scaling."""
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
     theta = params.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     merged = {**scaling, **params}
-    out = [override("model.rope_theta", float(theta))]
     fraction = hf.get("partial_rotary_factor", merged.get("partial_rotary_factor", 1.0))
-    out.append(override("model.rotary_fraction", float(fraction)))
     if kind == "default":
-        return out
+        return float(theta), float(fraction), None
     if kind not in ("linear", "dynamic", "llama3", "yarn"):
         raise ConfigError("rope_scaling.rope_type", kind, "no RoPE scaling of this type",
                           ["default", "linear", "dynamic", "llama3", "yarn"])
@@ -54,13 +52,63 @@ def rope(hf: Mapping[str, Any]) -> list[str]:
                         ("mscale_all_dim", "mscale_all_dim")):
         if merged.get(theirs) is not None:
             ours[key] = float(merged[theirs])
-    return [*out, override("model.rope_scaling", ours)]
+    return float(theta), float(fraction), ours
 
 
-def rope_back(spec: Any) -> dict[str, Any]:
+LAYER_KINDS = ("sliding_attention", "full_attention")
+#: The RoPE scalings a RoPE per layer type may have (dynamic NTK rescales at run time, per config).
+SCALED_BY_LAYER_TYPE = ("default", "linear", "llama3", "yarn")
+
+
+def rope_by_layer_position(**changes: Allowed) -> dict[str, dict[str, Allowed]]:
+    """`rope_position` for a type with a RoPE per layer type: no dynamic scaling."""
+    out = rope_position(**changes)
+    out["rope"]["scaling.type"] = only(*SCALED_BY_LAYER_TYPE[1:])
+    return out
+
+
+def rope_by_layer_type(hf: Mapping[str, Any], legacy: Mapping[str, str], default_theta: Mapping[str, float],
+                       scaled: tuple[str, ...]) -> dict[str, tuple[float, Optional[dict[str, Any]]]]:
+    """Each layer type's (RoPE base, our scaling or None), for configs that key rope_parameters by
+    layer type (Gemma-3, ModernBERT): else `legacy[kind]` names the field of each type's base
+    (rope_theta, rope_local_base_freq, global_rope_theta ...), `default_theta[kind]` what a config
+    without either means, and rope_scaling applies to the types in `scaled`."""
+    given = hf.get("rope_parameters") or {}
+    if not isinstance(given, Mapping) or any(k not in LAYER_KINDS for k in given):
+        raise ConfigError("rope_parameters", given, "cannot be represented: this config keys them by layer type",
+                          [f"{{{', '.join(LAYER_KINDS)}: {{rope_type, rope_theta, ...}}}}"])
+    per = {kind: dict(given.get(kind) or {"rope_type": "default"}) for kind in LAYER_KINDS}
+    for kind in scaled:
+        per[kind].update(hf.get("rope_scaling") or {})
+    out = {}
+    for kind in LAYER_KINDS:
+        params = per[kind]
+        old = hf.get(legacy[kind])
+        params.setdefault("rope_theta", old if old is not None else default_theta[kind])
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(f"rope_parameters.{kind}.partial_rotary_factor", params["partial_rotary_factor"],
+                              "cannot be represented: the RoPE of each layer type turns the whole head", [1.0])
+        theta, _, scaling = rope_values({"rope_parameters": params,
+                                         "max_position_embeddings": hf.get("max_position_embeddings")})
+        if scaling is not None and scaling["type"] == "dynamic":  # it would grow one base for all layer types
+            raise ConfigError(f"rope_parameters.{kind}.rope_type", "dynamic", "cannot be represented: dynamic "
+                              "NTK scaling of one layer type's RoPE", list(SCALED_BY_LAYER_TYPE))
+        out[kind] = (theta, scaling)
+    return out
+
+
+def rope(hf: Mapping[str, Any]) -> list[str]:
+    """model.rope_theta, model.rope_scaling and model.rotary_fraction (see `rope_values`)."""
+    theta, fraction, scaling = rope_values(hf)
+    out = [override("model.rope_theta", theta), override("model.rotary_fraction", fraction)]
+    return out if scaling is None else [*out, override("model.rope_scaling", scaling)]
+
+
+def rope_back(spec: Any, position: Any = None) -> dict[str, Any]:
     """The HF rope fields of our spec (both spellings, so old and new readers agree); with
-    dynamic scaling also max_position_embeddings, the length past which it scales."""
-    position = spec.params["position"]
+    dynamic scaling also max_position_embeddings, the length past which it scales.
+    `position`: a layer's own position params (default: the model-wide ones)."""
+    position = spec.params["position"] if position is None else position
     out: dict[str, Any] = {"rope_theta": position.theta}
     s = position.scaling
     params: dict[str, Any] = {"rope_theta": position.theta, "rope_type": "default"}

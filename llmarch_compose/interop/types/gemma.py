@@ -16,14 +16,15 @@ its own (`query_pre_attn_scalar`: `model.attention_scale`) and per-layer attenti
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from ...errors import ConfigError
 from ..fit import ANY, Expresses, Rule, only, where
 from ..mapping import ROPE_SPELLINGS, ModelType, TensorRule, override
 from . import llama
-from .common import (GATED, GATED_BACK, PLAIN_MODEL, RMSNORM, activation, activation_back, dense, family_guess, gqa,
-                     refuse, rope_position, topology, unused)
+from .common import (GATED, GATED_BACK, LAYER_KINDS, PLAIN_MODEL, RMSNORM, activation, activation_back, dense,
+                     family_guess, gqa, refuse, rope_back, rope_by_layer_position, rope_by_layer_type, rope_position,
+                     topology, unused)
 
 # GemmaConfig()'s defaults, for fields a config.json leaves out.
 DEFAULTS = {"vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
@@ -84,13 +85,13 @@ EXTRA_FIELDS2 = {"hidden_act": None, "sliding_window_size": None, "cache_impleme
 SANDWICH = ["topology.norm_position=sandwich"]
 
 
-def layer_types(hf: Mapping[str, Any]) -> list[str]:
-    """Each layer's attention: the config's layer_types, or Gemma2Config's default (every
-    other layer sliding, from the first)."""
+def layer_types(hf: Mapping[str, Any], every: int = 2) -> list[str]:
+    """Each layer's attention: the config's layer_types, or the config class's default (every
+    `every`-th layer full, the others sliding: Gemma2Config's 2, Gemma3TextConfig's 6)."""
     n = hf["num_hidden_layers"]
     types = hf.get("layer_types")
     if types is None:
-        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
     kinds = ("sliding_attention", "full_attention")
     if len(types) != n or any(t not in kinds for t in types):
         raise ConfigError("layer_types", types, f"cannot be represented: one of {list(kinds)} per layer "
@@ -186,9 +187,126 @@ EXPRESSES2 = Expresses(
                 lambda spec: len({w for w in windows(spec) if w is not None}) <= 1, "one window size",
                 "windows of several sizes (Gemma-2 has one sliding_window)"),))
 
+# ------------------------------------------------------------------ gemma3 (text)
+
+# Gemma3TextConfig()'s defaults, for fields a config.json leaves out.
+DEFAULTS3 = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+             "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+             "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+             "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
+             "rope_parameters": None, "attention_bias": False, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+             "layer_types": None, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+             "use_bidirectional_attention": False}
+# The released configs' older spellings: the global layers' base (rope_theta, rope_scaling: the
+# mapping's legacy RoPE fields), the local layers' base, and the period of the full layers.
+# transformers writes `_sliding_window_pattern` beside layer_types and never reads it back.
+EXTRA_FIELDS3 = {"rope_local_base_freq": None, "sliding_window_pattern": None, "_sliding_window_pattern": None,
+                 "cache_implementation": None}
+GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # Gemma3TextConfig.default_theta
+KINDS = LAYER_KINDS
+
+
+def gemma3_ropes(hf: Mapping[str, Any]) -> dict[str, tuple[float, Optional[dict[str, Any]]]]:
+    """Each layer type's (RoPE base, our scaling or None), as Gemma3TextConfig reads them:
+    rope_parameters per layer type, else rope_theta and rope_scaling for the full layers and
+    rope_local_base_freq for the sliding ones."""
+    return rope_by_layer_type(hf, {"full_attention": "rope_theta", "sliding_attention": "rope_local_base_freq"},
+                              GEMMA3_THETA, scaled=("full_attention",))
+
+
+def gemma3_overrides(hf: Mapping[str, Any]) -> list[str]:
+    refuse(hf, "use_bidirectional_attention", "Gemma3ForCausalLM then attends to the whole sequence (and halves "
+           "its window)", allowed=(None, False))
+    unused(hf, "cache_implementation")  # how generate caches, not what the model computes
+    unused(hf, "_sliding_window_pattern")  # written by transformers, read by nothing (layer_types says it)
+    every = hf.get("sliding_window_pattern") or 6
+    types = layer_types(hf, every)
+    window = hf["sliding_window"]
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if sliding and not window:
+        raise ConfigError("sliding_window", window, f"cannot be represented: layers {sliding} are sliding "
+                          "attention without a window", ["a number of tokens >= 1"])
+    ropes = gemma3_ropes(hf)
+    # The model-wide choice is the sliding layers' (most of them), the full layers' a rule.
+    wide = "sliding_attention" if sliding else "full_attention"
+    theta, scaling = ropes[wide]
+    refuse(hf, "partial_rotary_factor", "Gemma3's default RoPE turns the whole head", allowed=(None, 1.0))
+    out = [o for o in llama._overrides(hf, "gemma3_text", act_key="hidden_activation")
+           if not o.startswith(("attention=", "model.rope_scaling=", "model.rope_theta=", "model.rotary_fraction="))]
+    out += [override("model.rope_theta", theta), override("model.rotary_fraction", 1.0)]
+    if scaling is not None:
+        out.append(override("model.rope_scaling", scaling))
+    out += [*GEMMA, *SANDWICH, "model.qk_norm=true",
+            override("model.attention_scale", float(hf["query_pre_attn_scalar"]) ** -0.5),
+            override("topology.final_logit_softcap", hf["final_logit_softcapping"])]
+    out += ["attention=swa", override("model.window", window)] if sliding else ["attention=gqa"]
+    if sliding and full:
+        theta, scaling = ropes["full_attention"]
+        out.append(override("model.layer_pattern", [{"layers": full, "attention": {"window": None},
+                                                     "position": {"theta": theta, "scaling": scaling}}]))
+    cap = hf["attn_logit_softcapping"]
+    return [*out, override("model.attention_softcap", None if cap is None else float(cap))]
+
+
+def positions(spec: Any) -> list:
+    """Each decoder layer's position params."""
+    return [spec.params_for("position", i) for i in range(spec.model.n_layers)]
+
+
+def _rope_by_kind(spec: Any) -> dict[str, list]:
+    """layer type -> the distinct position params of its layers."""
+    out: dict[str, list] = {kind: [] for kind in KINDS}
+    for w, p in zip(windows(spec), positions(spec)):
+        kind = out["full_attention" if w is None else "sliding_attention"]
+        if p not in kind:
+            kind.append(p)
+    return out
+
+
+def gemma3_config(spec: Any) -> dict[str, Any]:
+    out = gemma2_config(spec)
+    by_kind = _rope_by_kind(spec)
+    rope = {kind: rope_back(spec, params[0] if params else spec.params["position"])["rope_parameters"]
+            for kind, params in by_kind.items()}
+    out.update(rope_parameters=rope, use_bidirectional_attention=False)
+    for legacy in ("rope_theta", "rope_scaling", "partial_rotary_factor"):
+        out.pop(legacy, None)
+    return {k: v for k, v in out.items() if k in DEFAULTS3}
+
+
+def gemma3_tensors(spec: Any) -> list[TensorRule]:
+    """Gemma-2's rules; the per-head norms of queries and keys come with llama's (qk_norm)."""
+    return gemma2_tensors(spec)
+
+
+def _same_position(field: str) -> Any:
+    return where(lambda v, spec: v == getattr(spec.params["position"], field), f"position.{field}",
+                 f"a position {field} that differs from layer to layer")
+
+
+EXPRESSES3 = Expresses(
+    groups={"position": rope_by_layer_position(), "norm": {"rmsnorm": {**RMSNORM["rmsnorm"], "offset": only(1.0)}},
+            "activation": GATED, "attention": gqa(window=ANY, scale=SCALE, softcap=ANY, qk_norm=only(True)),
+            "ffn": dense(),
+            "topology": {"decoder_only": topology(scale_embeddings=only(True), norm_position=only("sandwich"),
+                                                  final_logit_softcap=ANY)}},
+    model=PLAIN_MODEL,
+    # layer_types, with a RoPE of their own for each: any layer sliding or full.
+    layers={"attention": EXPRESSES2.layers["attention"],
+            "position": rope_by_layer_position(fraction=_same_position("fraction"),
+                                      interleaved=_same_position("interleaved"))},
+    rules=(*EXPRESSES2.rules,
+           Rule("model.layer_pattern", lambda spec: list(spec.model.layer_pattern),
+                lambda spec: all(len(p) <= 1 for p in _rope_by_kind(spec).values()),
+                "one RoPE for the sliding layers and one for the full ones",
+                "RoPE that differs between layers of one type (Gemma-3 has one per layer type)")))
+
 TYPES = (ModelType("gemma", "GemmaForCausalLM", overrides, hf_config, llama.tensors, llama.IGNORE,
                    expresses=EXPRESSES, defaults=DEFAULTS, extra_fields=EXTRA_FIELDS),
          ModelType("gemma2", "Gemma2ForCausalLM", gemma2_overrides, gemma2_config, gemma2_tensors, llama.IGNORE,
-                   expresses=EXPRESSES2, defaults=DEFAULTS2, extra_fields=EXTRA_FIELDS2))
+                   expresses=EXPRESSES2, defaults=DEFAULTS2, extra_fields=EXTRA_FIELDS2),
+         ModelType("gemma3_text", "Gemma3ForCausalLM", gemma3_overrides, gemma3_config, gemma3_tensors,
+                   llama.IGNORE, expresses=EXPRESSES3, defaults=DEFAULTS3, extra_fields=EXTRA_FIELDS3))
 
 guess = family_guess(TYPES)
