@@ -398,6 +398,11 @@ SCALING_CASES = {
                           partial_rotary_factor=0.5), 65536),
     "yarn_short": (["model.rope_scaling={type:yarn,factor:8,original_max_seq_len:256}"],
                    dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=256), 2048),
+    # gpt-oss: the ramp's ends left unrounded (truncate: false).
+    "yarn_untruncated": (["model.rope_theta=150000", "model.rope_scaling={type:yarn,factor:32,"
+                          "original_max_seq_len:4096,truncate:false}"],
+                         dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=4096, truncate=False),
+                         131072),
 }
 
 
@@ -431,6 +436,9 @@ def test_rope_scaling_matches_transformers(case):
             wavelen >= s.original_max_seq_len / s.high_freq_factor)
         assert middle.any()
     assert not torch.allclose(want, base, rtol=1e-3)  # the scaling changes something
+    if case == "yarn_untruncated":  # unrounded ends give other frequencies than the rounded ones
+        rounded, _ = hf_rope({**hf_params, "truncate": True}, theta, max_positions)
+        assert not torch.allclose(rounded, want, rtol=1e-6)
     if case in ("yarn", "yarn_betas", "yarn_partial"):  # some frequencies kept, some divided, some blended
         ratio = base / want
         assert (ratio - 1).abs().min() < 1e-6

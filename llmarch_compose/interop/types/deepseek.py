@@ -26,7 +26,7 @@ from ..mapping import ModelType, TensorRule, override
 from . import llama
 from .common import (GATED, GATED_BACK, PLAIN_MODEL, TOPOLOGY, activation, activation_back, dense, family_guess,
                      moe, numbers, refuse, rope, rope_back, rope_position, unused)
-from .qwen_moe import (ONE_DENSE_WIDTH, dense_layers, dense_width, expert_rules, mlp_rules, rope_truncate,
+from .qwen_moe import (ONE_DENSE_WIDTH, dense_layers, dense_width, expert_rules, mlp_rules,
                        shared_rules)
 
 LAYER, BLOCK = llama.LAYER, llama.BLOCK
@@ -86,7 +86,6 @@ def _refusals(hf: Mapping[str, Any]) -> None:
     if fraction not in (None, 1, 1.0):
         raise ConfigError("partial_rotary_factor", fraction, "cannot be represented: MLA rotates its whole "
                           "qk_rope_head_dim", [None, 1.0])
-    rope_truncate(hf)
     # Training-time sequence balance, expert placement over ranks, and the multi-token-prediction
     # layers transformers does not build: none changes the function of the weights it loads.
     unused(hf, "seq_aux", "ep_size", "num_nextn_predict_layers", "num_mtp_layers")
