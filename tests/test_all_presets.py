@@ -31,9 +31,14 @@ PUBLISHED = {
     "t5_11b": 11_307_321_344, "flan_t5_base": 247_577_856, "switch_base_8": 619_339_008,
     "deepseek_v3": 671_026_404_352, "bart_base": 139_420_416,
     "distilbert_base": 66_985_530, "xlm_roberta_base": 278_295_186,
+    # openai/gpt-oss-20b: the card rounds to 20.9B; exact from its config.json (checked by hand).
+    "gpt_oss_20b": 20_914_757_184,
 }
 # Qwen3-30B-A3B: the total less 120 of 128 experts (3 x 2048 x 768 each) in each of 48 layers.
-PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704}
+# gpt-oss-20b: the total less 28 of 32 experts in each of 24 layers; the card's 3.6B leaves out
+# the input embedding (this less 201088 x 2880 = 3,608,307,264).
+PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704,
+                    "gpt_oss_20b": 4_187_440_704}
 
 PRESETS = presets()
 

@@ -91,7 +91,7 @@ def test_fields_that_would_change_the_model_unread_are_refused(field, value, sai
 
 
 def test_a_field_of_another_mapped_type_names_that_type():
-    with pytest.raises(ConfigError, match="the mixtral, qwen3_moe configs have it") as err:
+    with pytest.raises(ConfigError, match="the gpt_oss, mixtral, qwen3_moe configs have it") as err:
         config_overrides({"model_type": "llama", "num_local_experts": 8}, MODEL_TYPES)
     assert err.value.key == "num_local_experts"
 
