@@ -33,12 +33,19 @@ PUBLISHED = {
     "distilbert_base": 66_985_530, "xlm_roberta_base": 278_295_186,
     # openai/gpt-oss-20b: the card rounds to 20.9B; exact from its config.json (checked by hand).
     "gpt_oss_20b": 20_914_757_184,
+    # deepseek-ai/DeepSeek-V2-Lite: the card rounds to 15.7B; exact from its config.json (checked by hand).
+    "deepseek_v2_lite": 15_706_484_224,
+    # google/mt5-base: the model page's 582M; flan_t5_base's count with 217,984 more rows in each of
+    # the token table and the head.
+    "mt5_base": 582_401_280,
 }
 # Qwen3-30B-A3B: the total less 120 of 128 experts (3 x 2048 x 768 each) in each of 48 layers.
 # gpt-oss-20b: the total less 28 of 32 experts in each of 24 layers; the card's 3.6B leaves out
 # the input embedding (this less 201088 x 2880 = 3,608,307,264).
+# DeepSeek-V2-Lite: the total less 58 of 64 experts in each of 26 layers; the card's 2.4B leaves out
+# the input embedding (this less 102400 x 2048 = 2,451,435,008).
 PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704,
-                    "gpt_oss_20b": 4_187_440_704}
+                    "gpt_oss_20b": 4_187_440_704, "deepseek_v2_lite": 2_661_150_208}
 
 PRESETS = presets()
 
