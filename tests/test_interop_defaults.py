@@ -18,7 +18,8 @@ from llmarch_compose.interop.types import MODEL_TYPES  # noqa: E402
 # Fields a config class derives from others when left out: a config.json without them means
 # the field's own default (None), not the value derived for the class's default sizes.
 DERIVED = {"head_dim", "num_key_value_heads", "num_decoder_layers", "rope_parameters", "layer_types",
-           "sliding_window", "word_embed_proj_dim", "attn_config"}
+           "sliding_window", "word_embed_proj_dim", "attn_config",
+           "decoder_vocab_size"}
 BASE = {f.name for f in dataclasses.fields(transformers.PreTrainedConfig)}
 
 

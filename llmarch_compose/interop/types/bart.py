@@ -18,6 +18,13 @@ are added) is ours `topology.scale_embeddings`. Its older configs say so in fiel
 MBartConfig does not define (`normalize_before`, `add_final_layer_norm`, ...): read
 at mBART's values, refused at others.
 
+Marian (MarianMTModel) is BART with fixed sinusoidal positions (the sines of every
+frequency, then the cosines: our `position=sinusoidal` with `layout: halves`; transformers
+may store the tables as `model.{encoder,decoder}.embed_positions`, which are skipped),
+no norm on the embeddings, and `scale_embedding` as mBART has it. Refused: token tables
+of each stack's own (`share_encoder_decoder_embeddings: false`) and a `decoder_vocab_size`
+other than `vocab_size`.
+
 Refused in BART: the mBART-style options older BART configs still carry (pre-norm
 `normalize_before`, `add_final_layer_norm`), `scale_embedding` (token embeddings
 times sqrt(d_model)), encoder and decoder that differ in depth, heads or width, and
@@ -78,6 +85,23 @@ def mbart_overrides(hf: Mapping[str, Any]) -> list[str]:
             override("topology.scale_embeddings", bool(hf["scale_embedding"]))]
 
 
+# MarianConfig()'s defaults.
+DEFAULTS_MARIAN = {**DEFAULTS, "vocab_size": 58101, "decoder_vocab_size": None, "decoder_start_token_id": 58100,
+                   "pad_token_id": 58100, "eos_token_id": 0, "bos_token_id": None, "forced_eos_token_id": 0,
+                   "share_encoder_decoder_embeddings": True}
+
+
+def marian_overrides(hf: Mapping[str, Any]) -> list[str]:
+    refuse(hf, "share_encoder_decoder_embeddings", "a token table of each stack's own", allowed=(True,))
+    vocab, target = hf["vocab_size"], hf["decoder_vocab_size"]
+    if target not in (None, vocab):
+        raise ConfigError("decoder_vocab_size", target, f"cannot be represented: our stacks share one token "
+                          f"table of vocab_size={vocab}", [None, vocab])
+    out = [o for o in _overrides(hf, "marian") if not o.startswith(("position=", "model.position_offset="))]
+    return [*out, "position=sinusoidal", "position.layout=halves", "topology.embedding_norm=false",
+            override("topology.scale_embeddings", bool(hf["scale_embedding"]))]
+
+
 def _overrides(hf: Mapping[str, Any], name: str) -> list[str]:
     refuse(hf, "add_bias_logits", "a logits bias parameter besides final_logits_bias")
     refuse(hf, "static_position_embeddings", "sinusoidal positions (Marian)")
@@ -124,6 +148,26 @@ EXPRESSES_MBART = Expresses(
     model=EXPRESSES.model, stacks=EXPRESSES.stacks)
 
 
+# Marian: BART's declaration with fixed sinusoidal positions in halves, no norm on the embeddings,
+# the token embeddings scaled by sqrt(d_model) or not.
+EXPRESSES_MARIAN = Expresses(
+    groups={**EXPRESSES.groups, "position": {"sinusoidal": {"base": only(10000.0), "layout": only("halves")}},
+            "topology": {"encoder_decoder": topology(norm_position=only("post"), embedding_norm=only(False),
+                                                     head_bias=only("buffer"), scale_embeddings=ANY)}},
+    model=EXPRESSES.model, stacks=EXPRESSES.stacks)
+
+
+def marian_config(spec: Any) -> dict[str, Any]:
+    return {**hf_config(spec), "max_position_embeddings": spec.model.max_seq_len,
+            "scale_embedding": spec.params["topology"].scale_embeddings, "decoder_vocab_size": spec.model.vocab_size,
+            "share_encoder_decoder_embeddings": True}
+
+
+def marian_tensors(spec: Any) -> list[TensorRule]:
+    """BART's rules less the learned position tables and the norms on the embeddings."""
+    return [r for r in tensors(spec) if "position.table" not in r.ours and "embed.norm." not in r.ours]
+
+
 def mbart_config(spec: Any) -> dict[str, Any]:
     return {**hf_config(spec), "scale_embedding": spec.params["topology"].scale_embeddings}
 
@@ -140,7 +184,7 @@ def hf_config(spec: Any) -> dict[str, Any]:
         "d_model": m.d_model, "encoder_layers": m.n_layers, "decoder_layers": m.n_layers,
         "encoder_attention_heads": m.n_heads, "decoder_attention_heads": m.n_heads,
         "encoder_ffn_dim": ffn.hidden, "decoder_ffn_dim": ffn.hidden, "vocab_size": m.vocab_size,
-        "max_position_embeddings": spec.params["position"].max_positions,
+        "max_position_embeddings": getattr(spec.params["position"], "max_positions", m.max_seq_len),
         "activation_function": activation_back(spec, PLAIN_BACK),
         "scale_embedding": False, "tie_word_embeddings": m.tie_embeddings, "is_encoder_decoder": True,
     }
@@ -185,6 +229,9 @@ IGNORE = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weigh
 TYPES = (ModelType("bart", "BartForConditionalGeneration", bart_overrides, hf_config, tensors, IGNORE,
                    expresses=EXPRESSES, defaults=DEFAULTS),
          ModelType("mbart", "MBartForConditionalGeneration", mbart_overrides, mbart_config, mbart_tensors, IGNORE,
-                   expresses=EXPRESSES_MBART, defaults=DEFAULTS_MBART, extra_fields=MBART_FIELDS))
+                   expresses=EXPRESSES_MBART, defaults=DEFAULTS_MBART, extra_fields=MBART_FIELDS),
+         ModelType("marian", "MarianMTModel", marian_overrides, marian_config, marian_tensors,
+                   (*IGNORE, "model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"),
+                   expresses=EXPRESSES_MARIAN, defaults=DEFAULTS_MARIAN))
 
 guess = family_guess(TYPES)
