@@ -62,7 +62,8 @@ class Case:
     @property
     def kind(self) -> str:
         name = self.model.__name__
-        return "masked" if name.endswith("ForMaskedLM") else "seq2seq" if "Conditional" in name else "causal"
+        seq2seq = "Conditional" in name or name.endswith("MTModel")  # MarianMTModel
+        return "masked" if name.endswith("ForMaskedLM") else "seq2seq" if seq2seq else "causal"
 
 
 ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "router.weight")
@@ -74,6 +75,8 @@ def randomize(model: nn.Module, case: Case, greedy: bool) -> nn.Module:
     std = case.std if greedy else case.logit_std
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if not p.requires_grad:  # a fixed table stored as a frozen parameter (Marian's sinusoids)
+                continue
             noise = torch.randn(p.shape, generator=g)
             own = [s for part, s in own_std.items() if part in name]
             if own:

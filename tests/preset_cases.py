@@ -14,6 +14,7 @@ SAME_AT_TINY = {
     "bert_large": "bert_base", "gpt2_xl": "gpt2", "llama2_13b": "llama2_7b", "llama3_70b": "llama3_8b",
     "qwen2_1_5b": "qwen2_0_5b", "xlm_roberta_base": "roberta_base",
     "t5_base": "t5_small", "t5_large": "t5_small", "t5_3b": "t5_small", "t5_11b": "t5_small",
+    "mt5_base": "flan_t5_base",
 }
 
 #: Every preset that is not the twin of another at `scale=tiny`.

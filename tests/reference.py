@@ -98,14 +98,15 @@ def dense_ffn(x, up_w, up_b, down_w, down_b, act, gated: bool, hidden: int) -> t
 # ------------------------------------------------------------------------ positions
 
 
-def sinusoidal_table(n_positions: int, d: int, base: float = 10000.0) -> torch.Tensor:
-    """Vaswani et al.: PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(p / base^(2i/d))."""
+def sinusoidal_table(n_positions: int, d: int, base: float = 10000.0, halves: bool = False) -> torch.Tensor:
+    """Vaswani et al.: PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(p / base^(2i/d));
+    `halves` (fairseq, Marian): PE[p, i] = sin(...), PE[p, d/2 + i] = cos(...)."""
     table = [[0.0] * d for _ in range(n_positions)]
     for p in range(n_positions):
         for i in range(d // 2):
             angle = p / base ** (2 * i / d)
-            table[p][2 * i] = math.sin(angle)
-            table[p][2 * i + 1] = math.cos(angle)
+            table[p][i if halves else 2 * i] = math.sin(angle)
+            table[p][d // 2 + i if halves else 2 * i + 1] = math.cos(angle)
     return torch.tensor(table, dtype=torch.float64)
 
 

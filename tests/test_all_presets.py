@@ -45,6 +45,13 @@ PUBLISHED = {
     # head a second time; less that copy (65,024 x 4,544) it is the count its config.json implies.
     "falcon_7b": 6_921_720_704,
     "gemma3_4b": 3_880_263_168, "modernbert_base": 149_655_232,
+    # openai/gpt-oss-20b: the card rounds to 20.9B; exact from its config.json (checked by hand).
+    "gpt_oss_20b": 20_914_757_184,
+    # deepseek-ai/DeepSeek-V2-Lite: the card rounds to 15.7B; exact from its config.json (checked by hand).
+    "deepseek_v2_lite": 15_706_484_224,
+    # google/mt5-base: the model page's 582M; flan_t5_base's count with 217,984 more rows in each of
+    # the token table and the head.
+    "mt5_base": 582_401_280,
 }
 # Gemma-3-4B, its language model alone: 671,252,480 embedding (262,208 x 2,560) + 3,209,010,688
 # other parameters; the Gemma 3 technical report (Table 1) gives 3,209M non-embedding parameters
@@ -52,7 +59,12 @@ PUBLISHED = {
 # ModernBERT-base: 149M parameters (answerdotai/ModernBERT-base model card), exactly the sum of
 # the tensors of its ModernBertForMaskedLM checkpoint with the decoder tied.
 # Qwen3-30B-A3B: the total less 120 of 128 experts (3 x 2048 x 768 each) in each of 48 layers.
-PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704}
+# gpt-oss-20b: the total less 28 of 32 experts in each of 24 layers; the card's 3.6B leaves out
+# the input embedding (this less 201088 x 2880 = 3,608,307,264).
+# DeepSeek-V2-Lite: the total less 58 of 64 experts in each of 26 layers; the card's 2.4B leaves out
+# the input embedding (this less 102400 x 2048 = 2,451,435,008).
+PUBLISHED_ACTIVE = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704,
+                    "gpt_oss_20b": 4_187_440_704, "deepseek_v2_lite": 2_661_150_208}
 
 PRESETS = presets()
 

@@ -19,7 +19,7 @@ from llmarch_compose.interop.types import MODEL_TYPES  # noqa: E402
 # the field's own default (None), not the value derived for the class's default sizes.
 DERIVED = {"head_dim", "num_key_value_heads", "num_decoder_layers", "rope_parameters", "layer_types",
            "num_kv_heads", "ffn_hidden_size",  # Falcon: the attention heads, 4 x hidden_size
-           "sliding_window", "word_embed_proj_dim", "no_rope_layers"}
+           "sliding_window", "word_embed_proj_dim", "no_rope_layers", "attn_config", "decoder_vocab_size"}
 BASE = {f.name for f in dataclasses.fields(transformers.PreTrainedConfig)}
 
 
@@ -92,7 +92,7 @@ def test_fields_that_would_change_the_model_unread_are_refused(field, value, sai
 
 
 def test_a_field_of_another_mapped_type_names_that_type():
-    with pytest.raises(ConfigError, match="the mixtral, qwen3_moe configs have it") as err:
+    with pytest.raises(ConfigError, match="the gpt_oss, mixtral, qwen3_moe configs have it") as err:
         config_overrides({"model_type": "llama", "num_local_experts": 8}, MODEL_TYPES)
     assert err.value.key == "num_local_experts"
 

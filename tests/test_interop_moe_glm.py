@@ -281,7 +281,6 @@ UNREPRESENTABLE = [
     ("deepseek_v3", "num_key_value_heads", 2),
     ("deepseek_v3", "rms_norm_eps", 1e-5),
     ("deepseek_v3", "n_shared_experts", 0),
-    ("deepseek_v3", "rope_parameters.truncate", False),
     ("deepseek_v3", "pretraining_tp", 2),
 ]
 

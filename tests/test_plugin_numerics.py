@@ -253,12 +253,14 @@ def test_learned_position(offset, per_batch):
     assert pe.attention_inputs(positions) == lc.PositionInputs()
 
 
+@pytest.mark.parametrize("layout", ["interleaved", "halves"])
 @pytest.mark.parametrize("base", [10000.0, 500.0])
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
-def test_sinusoidal_position(base, dtype):
-    pe = make_ctx("position=sinusoidal", f"position.base={base}").shared("position").to(dtype)
+def test_sinusoidal_position(base, dtype, layout):
+    pe = make_ctx("position=sinusoidal", f"position.base={base}", f"position.layout={layout}").shared(
+        "position").to(dtype)
     assert not list(pe.parameters())
-    table = ref.sinusoidal_table(50, 64, base)
+    table = ref.sinusoidal_table(50, 64, base, halves=layout == "halves")
     positions = torch.tensor([[0, 1, 2, 17, 49], [49, 30, 3, 3, 8]])
     x = randn(2, 5, 64, dtype=dtype)
     # The table is built in float32 (angles up to 49 rad): ~1e-6 absolute either way.
@@ -266,6 +268,24 @@ def test_sinusoidal_position(base, dtype):
     check_forward_backward(lambda x: pe.embed(x, positions), lambda x, p: x + table[positions].to(dtype),
                            None, [x], tol)
     assert pe.attention_inputs(torch.arange(5)) == lc.PositionInputs()
+
+
+def test_sinusoidal_halves_match_marian():
+    """Marian's table: the sines of every frequency, then the cosines."""
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
+    theirs = MarianSinusoidalPositionalEmbedding(50, 64)
+    theirs.weight.data = theirs.create_weight()
+    pe = make_ctx("position=sinusoidal", "position.layout=halves").shared("position")
+    positions = torch.arange(50)
+    torch.testing.assert_close(pe.embed(torch.zeros(50, 64), positions), theirs(torch.Size([1, 50])),
+                               rtol=0, atol=2e-5)  # theirs in float64 rounded once, ours in float32
+
+
+def test_sinusoidal_layout_is_validated():
+    with pytest.raises(lc.ConfigError) as info:
+        make_ctx("position=sinusoidal", "position.layout=stacked")
+    assert info.value.key == "position.layout"
 
 
 def test_no_position():
@@ -408,6 +428,11 @@ SCALING_CASES = {
                           partial_rotary_factor=0.5), 65536),
     "yarn_short": (["model.rope_scaling={type:yarn,factor:8,original_max_seq_len:256}"],
                    dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=256), 2048),
+    # gpt-oss: the ramp's ends left unrounded (truncate: false).
+    "yarn_untruncated": (["model.rope_theta=150000", "model.rope_scaling={type:yarn,factor:32,"
+                          "original_max_seq_len:4096,truncate:false}"],
+                         dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=4096, truncate=False),
+                         131072),
 }
 
 
@@ -441,6 +466,9 @@ def test_rope_scaling_matches_transformers(case):
             wavelen >= s.original_max_seq_len / s.high_freq_factor)
         assert middle.any()
     assert not torch.allclose(want, base, rtol=1e-3)  # the scaling changes something
+    if case == "yarn_untruncated":  # unrounded ends give other frequencies than the rounded ones
+        rounded, _ = hf_rope({**hf_params, "truncate": True}, theta, max_positions)
+        assert not torch.allclose(rounded, want, rtol=1e-6)
     if case in ("yarn", "yarn_betas", "yarn_partial"):  # some frequencies kept, some divided, some blended
         ratio = base / want
         assert (ratio - 1).abs().min() < 1e-6

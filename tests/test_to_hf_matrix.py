@@ -55,6 +55,15 @@ EXTRA = {
     "tiny+parallel_residual": ["model=tiny", "topology.parallel_residual=true"],
     "tiny+post_norm": ["model=tiny", "topology.norm_position=post"],
     "tiny+dynamic_rope": ["model=tiny", "model.rope_scaling={type:dynamic,factor:2.0,original_max_seq_len:8}"],
+    # The mapped types no preset is written as: BLOOM, MPT, mBART and Marian shapes.
+    "bloom-like": ["model=tiny", "position=alibi", "norm=layernorm", "activation=gelu_tanh", "model.n_kv_heads=8",
+                   "model.attention_bias=true", "model.qkv_bias=true", "model.mlp_bias=true",
+                   "topology.embedding_norm=true", "scale.ffn_dim=256"],
+    "mpt-like": ["model=tiny", "position=alibi", "norm=layernorm", "norm.bias=false", "activation=gelu",
+                 "model.n_kv_heads=8", "scale.ffn_dim=256"],
+    "mbart-like": ["model=bart_base", "topology.norm_position=pre", "topology.scale_embeddings=true"],
+    "marian-like": ["model=bart_base", "position=sinusoidal", "position.layout=halves", "activation=silu",
+                    "topology.embedding_norm=false", "topology.scale_embeddings=true"],
 }
 CASES = {**{p: [f"model={p}"] for p in presets()}, **EXTRA}
 TYPES = [*MODEL_TYPES, None]
@@ -67,9 +76,10 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
     """Weights large enough that a wrong mapping shows: norms near 1, routers wide (no
     near ties in top-k), biases, buffers and position tables away from 0."""
     g = torch.Generator().manual_seed(0)
+    stored = set(model.state_dict())  # computed buffers (RoPE frequencies, ALiBi slopes) are not drawn
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if not t.is_floating_point() or "inv_freq" in name:
+            if not t.is_floating_point() or "inv_freq" in name or name not in stored:
                 continue
             noise = torch.randn(t.shape, generator=g)
             if "norm" in name and name.endswith("weight"):

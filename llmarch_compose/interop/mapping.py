@@ -41,7 +41,10 @@ class TensorRule:
       and multi-head layouts are the cases of one group and of one query head per group),
       held as our part-major fusion; `sizes` = (groups, query heads per group, head_dim);
     - experts: per-expert tensors (each `cat` of `theirs`) stacked and transposed to
-      our [experts, in, out] layout.
+      our [experts, in, out] layout;
+    - alternate: one tensor whose last dim alternates between `len(sizes)` parts, element by
+      element (gpt-oss's gate_up_proj: gate, up, gate, up, ...), held as our concatenation of
+      the parts along that dim ([gate | up]).
     """
 
     ours: str
@@ -165,6 +168,15 @@ def group(tensor: torch.Tensor, groups: int, per_group: int, head_dim: int) -> t
     return parts.reshape(tensor.shape)
 
 
+def alternate(tensor: torch.Tensor, parts: int, split: bool) -> torch.Tensor:
+    """The last dim's elements taken part by part (`split`: a0 b0 a1 b1 ... -> a0 a1 ... b0 b1 ...)
+    or woven back element by element (the inverse)."""
+    if tensor.shape[-1] % parts:
+        raise RuntimeError(f"a last dim of {tensor.shape[-1]} is not {parts} equal parts")
+    shape = (-1, parts) if split else (parts, -1)
+    return tensor.unflatten(-1, shape).transpose(-1, -2).flatten(-2)
+
+
 def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_experts: int
             ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Our tensors from checkpoint tensors, and the checkpoint names used."""
@@ -190,6 +202,8 @@ def to_ours(theirs: Mapping[str, torch.Tensor], rules: Sequence[TensorRule], n_e
                 ours[rule.ours] = regroup(take(rule.theirs[0]), *rule.sizes)
             elif rule.join == "groups":
                 ours[rule.ours] = ungroup(take(rule.theirs[0]), *rule.sizes)
+            elif rule.join == "alternate":
+                ours[rule.ours] = alternate(take(rule.theirs[0]), len(rule.sizes), split=True)
             elif rule.join == "experts":
                 per_expert = [torch.cat([take(t.format(e=e)) for t in rule.theirs], dim=0) for e in range(n_experts)]
                 ours[rule.ours] = torch.stack(per_expert).transpose(1, 2)
@@ -241,6 +255,8 @@ def to_theirs(ours: Mapping[str, torch.Tensor], rules: Sequence[TensorRule]) -> 
         elif rule.join == "cat":
             for name, part in zip(rule.theirs, tensor.split(list(rule.sizes), dim=0)):
                 put(name, part, rule.ours)
+        elif rule.join == "alternate":
+            put(rule.theirs[0], alternate(tensor, len(rule.sizes), split=False), rule.ours)
         elif rule.join == "experts":
             for e, expert in enumerate(tensor.transpose(1, 2).unbind(0)):
                 parts = expert.split(list(rule.sizes), dim=0) if len(rule.theirs) > 1 else (expert,)

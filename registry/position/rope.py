@@ -27,6 +27,7 @@ class RopeScaling:
     attention_factor: Optional[float] = None  # yarn: None derives it from the factor (and mscales)
     mscale: Optional[float] = None  # yarn (DeepSeek): attention_factor = m(mscale) / m(mscale_all_dim),
     mscale_all_dim: Optional[float] = None  #   m(s) = 0.1 s ln(factor) + 1; MLA also scales its softmax
+    truncate: bool = True  # yarn: round the ramp's ends out to whole dimensions (false: gpt-oss)
 
 
 @dataclass
@@ -84,13 +85,16 @@ def llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 def yarn_inv_freq(theta: float, dim: int, s: RopeScaling) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate low frequencies, extrapolate high ones, with a linear ramp
     between the dimensions that turn `beta_slow` and `beta_fast` times in the
-    original context; cos and sin are scaled by the attention factor."""
+    original context (rounded out to whole dimensions unless `truncate` is false);
+    cos and sin are scaled by the attention factor."""
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(s.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)

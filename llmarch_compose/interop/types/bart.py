@@ -11,7 +11,21 @@ per-stack `encoder_position` / `position` table with model.position_offset=2),
 `fc1`, `fc2`, `final_layer_norm` (after the FFN: post-norm), `final_logits_bias`
 ([1, vocab], our [vocab] buffer `head.bias`); the head is tied to `model.shared`.
 
-Refused: the mBART-style options older BART configs still carry (pre-norm
+mBART (MBartForConditionalGeneration) is BART made pre-norm: each stack ends in a
+LayerNorm of its own (`model.{encoder,decoder}.layer_norm`, our `{stack}.final_norm`),
+and `scale_embedding` (the token embeddings times sqrt(d_model), before the positions
+are added) is ours `topology.scale_embeddings`. Its older configs say so in fields
+MBartConfig does not define (`normalize_before`, `add_final_layer_norm`, ...): read
+at mBART's values, refused at others.
+
+Marian (MarianMTModel) is BART with fixed sinusoidal positions (the sines of every
+frequency, then the cosines: our `position=sinusoidal` with `layout: halves`; transformers
+may store the tables as `model.{encoder,decoder}.embed_positions`, which are skipped),
+no norm on the embeddings, and `scale_embedding` as mBART has it. Refused: token tables
+of each stack's own (`share_encoder_decoder_embeddings: false`) and a `decoder_vocab_size`
+other than `vocab_size`.
+
+Refused in BART: the mBART-style options older BART configs still carry (pre-norm
 `normalize_before`, `add_final_layer_norm`), `scale_embedding` (token embeddings
 times sqrt(d_model)), encoder and decoder that differ in depth, heads or width, and
 `tie_word_embeddings: false` (transformers 5 then unties the token tables of the two
@@ -50,10 +64,45 @@ STACKS = {"encoder": "model.encoder.", "decoder": "model.decoder."}
 # so the encoder and the decoder each embed with their own (besides an unused `shared`).
 UNTIED = ("transformers then gives each stack a token table of its own besides an unused model.shared; "
           "our stacks share one")
+#: Fields older mBART config.json files carry that MBartConfig does not define, at mBART's values.
+MBART_FIELDS = {"normalize_before": True, "add_final_layer_norm": True, "normalize_embedding": True,
+                "static_position_embeddings": False, "add_bias_logits": False, "extra_pos_embeddings": OFFSET}
+# MBartConfig()'s defaults.
+DEFAULTS_MBART = {**DEFAULTS, "decoder_start_token_id": None, "forced_eos_token_id": 2}
+
+
 def bart_overrides(hf: Mapping[str, Any]) -> list[str]:
     refuse(hf, "scale_embedding", "token embeddings multiplied by sqrt(d_model)")
     refuse(hf, "normalize_before", "pre-norm layers (mBART)")
     refuse(hf, "add_final_layer_norm", "a final LayerNorm on each stack (mBART)")
+    return _overrides(hf, "bart")
+
+
+def mbart_overrides(hf: Mapping[str, Any]) -> list[str]:
+    refuse(hf, "normalize_before", "post-norm layers (BART)", allowed=(None, True))
+    refuse(hf, "add_final_layer_norm", "pre-norm stacks without their final LayerNorm", allowed=(None, True))
+    return [*_overrides(hf, "mbart"), "topology.norm_position=pre",
+            override("topology.scale_embeddings", bool(hf["scale_embedding"]))]
+
+
+# MarianConfig()'s defaults.
+DEFAULTS_MARIAN = {**DEFAULTS, "vocab_size": 58101, "decoder_vocab_size": None, "decoder_start_token_id": 58100,
+                   "pad_token_id": 58100, "eos_token_id": 0, "bos_token_id": None, "forced_eos_token_id": 0,
+                   "share_encoder_decoder_embeddings": True}
+
+
+def marian_overrides(hf: Mapping[str, Any]) -> list[str]:
+    refuse(hf, "share_encoder_decoder_embeddings", "a token table of each stack's own", allowed=(True,))
+    vocab, target = hf["vocab_size"], hf["decoder_vocab_size"]
+    if target not in (None, vocab):
+        raise ConfigError("decoder_vocab_size", target, f"cannot be represented: our stacks share one token "
+                          f"table of vocab_size={vocab}", [None, vocab])
+    out = [o for o in _overrides(hf, "marian") if not o.startswith(("position=", "model.position_offset="))]
+    return [*out, "position=sinusoidal", "position.layout=halves", "topology.embedding_norm=false",
+            override("topology.scale_embeddings", bool(hf["scale_embedding"]))]
+
+
+def _overrides(hf: Mapping[str, Any], name: str) -> list[str]:
     refuse(hf, "add_bias_logits", "a logits bias parameter besides final_logits_bias")
     refuse(hf, "static_position_embeddings", "sinusoidal positions (Marian)")
     refuse(hf, "normalize_embedding", "BART without layernorm_embedding", allowed=(None, True))
@@ -66,7 +115,7 @@ def bart_overrides(hf: Mapping[str, Any]) -> list[str]:
     return [
         "topology=bart", "position=learned", "norm=layernorm",
         f"activation={activation(hf, 'activation_function', gated=False)}", "attention=mha", "ffn=dense",
-        override("model.name", "hf:bart"), override("model.n_kv_heads", hf["encoder_attention_heads"]),
+        override("model.name", f"hf:{name}"), override("model.n_kv_heads", hf["encoder_attention_heads"]),
         *numbers(hf, NUMBERS), override("model.position_offset", OFFSET), override("model.norm_eps", EPS),
         "model.head_dim=null", "model.attention_scale=null", "model.attention_bias=true", "model.qkv_bias=true",
         "model.mlp_bias=true", "model.qk_norm=false",
@@ -90,13 +139,52 @@ EXPRESSES = Expresses(
     stacks=("encoder", "decoder"))
 
 
+# mBART: BART's declaration, pre-norm (each stack ending in its LayerNorm), the token
+# embeddings scaled by sqrt(d_model) or not.
+EXPRESSES_MBART = Expresses(
+    groups={**EXPRESSES.groups,
+            "topology": {"encoder_decoder": topology(norm_position=only("pre"), embedding_norm=only(True),
+                                                     head_bias=only("buffer"), scale_embeddings=ANY)}},
+    model=EXPRESSES.model, stacks=EXPRESSES.stacks)
+
+
+# Marian: BART's declaration with fixed sinusoidal positions in halves, no norm on the embeddings,
+# the token embeddings scaled by sqrt(d_model) or not.
+EXPRESSES_MARIAN = Expresses(
+    groups={**EXPRESSES.groups, "position": {"sinusoidal": {"base": only(10000.0), "layout": only("halves")}},
+            "topology": {"encoder_decoder": topology(norm_position=only("post"), embedding_norm=only(False),
+                                                     head_bias=only("buffer"), scale_embeddings=ANY)}},
+    model=EXPRESSES.model, stacks=EXPRESSES.stacks)
+
+
+def marian_config(spec: Any) -> dict[str, Any]:
+    return {**hf_config(spec), "max_position_embeddings": spec.model.max_seq_len,
+            "scale_embedding": spec.params["topology"].scale_embeddings, "decoder_vocab_size": spec.model.vocab_size,
+            "share_encoder_decoder_embeddings": True}
+
+
+def marian_tensors(spec: Any) -> list[TensorRule]:
+    """BART's rules less the learned position tables and the norms on the embeddings."""
+    return [r for r in tensors(spec) if "position.table" not in r.ours and "embed.norm." not in r.ours]
+
+
+def mbart_config(spec: Any) -> dict[str, Any]:
+    return {**hf_config(spec), "scale_embedding": spec.params["topology"].scale_embeddings}
+
+
+def mbart_tensors(spec: Any) -> list[TensorRule]:
+    """BART's rules and the LayerNorm that ends each stack."""
+    return [*tensors(spec), *(TensorRule(f"{stack}.final_norm.{kind}", (prefix + f"layer_norm.{kind}",))
+                              for stack, prefix in STACKS.items() for kind in ("weight", "bias"))]
+
+
 def hf_config(spec: Any) -> dict[str, Any]:
     m, ffn = spec.model, spec.params["ffn"]
     return {
         "d_model": m.d_model, "encoder_layers": m.n_layers, "decoder_layers": m.n_layers,
         "encoder_attention_heads": m.n_heads, "decoder_attention_heads": m.n_heads,
         "encoder_ffn_dim": ffn.hidden, "decoder_ffn_dim": ffn.hidden, "vocab_size": m.vocab_size,
-        "max_position_embeddings": spec.params["position"].max_positions,
+        "max_position_embeddings": getattr(spec.params["position"], "max_positions", m.max_seq_len),
         "activation_function": activation_back(spec, PLAIN_BACK),
         "scale_embedding": False, "tie_word_embeddings": m.tie_embeddings, "is_encoder_decoder": True,
     }
@@ -139,6 +227,11 @@ def tensors(spec: Any) -> list[TensorRule]:
 IGNORE = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
 
 TYPES = (ModelType("bart", "BartForConditionalGeneration", bart_overrides, hf_config, tensors, IGNORE,
-                   expresses=EXPRESSES, defaults=DEFAULTS),)
+                   expresses=EXPRESSES, defaults=DEFAULTS),
+         ModelType("mbart", "MBartForConditionalGeneration", mbart_overrides, mbart_config, mbart_tensors, IGNORE,
+                   expresses=EXPRESSES_MBART, defaults=DEFAULTS_MBART, extra_fields=MBART_FIELDS),
+         ModelType("marian", "MarianMTModel", marian_overrides, marian_config, marian_tensors,
+                   (*IGNORE, "model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"),
+                   expresses=EXPRESSES_MARIAN, defaults=DEFAULTS_MARIAN))
 
 guess = family_guess(TYPES)

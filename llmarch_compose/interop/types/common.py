@@ -46,6 +46,8 @@ def rope_values(hf: Mapping[str, Any]) -> tuple[float, float, Optional[dict[str,
         original = hf.get("max_position_embeddings")
     if original is not None:
         ours["original_max_seq_len"] = int(original)
+    if kind == "yarn" and merged.get("truncate") is not None:  # false: the ramp's ends unrounded (gpt-oss)
+        ours["truncate"] = bool(merged["truncate"])
     for theirs, key in (("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor"),
                         ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"),
                         ("attention_factor", "attention_factor"), ("mscale", "mscale"),
@@ -120,6 +122,8 @@ def rope_back(spec: Any, position: Any = None) -> dict[str, Any]:
             scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
         if s.type == "yarn":
             scaling.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
+            if not s.truncate:
+                scaling["truncate"] = False
             for key in ("attention_factor", "mscale", "mscale_all_dim"):
                 if getattr(s, key) is not None:
                     scaling[key] = getattr(s, key)
@@ -176,7 +180,7 @@ ROPE_SCALINGS = ("linear", "dynamic", "llama3", "yarn")
 def rope_position(fraction: Allowed = only(1.0), interleaved: Allowed = only(False)) -> dict[str, dict[str, Allowed]]:
     scaling = {f"scaling.{k}": ANY for k in ("factor", "original_max_seq_len", "low_freq_factor",
                                               "high_freq_factor", "beta_fast", "beta_slow", "attention_factor",
-                                              "mscale", "mscale_all_dim")}
+                                              "mscale", "mscale_all_dim", "truncate")}
     return {"rope": {"theta": ANY, "fraction": fraction, "interleaved": interleaved, "scaling": ANY,
                      "scaling.type": only(*ROPE_SCALINGS), **scaling}}
 

@@ -39,9 +39,6 @@ def overrides(hf: Mapping[str, Any], name: str = "glm") -> list[str]:
         raise ConfigError("sliding_window", hf["sliding_window"], "cannot be represented: GlmForCausalLM has "
                           "no sliding window (its attention ignores the field)", [None])
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    if (params.get("rope_type") or params.get("type")) == "yarn" and params.get("truncate") is False:
-        raise ConfigError("rope_parameters.truncate", False, "cannot be represented: our YaRN always rounds "
-                          "its correction range to whole dimensions", [None, True])
     fraction = hf.get("partial_rotary_factor", params.get("partial_rotary_factor"))
     if fraction is None:
         fraction = ROTARY_FRACTION

@@ -48,14 +48,6 @@ LAYER, BLOCK = llama.LAYER, llama.BLOCK
 
 # ------------------------------------------------------------------ helpers the MoE families share
 
-def rope_truncate(hf: Mapping[str, Any]) -> None:
-    """YaRN's `truncate: false` (unrounded correction range) has no counterpart in our rope."""
-    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    if (params.get("rope_type") or params.get("type")) == "yarn" and params.get("truncate") is False:
-        raise ConfigError("rope_parameters.truncate", False, "cannot be represented: our YaRN always rounds "
-                          "its correction range to whole dimensions", [None, True])
-
-
 def dense_layers(spec: Any) -> dict[int, Any]:
     """The decoder layers a layer_pattern gives a dense FFN: {layer: its ffn params}."""
     return {layer: changes["ffn"] for (stack, layer), changes in spec.layer_params.items()
@@ -102,7 +94,6 @@ def shared_rules(layer: int, ffn: Any, name: str) -> list[TensorRule]:
 
 def _overrides(hf: Mapping[str, Any], name: str) -> list[str]:
     llama.full_attention_layers(hf)
-    rope_truncate(hf)
     # Qwen3MoeConfig also takes the name num_local_experts (its attribute map): a file stating it means it.
     experts = hf["num_local_experts"] if hf.get("num_local_experts") is not None else hf["num_experts"]
     if not experts or experts < 1:

@@ -1,5 +1,7 @@
 """T5 (T5ForConditionalGeneration): v1.0 (ReLU, a tied head scaled by d_model**-0.5)
-and v1.1 / Flan-T5 (gated tanh-GELU, a head of its own, no scaling).
+and v1.1 / Flan-T5 (gated tanh-GELU, a head of its own, no scaling); mT5
+(MT5ForConditionalGeneration): T5 v1.1's layout and function, whose head is never
+scaled (MT5Config has no `scale_decoder_outputs`), read as a head of its own.
 
 The checkpoint layout: `shared` (the token table both stacks read),
 `{encoder,decoder}.block.{i}.layer.0.SelfAttention.{q,k,v,o}` (no biases, no
@@ -71,17 +73,27 @@ def scaled_head(hf: Mapping[str, Any]) -> bool:
 
 
 def t5_overrides(hf: Mapping[str, Any]) -> list[str]:
-    unused(hf, "dense_act_fn", "is_gated_act")  # T5Config derives both from feed_forward_proj, read below
+    return _overrides(hf, "t5", scaled_head(hf))
+
+
+def mt5_overrides(hf: Mapping[str, Any]) -> list[str]:
+    # MT5Config forces tie_word_embeddings to true and transformers unties a stored lm_head that
+    # differs (mT5's do): never scaled, the head reads as its own, as v1.1's does.
+    unused(hf, "tie_word_embeddings")
+    return _overrides(hf, "mt5", False)
+
+
+def _overrides(hf: Mapping[str, Any], name: str, scaled: bool) -> list[str]:
+    unused(hf, "dense_act_fn", "is_gated_act")  # the config classes derive both from feed_forward_proj, read below
     decoder_layers = hf["num_decoder_layers"] or hf["num_layers"]  # T5Config: None means num_layers
     if decoder_layers != hf["num_layers"]:
         raise ConfigError("num_decoder_layers", decoder_layers, "cannot be represented: our encoder and "
                           f"decoder have one depth, num_layers={hf['num_layers']}", [hf["num_layers"]])
     refuse(hf, "tie_encoder_decoder", "one set of block weights for both stacks")
     act, _ = feed_forward(hf)
-    scaled = scaled_head(hf)
     return [
         "topology=t5", "position=relative_bias", "norm=rmsnorm", f"activation={act}", "attention=mha",
-        "ffn=dense", override("model.name", "hf:t5"), override("model.n_kv_heads", hf["num_heads"]),
+        "ffn=dense", override("model.name", f"hf:{name}"), override("model.n_kv_heads", hf["num_heads"]),
         *numbers(hf, NUMBERS),
         # T5 folds the 1/sqrt(d) score scaling into its weights; no biases anywhere.
         override("model.attention_scale", 1.0), "model.attention_bias=false", "model.qkv_bias=false",
@@ -109,6 +121,27 @@ EXPRESSES = Expresses(
                       lambda spec: not spec.model.tie_embeddings or spec.params["topology"].scale_tied_head,
                       [True], "a tied head without scaling as a guess (it reads back as untied; name "
                       "model_type=t5 to write it)"),))
+
+
+# mT5: T5's declaration with a head never scaled; a tied head reads back as one of its own.
+EXPRESSES_MT5 = Expresses(
+    groups={**EXPRESSES.groups, "topology": {"encoder_decoder": topology(scale_tied_head=where(
+        lambda v, spec: not (v and spec.model.tie_embeddings), "false (or an untied head, which it never scales)",
+        "a tied head scaled by d_model**-0.5 (T5 v1.0)"))}},
+    model=EXPRESSES.model, stacks=EXPRESSES.stacks,
+    guess_rules=(Rule("model.tie_embeddings", lambda spec: spec.model.tie_embeddings,
+                      lambda spec: not spec.model.tie_embeddings, [False],
+                      "a tied head as a guess (it reads back as untied; name model_type=mt5 to write it)"),))
+
+# MT5Config's defaults.
+DEFAULTS_MT5 = {**DEFAULTS, "vocab_size": 250112, "d_ff": 1024, "num_layers": 8, "num_heads": 6,
+                "feed_forward_proj": "gated-gelu", "tie_word_embeddings": True}
+
+
+def mt5_config(spec: Any) -> dict[str, Any]:
+    out = hf_config(spec)
+    del out["scale_decoder_outputs"]  # not an MT5Config field: its head is never scaled
+    return out
 
 
 def hf_config(spec: Any) -> dict[str, Any]:
@@ -182,6 +215,8 @@ IGNORE = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
 TYPES = (ModelType("t5", "T5ForConditionalGeneration", t5_overrides, hf_config, tensors, IGNORE,
                    extra_fields={"dense_act_fn": None, "is_gated_act": None, "scale_decoder_outputs": None,
                                  "tie_word_embeddings": None}, expresses=EXPRESSES,
-                   defaults=DEFAULTS),)
+                   defaults=DEFAULTS),
+         ModelType("mt5", "MT5ForConditionalGeneration", mt5_overrides, mt5_config, tensors, IGNORE,
+                   extra_fields={"dense_act_fn": None, "is_gated_act": None}, expresses=EXPRESSES_MT5, defaults=DEFAULTS_MT5))
 
 guess = family_guess(TYPES)
