@@ -124,9 +124,9 @@ def test_loss_curves_come_from_each_jobs_metrics(sweep_2x2):
     from llmarch_compose.sweep.report import collect
 
     jobs, swept = collect(sweep_2x2)
-    # The declared sweeps, each followed by what its choice changed (layernorm has a bias,
-    # rmsnorm none; rmsnorm has an offset, layernorm none).
-    assert swept == ["attention", "attention.num_kv_heads", "norm", "norm.bias", "norm.offset"]
+    # The declared sweeps, each followed by what its choice changed (layernorm has a bias and
+    # an affine switch, rmsnorm neither; rmsnorm has an offset, layernorm none).
+    assert swept == ["attention", "attention.num_kv_heads", "norm", "norm.bias", "norm.affine", "norm.offset"]
     for job in jobs:
         records = [json.loads(line) for line in (job.path / "metrics.jsonl").read_text().splitlines()]
         assert job.curve() == [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
