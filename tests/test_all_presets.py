@@ -111,6 +111,7 @@ def tiny_spec_without_name(name: str):
     return dataclasses.replace(spec, model=dataclasses.replace(spec.model, name=""))
 
 
+@pytest.mark.slow  # what it proves serves the compiled checks, which are slow too
 @pytest.mark.parametrize("twin", sorted(SAME_AT_TINY))
 def test_presets_left_out_of_compiled_checks_are_identical_at_tiny(twin):
     assert tiny_spec_without_name(twin) == tiny_spec_without_name(SAME_AT_TINY[twin])

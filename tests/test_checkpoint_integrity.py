@@ -148,6 +148,7 @@ def test_unreadable_checksums_name_their_file(copy):
         load_checkpoint(copy)
 
 
+@pytest.mark.slow  # starts the command line
 def test_the_command_line_names_the_corrupt_tensor_in_one_line(copy, tmp_path):
     data = bytearray((copy / WEIGHTS).read_bytes())
     data[-5] ^= 0x10

@@ -43,12 +43,14 @@ def assert_refused(proc, key, victim):
 
 # ------------------------------------------------------------------ 1. no import path runs
 
+@pytest.mark.slow  # starts the command line
 def test_callback_target_from_the_command_line_is_refused(tmp_path, victim):
     proc = llmarch([*B, "+hydra.callbacks.x={_target_:builtins.open,_args_:[victim,w]}"], tmp_path)
     assert_refused(proc, "hydra.callbacks.x._target_", victim)
     assert "builtins.open" in proc.stderr
 
 
+@pytest.mark.slow  # starts the command line
 def test_torch_load_callback_from_a_config_dir_file_is_refused(tmp_path, victim):
     folder = tmp_path / "confs"
     folder.mkdir()
@@ -95,6 +97,7 @@ def test_logging_inside_the_run_folder_passes():
         check([f"hydra/job_logging={job}", f"hydra/hydra_logging={hydra_logging}"])
 
 
+@pytest.mark.slow  # starts the command line
 def test_a_log_handler_cannot_truncate_a_file_outside_the_run(tmp_path, victim):
     proc = llmarch([*B, f"+hydra.job_logging.handlers.x={{class:logging.FileHandler,filename:{victim},mode:w}}"],
                    tmp_path)

@@ -199,6 +199,7 @@ def test_every_model_integer_has_an_upper_bound(field):
         assert field in MAX_SIZES, f"model.{field} has no bound in config/spec.py:MAX_SIZES"
 
 
+@pytest.mark.slow  # a composition per example
 @settings(PROPERTY, max_examples=BAD_VALUE_EXAMPLES)
 @given(data=st.data())
 def test_a_bad_model_value_is_a_config_error_naming_its_key(data):
@@ -227,6 +228,7 @@ TRAIN_BAD = {
 }
 
 
+@pytest.mark.slow  # a composition per example
 @settings(PROPERTY, max_examples=BAD_VALUE_EXAMPLES)
 @given(data=st.data())
 def test_a_bad_training_value_is_a_config_error_naming_its_key(data):

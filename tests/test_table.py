@@ -30,7 +30,8 @@ def run_table(*overrides: str) -> tuple[dict, str]:
 
 @pytest.fixture(scope="module")
 def compared() -> tuple[dict, str]:
-    """The JSON table with the survey comparison, and what the task printed."""
+    """The JSON table with the survey comparison, and what the task printed. It composes
+    every preset (about half a second each), so the tests that read it are in the slow tier."""
     return run_table("task.format=json", "task.compare_survey=true")
 
 
@@ -56,12 +57,14 @@ def test_json_prints_one_object_equal_to_the_result(compared):
     assert len(printed.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_one_row_per_preset_without_tiny(rows):
     assert sorted(rows) == table.preset_names()
     assert "tiny" not in rows
     assert {"gpt3", "llama2_7b", "mixtral_8x7b", "bert_base", "t5_base"} <= set(rows)
 
 
+@pytest.mark.slow
 def test_every_survey_row_appears_in_the_surveys_order(compared, rows):
     survey_names = [r.model for r in table.SURVEY_TABLE]
     assert survey_names == ["GPT-3.5", "LLaMA-2", "LLaMA-3", "Qwen-2", "ChatGLM-3", "Baichuan-2", "Mistral-7B",
@@ -85,6 +88,7 @@ def test_named_only_presets_follow_in_the_surveys_order_and_new_ones_are_picked_
         "llama2_7b", "t5_base", "gpt2", "bart_base", "switch_base_8", "deepseek_v3", "zeta_1b"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["llama2_7b", "t5_base", "mixtral_8x7b", "gpt3"])
 def test_counts_are_the_architecture_cards(rows, preset):
     c = card(preset)
@@ -93,6 +97,7 @@ def test_counts_are_the_architecture_cards(rows, preset):
     assert rows[preset]["max_seq_len"] == c["dimensions"]["max_seq_len"]
 
 
+@pytest.mark.slow
 def test_known_exact_counts(rows):
     assert rows["llama2_7b"]["params_total"] == 6_738_415_616
     assert rows["t5_base"]["params_total"] == 222_903_552
@@ -101,6 +106,7 @@ def test_known_exact_counts(rows):
     assert rows["mixtral_8x7b"]["params_active"] == 12_879_925_248
 
 
+@pytest.mark.slow
 def test_cells(rows):
     def cells(name):
         r = rows[name]
@@ -127,6 +133,7 @@ def differs(rows, preset) -> dict[str, tuple[str, str]]:
     return {d["column"]: (d["survey"], d["published"]) for d in rows[preset]["survey_differs"]}
 
 
+@pytest.mark.slow
 def test_compare_survey_flags_the_known_differences(rows):
     assert differs(rows, "llama2_7b") == {"attention": ("GQA", "MHA")}
     assert differs(rows, "llama2_13b") == {"attention": ("GQA", "MHA")}
@@ -142,6 +149,7 @@ def test_compare_survey_flags_the_known_differences(rows):
     assert "context" in differs(rows, "gpt3")
 
 
+@pytest.mark.slow
 def test_compare_survey_accepts_what_agrees(rows):
     assert "attention" not in differs(rows, "llama2_70b")
     assert differs(rows, "mistral_7b") == {}  # SWA+GQA with its window; 32K inside 8K-32K
@@ -157,6 +165,7 @@ def test_compare_survey_accepts_what_agrees(rows):
             assert row["survey_differs"] == []
 
 
+@pytest.mark.slow
 def test_compare_survey_json_carries_the_survey_table(compared):
     result = compared[0]
     assert result["columns"][-1] == "survey_differs"

@@ -127,6 +127,7 @@ def _written(case: str, model_type: str, folder: str) -> float:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)  # test_matrix_counts reuses what this worker's pair tests found
 def outcome(case: str, model_type, root: str) -> tuple[str, object]:
     """("written", (type, max diff)) or ("refused", the key)."""
     cfg, model = built(case)
