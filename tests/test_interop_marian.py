@@ -18,6 +18,9 @@ SMALL = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_h
              encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=1,
              decoder_start_token_id=1)
 
+# The greedy check is off: on these tiny random Marian models transformers' own greedy path repeats
+# one token from the first step (every seed and weight scale tried), which proves nothing; the
+# logits, compiled logits and round trips are checked.
 CASES = {
     # opus-mt's choices: the token embeddings scaled by sqrt(d_model), swish.
     "marian": Case(config(transformers.MarianConfig, SMALL, scale_embedding=True, activation_function="swish"),

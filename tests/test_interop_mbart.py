@@ -15,15 +15,16 @@ from llmarch_compose.interop.types import MODEL_TYPES, guess_type
 from hf_parity import VOCAB, Case, config, pair, parity_tests
 
 SMALL = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-             encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB, max_position_embeddings=64)
+             encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB, max_position_embeddings=64,
+             decoder_start_token_id=2)
 
 CASES = {
     # mbart-large-cc25's choices: the token embeddings scaled by sqrt(d_model), GELU.
     "mbart": Case(config(transformers.MBartConfig, SMALL, scale_embedding=True), transformers.MBartForConditionalGeneration,
-                  own_std={"shared": 0.05}, decode=False),
+                  own_std={"shared": 0.05}, std=0.4),
     # Unscaled, ReLU.
     "mbart_relu": Case(config(transformers.MBartConfig, SMALL, activation_function="relu"),
-                       transformers.MBartForConditionalGeneration, seed=1, decode=False),
+                       transformers.MBartForConditionalGeneration, seed=2, std=0.4),
 }
 globals().update(parity_tests(CASES))
 

@@ -22,8 +22,7 @@ SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, interme
              cls_token_id=1, sep_token_id=2)
 
 CASES = {
-    "modernbert": Case(config(transformers.ModernBertConfig, SMALL), transformers.ModernBertForMaskedLM,
-                       decode=False),
+    "modernbert": Case(config(transformers.ModernBertConfig, SMALL), transformers.ModernBertForMaskedLM),
     # Biases everywhere (norms, projections, the MLM transform), no decoder bias, the tanh GELU,
     # a RoPE base of its own for each layer type, an untied decoder.
     "modernbert_biased": Case(config(transformers.ModernBertConfig, SMALL, norm_bias=True, attention_bias=True,
@@ -33,7 +32,7 @@ CASES = {
                                      rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e4},
                                                       "sliding_attention": {"rope_type": "default",
                                                                             "rope_theta": 2e3}}),
-                              transformers.ModernBertForMaskedLM, decode=False, seed=1),
+                              transformers.ModernBertForMaskedLM, seed=1),
 }
 globals().update(parity_tests(CASES))
 
