@@ -259,3 +259,12 @@ def test_resolve_spec_is_typed():
     assert isinstance(spec.params["attention"].num_kv_heads, int)
     assert spec.params["attention"].num_kv_heads == 32  # llama2_7b is MHA
     assert spec.params["norm"].eps == pytest.approx(1e-5)
+
+
+def test_a_key_a_preset_sets_that_the_chosen_plugin_lacks_is_named():
+    """gpt-oss's preset sets attention.sinks; with attention=mla that key has nowhere to go: the
+    error names the key, the preset that set it, and the keys MLA has."""
+    with pytest.raises(ConfigError) as info:
+        lc.compose(["model=gpt_oss_20b", "attention=mla"])
+    assert info.value.key == "attention.sinks"
+    assert "model=gpt_oss_20b sets this key" in str(info.value) and "kv_lora_rank" in str(info.value)

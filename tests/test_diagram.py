@@ -62,8 +62,11 @@ def counted(a: Anatomy) -> int:
 
 
 def spec_kinds(spec, stack: str) -> list[tuple]:
-    """Each layer's (attention, ffn, norm) params as the spec resolves them."""
-    return [tuple(spec.params_for(g, i, stack) for g in LAYER_GROUPS) for i in range(spec.model.n_layers)]
+    """Each layer's per-layer params as the spec resolves them, and whether the topology leaves
+    out its attention norm (ModernBERT's first layer: `topology.first_attn_norm=false`)."""
+    bare_first = not getattr(spec.params["topology"], "first_attn_norm", True)
+    return [(*(spec.params_for(g, i, stack) for g in LAYER_GROUPS), bare_first and i == 0)
+            for i in range(spec.model.n_layers)]
 
 
 def assert_kinds_follow_the_spec(spec, a: Anatomy) -> None:

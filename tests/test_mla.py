@@ -301,11 +301,21 @@ def test_card_kv_cache_and_attention_flops(tiny_cfg):
     assert swa["flops_attention"] == pytest.approx(layers * 2 * 4 * (qk + v) * attended)
 
 
+#: Presets that set an attention key MLA does not have: gpt-oss's sinks, SmolLM3's unrotated layers.
+REFUSED_WITH_MLA = {"gpt_oss_20b": "attention.sinks", "smollm3_3b": "attention.rotary"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_mla_builds_on_every_preset(preset):
     """With no MLA numbers set, `attention=mla` derives them from the preset's head_dim and
-    builds on every preset but the encoder-decoder ones (it has no cross-attention form)."""
+    builds on every preset but the encoder-decoder ones (it has no cross-attention form) and
+    those that set an attention key MLA lacks (refused, naming the key)."""
+    if preset in REFUSED_WITH_MLA:
+        with pytest.raises(ConfigError) as info:
+            lc.resolve_spec(lc.compose([f"model={preset}", "attention=mla"]))
+        assert info.value.key == REFUSED_WITH_MLA[preset]
+        return
     spec = lc.resolve_spec(lc.compose([f"model={preset}", "attention=mla"]))
     topology = spec.params["topology"].plugin
     if topology == "encoder_decoder":
@@ -315,6 +325,10 @@ def test_mla_builds_on_every_preset(preset):
     h = spec.model.head_dim
     card = architecture_card(spec, dtype="bfloat16")
     rope = 2 * max(1, h // 4)
+    if lc.resolve_spec(lc.compose([f"model={preset}"])).params["attention"].plugin == "mla":
+        _, latent, rope_dim, *_ = spec.params["attention"].dims(spec.model)  # the preset's own numbers
+        assert card["kv_cache_bytes_per_token"] == spec.model.n_layers * (latent + rope_dim) * 2
+        return
     decodes = topology in ("decoder_only", "prefix_decoder")
     assert card["kv_cache_bytes_per_token"] == (spec.model.n_layers * (4 * h + rope) * 2 if decodes else 0)
     if h == 128:  # DeepSeek-V2/V3's widths

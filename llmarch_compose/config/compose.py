@@ -21,7 +21,7 @@ from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ..errors import ConfigError, UnknownChoiceError, UnknownKeyError
 from ..plugin import registry as plugins
@@ -109,13 +109,22 @@ def _translate_missing(exc: MissingConfigException) -> ConfigError:
 def _translate_composition(exc: HydraException, overrides: Sequence[str],
                            config_name: str = CONFIG_NAME) -> ConfigError:
     """A bad override key or value, named by its key path, with the keys that exist there."""
-    cause = exc.__cause__
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and not getattr(cause, "full_key", None):  # a key set in a config file
+        cause = cause.__cause__ or cause.__context__  # (a preset's) sits deeper in the chain
     full_key = getattr(cause, "full_key", None)
     if not full_key:
         return ConfigError("overrides", " ".join(overrides), str(exc).strip().splitlines()[0])
     value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == full_key), None)
-    if isinstance(cause, ConfigAttributeError):  # an unknown key: list the ones that exist
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):  # an unknown key: list the ones that exist
         parent = full_key.rpartition(".")[0]
+        origin = re.search(r"In '([\w-]+)/([\w-]+)'", str(exc))
+        if value is None and origin:  # set by a config file the command line chose (a preset's own key)
+            group, name = origin.groups()
+            kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != group]
+            keys = sorted(_keys_at(parent, kept, config_name))
+            return ConfigError(full_key, None, f"{group}={name} sets this key, which {parent} does not have "
+                               "with the other choices made", keys or None)
         keys = _keys_at(parent, [o for o in overrides if not o.lstrip("+~").startswith(full_key)], config_name)
         return UnknownKeyError(full_key, value, keys)
     return ConfigError(full_key, value, str(getattr(cause, "msg", cause)).strip().splitlines()[0])
