@@ -3,6 +3,7 @@ linear interpolation, dynamic NTK, LLaMA-3.1's frequency-dependent scaling and Y
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -13,6 +14,14 @@ from omegaconf import SI
 from llmarch_compose import ConfigError, PositionEncoding, PositionInputs, register
 
 SCALINGS = ("linear", "dynamic", "llama3", "yarn")
+#: The scaling fields each type reads (besides `type` and `factor`). MLA reads
+#: `mscale_all_dim` under any type, as DeepSeek's attention does, so it is not checked here.
+READ_BY_TYPE = {
+    "linear": (),
+    "dynamic": ("original_max_seq_len",),
+    "llama3": ("original_max_seq_len", "low_freq_factor", "high_freq_factor"),
+    "yarn": ("original_max_seq_len", "beta_fast", "beta_slow", "attention_factor", "mscale", "truncate"),
+}
 
 
 @dataclass
@@ -59,6 +68,14 @@ class RopeParams:
         if s.type != "linear" and not s.original_max_seq_len:
             raise ConfigError(f"{key}.scaling.original_max_seq_len", s.original_max_seq_len,
                               f"{s.type} scaling needs the pre-training context length", "an integer >= 1")
+        for field in dataclasses.fields(RopeScaling):
+            value = getattr(s, field.name)
+            if (field.name not in ("type", "factor", "mscale_all_dim", *READ_BY_TYPE[s.type])
+                    and value != field.default):
+                readers = [t for t, read in READ_BY_TYPE.items() if field.name in read]
+                raise ConfigError(f"{key}.scaling.{field.name}", value, f"{s.type} scaling does not read it "
+                                  f"(it is read by {' and '.join(readers)} scaling)",
+                                  [repr(field.default)] + [f"{key}.scaling.type={t}" for t in readers])
         if s.type == "llama3" and s.high_freq_factor <= s.low_freq_factor:
             raise ConfigError(f"{key}.scaling.high_freq_factor", s.high_freq_factor,
                               f"must exceed low_freq_factor={s.low_freq_factor}", f"> {s.low_freq_factor}")
