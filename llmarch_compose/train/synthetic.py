@@ -11,15 +11,19 @@ is a few dozen ids, inside any model's.
 
 - `recall` (multi-query associative recall): `num_pairs` key-value pairs, a gap,
   then `num_queries` of the keys, each followed by its value. Keys and values are
-  drawn from disjoint ranges; keys are distinct within a problem. The queried keys are
-  drawn with replacement: were each key asked at most once, a model that cannot match
-  keys could still eliminate the values already answered and beat chance. A key's query
+  drawn from disjoint ranges; keys are distinct within a problem, values are drawn
+  independently (with replacement). The queried keys are drawn with replacement, and
+  only a key's first query is an answer: a repeated query's value sits a few positions
+  after the earlier one, where any attention could copy it, so it is left unscored.
+  Every scored answer is then independent of all the tokens near it. A key's query
   comes at least `min_distance` positions after the key (its value one position
   less), so attention whose reach is shorter, e.g. a sliding window of w tokens
   over L layers reaching L * (w - 1) positions back, cannot find the answer:
   it stays at chance, 1 / num_values (`attention=swa model.window=8` over 2
-  layers reaches 14 positions back; the nearest pair is 15 or 16 away). Learning
-  recall itself is a phase change after a plateau.
+  layers reaches 14 positions back; the nearest pair is 15 or 16 away). Attention
+  that reaches the pairs but has not learned to match keys plateaus near
+  1 / num_pairs (it picks one of the values it sees); learning recall itself is
+  a phase change after that plateau (README: "A recall recipe").
 - `copy`: `length` random symbols, the separator, then the same symbols.
 - `sort`: `length` random symbols, the separator, then the symbols in ascending order.
 """
@@ -45,7 +49,7 @@ class RecallConfig:
     name: str = "recall"
     seed: Optional[int] = None  # the seed of the training stream; None: the run's seed
     num_pairs: int = 6
-    num_queries: int = 3  # keys of the problem's pairs, drawn with replacement
+    num_queries: int = 3  # keys of the problem's pairs, drawn with replacement; repeats are not scored
     min_distance: int = 16  # positions from a key to its query, at least
     num_keys: int = 16
     num_values: int = 16
@@ -148,8 +152,11 @@ class Recall(SyntheticTask):
         queries = torch.stack((keys.gather(1, asked), values.gather(1, asked)), dim=2).flatten(1)
         gap = torch.full((count, self.gap), FILLER)
         tokens = torch.cat((pairs, gap, queries), dim=1)
+        # The value after each queried key, where that key is asked for the first time.
+        earlier = torch.ones(c.num_queries, c.num_queries, dtype=torch.bool).tril(-1)
+        repeated = ((asked[:, :, None] == asked[:, None, :]) & earlier).any(dim=2)
         answers = torch.zeros_like(tokens, dtype=torch.bool)
-        answers[:, -2 * c.num_queries + 1::2] = True  # the value after each queried key
+        answers[:, -2 * c.num_queries + 1::2] = ~repeated
         return tokens, answers
 
 
