@@ -125,6 +125,7 @@ def test_config_maps_onto_groups_and_numbers():
     assert (spec.model.type_vocab_size, spec.model.norm_eps, spec.model.ffn_dim) == (2, 1e-12, 96)
 
 
+@pytest.mark.slow  # composes every preset
 def test_presets_guess_their_model_type():
     guess = lambda name: guess_type(lc.resolve_spec(lc.compose([f"model={name}", "scale=tiny"])))  # noqa: E731
     assert [guess(n) for n in ("gpt2", "gpt2_xl", "bert_base", "bert_large")] == ["gpt2", "gpt2", "bert", "bert"]

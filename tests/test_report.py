@@ -102,6 +102,7 @@ def test_2x2_sweep_writes_one_report(sweep_2x2):
         assert kv["mha"] == 4 * kv["mqa"]
 
 
+@pytest.mark.slow  # the fixture runs a 4-job sweep through the command line
 def test_markdown_keeps_swept_columns_and_notes_the_rest_once(sweep_2x2):
     text = (sweep_2x2 / "report.md").read_text()
     rows = table(sweep_2x2)
@@ -120,6 +121,7 @@ def test_markdown_keeps_swept_columns_and_notes_the_rest_once(sweep_2x2):
         assert by_choice[row["attention"], row["norm"]]["held-out loss"] == f"{float(row['held-out loss']):.4f}"
 
 
+@pytest.mark.slow  # the fixture runs a 4-job sweep through the command line
 def test_loss_curves_come_from_each_jobs_metrics(sweep_2x2):
     from llmarch_compose.sweep.report import collect
 

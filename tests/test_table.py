@@ -175,6 +175,7 @@ def test_compare_survey_json_carries_the_survey_table(compared):
     assert survey["T5"]["position"] == "Relative"
 
 
+@pytest.mark.slow  # composes every preset
 def test_markdown_has_a_header_and_one_line_per_preset():
     result, printed = run_table()
     lines = [line for line in printed.splitlines() if line.startswith("|")]
