@@ -22,8 +22,9 @@ is a few dozen ids, inside any model's.
   it stays at chance, 1 / num_values (`attention=swa model.window=8` over 2
   layers reaches 14 positions back; the nearest pair is 15 or 16 away). Attention
   that reaches the pairs but has not learned to match keys plateaus near
-  1 / num_pairs (it picks one of the values it sees); learning recall itself is
-  a phase change after that plateau (README: "A recall recipe").
+  1 / num_pairs (it picks one of the values it sees, a little above that where it
+  rules out the pair an earlier, different query asked); learning recall itself
+  is a phase change after that plateau (README: "A recall recipe").
 - `copy`: `length` random symbols, the separator, then the same symbols.
 - `sort`: `length` random symbols, the separator, then the symbols in ascending order.
 """
