@@ -202,6 +202,25 @@ def test_hyper_parameters_are_checked_before_training(tmp_path, override):
     assert not out.exists()
 
 
+def test_an_interrupt_before_a_steps_line_is_written_leaves_summary_and_log_agreeing(tmp_path, monkeypatch):
+    # Ctrl-C after step 3 was counted but before its line reached metrics.jsonl.
+    write = loop.MetricsLog.__call__
+
+    def interrupted_before_step_3(self, record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+        write(self, record)
+
+    monkeypatch.setattr(loop.MetricsLog, "__call__", interrupted_before_step_3)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train.run(train_cfg(out, "task.steps=5", "task.checkpoint=false"))
+    summary = strict_json(out / "summary.json")
+    trained = [r for r in metric_lines(out) if "train_loss" in r]
+    assert summary["status"] == "interrupted" and [r["step"] for r in trained] == [1, 2]
+    assert summary["steps_completed"] == 2 and summary["final_train_loss"] == trained[-1]["train_loss"]
+
+
 def test_no_clipping_is_allowed(tmp_path):
     assert train.run(train_cfg(tmp_path / "run", "task.grad_clip=inf", "task.checkpoint=false"))["status"] == "completed"
 

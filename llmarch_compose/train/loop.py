@@ -285,11 +285,11 @@ class MetricsLog:
         return [r for r in map(json.loads, filter(None, lines)) if isinstance(r, dict) and r.get("step", 0) <= step]
 
     def __call__(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        self.loggers.record(record)
-        if self.path is not None:
+        if self.path is not None:  # the file first: `records` never holds a line the file lacks
             with open(self.path, "a") as f:
                 f.write(to_json(record) + "\n")
+        self.records.append(record)
+        self.loggers.record(record)
 
 
 @dataclass
@@ -402,6 +402,14 @@ class Progress:
         return finite_or_null({"steps_done": self.steps_done, "skipped": self.skipped, "train_loss": self.train_loss,
                                "timed_seconds": self.throughput.seconds, "timed_steps": self.throughput.steps,
                                "foreign_load": self.throughput.foreign.state()})
+
+    def as_logged(self, records: list[dict[str, Any]]) -> None:
+        """The figures of the steps the log holds. Ctrl-C can land between counting a step
+        and writing its line; an interrupted run's summary then agrees with its log."""
+        trained = [r for r in records if "train_loss" in r and "diverged" not in r]
+        self.steps_done = trained[-1]["step"] if trained else 0
+        self.train_loss = trained[-1]["train_loss"] if trained else float("nan")
+        self.skipped = sum(bool(r.get("skipped")) for r in trained)
 
     def restore(self, state: dict[str, Any]) -> None:
         self.steps_done, self.skipped = int(state.get("steps_done", 0)), int(state.get("skipped", 0))
@@ -615,6 +623,7 @@ def train(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: str
         _write_on_the_way_out(write_summary, DIVERGED, diverged_at_step=exc.step, error=str(exc), checkpoint=None)
         raise
     except KeyboardInterrupt:
+        progress.as_logged(log.records)
         _write_on_the_way_out(write_summary, INTERRUPTED, checkpoint=None)
         raise
     except BaseException as exc:
