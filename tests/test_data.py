@@ -259,19 +259,3 @@ def test_short_recall_run_records_accuracy(tmp_path):
     assert summary["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     assert summary["peak_memory_bytes"] > 0 and summary["peak_memory_measure"].startswith("process_peak_rss")
 
-
-#: README "A recall recipe": the model and optimizer settings under which full attention
-#: learns recall within a few hundred steps (the default init leaves it on the plateau).
-RECALL_RECIPE = ["data=recall", "model.n_layers=3", "model.d_model=128", "model.n_heads=4", "model.ffn_dim=352",
-                 "model.init_std=0.1", "topology.scale_embeddings=true", "task.batch_size=64", "task.lr=1e-3"]
-
-
-@pytest.mark.slow
-def test_the_recall_recipe_learns_recall(tmp_path):
-    # Past the plateau (about 1 / num_pairs: one of the values in sight) to exact recall.
-    cfg = lc.compose([*RECALL_RECIPE, "attention=mha", "task.steps=700", "task.eval_every=700",
-                      "task.progress=false", "task.checkpoint=false", "task.diagram=false", "compile=eager",
-                      f"task.output={tmp_path}"])
-    summary = train.run(cfg)
-    assert summary["initial_val_accuracy"] < 0.1
-    assert summary["final_val_accuracy"] > 0.95, summary["final_val_accuracy"]
