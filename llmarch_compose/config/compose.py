@@ -17,6 +17,7 @@ from hydra import initialize_config_module
 from hydra._internal.hydra import Hydra
 from hydra._internal.utils import create_automatic_config_search_path
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.object_type import ObjectType
 from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
@@ -68,9 +69,12 @@ def _check_switch(key: str, values: Sequence[str]) -> None:
 def check_overrides(overrides: Sequence[str], config_loader) -> None:
     """Reject an unknown group choice (also inside a sweep) with the closest names.
 
-    Hydra's own error lists the options but suggests none; this runs first.
+    Hydra's own error lists the options but suggests none; this runs first. The options are
+    read from the loader's repository itself: the loader's own `list_groups` and
+    `get_group_options` copy the whole repository (every stored schema) for each question.
     """
-    groups = set(config_loader.list_groups(""))
+    repository = config_loader.repository
+    groups = set(repository.get_group_options("", ObjectType.GROUP))
     try:
         parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(list(overrides))
     except (HydraException, ValueError) as exc:  # ValueError: `=5`, a group override that is no string
@@ -92,7 +96,7 @@ def check_overrides(overrides: Sequence[str], config_loader) -> None:
             _check_switch(group, values)
         if group not in groups or override.package:
             continue
-        options = set(config_loader.get_group_options(group))
+        options = set(repository.get_group_options(group, ObjectType.CONFIG))
         for value in values:
             if value not in options:
                 raise UnknownChoiceError(group, value, options)

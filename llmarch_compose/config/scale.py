@@ -19,6 +19,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..plugin.registry import add
+from .structured import to_dataclass
 
 
 @dataclass
@@ -113,7 +114,7 @@ def apply_scale(cfg: DictConfig) -> DictConfig:
     node = cfg.get("scale")
     if node is None or node.get("d_model") is None:
         return cfg
-    s = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ScaleConfig), node))
+    s = to_dataclass(ScaleConfig, node, "scale")
     model = OmegaConf.to_container(cfg.model, resolve=True)
     scaled = cfg.copy()
     with open_dict(scaled):
