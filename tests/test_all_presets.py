@@ -117,11 +117,21 @@ def test_presets_left_out_of_compiled_checks_are_identical_at_tiny(twin):
     assert tiny_spec_without_name(twin) == tiny_spec_without_name(SAME_AT_TINY[twin])
 
 
+def shallowest_tiny(name: str, full):
+    """scale=tiny at the fewest layers that keep every kind of layer `full` has, two at least
+    (so that a layer feeds another): compiling the whole model costs about a graph per layer."""
+    for depth in (2, 3):
+        cfg = lc.compose([f"model={name}", "scale=tiny", f"scale.n_layers={depth}"])
+        if layer_kinds(lc.resolve_spec(cfg)) == layer_kinds(full):
+            return cfg
+    return lc.compose([f"model={name}", "scale=tiny"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DISTINCT_AT_TINY)
 def test_tiny_preset_trains_and_compiles_to_eager(name):
-    cfg = lc.compose([f"model={name}", "scale=tiny"])
     full = lc.resolve_spec(lc.compose([f"model={name}"]))
+    cfg = shallowest_tiny(name, full)
     spec = lc.resolve_spec(cfg)
     # scale=tiny keeps every component, and every kind of layer the pattern makes.
     assert spec.components == full.components

@@ -186,6 +186,7 @@ def test_markdown_has_a_header_and_one_line_per_preset():
     assert "survey differs" not in printed and "survey_differs" not in result["rows"][0]
 
 
+@pytest.mark.slow  # composes every preset
 def test_markdown_with_compare_survey():
     _, printed = run_table("task.compare_survey=true")
     header, _, *body = printed.strip().splitlines()

@@ -25,6 +25,7 @@ import llmarch_compose as lc  # noqa: E402
 from llmarch_compose.plugin import registry as plugins  # noqa: E402
 from llmarch_compose.config.compose import presets  # noqa: E402
 from llmarch_compose.errors import ConfigError  # noqa: E402
+from llmarch_compose.interop import hf  # noqa: E402
 from llmarch_compose.interop.hf import to_hf  # noqa: E402
 from llmarch_compose.interop.types import MODEL_TYPES  # noqa: E402
 
@@ -150,7 +151,21 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("to_hf"))
 
 
-def test_matrix_counts(root):
+@pytest.fixture
+def resolved_once(monkeypatch):
+    """`to_hf` resolves its config on every call; each case's config is one object written
+    under every type, so it is resolved once per case (the written folder is unchanged)."""
+    specs = {}
+
+    def resolve(cfg):
+        if id(cfg) not in specs:
+            specs[id(cfg)] = (cfg, lc.resolve_spec(cfg))  # holding cfg keeps its id from being reused
+        return specs[id(cfg)][1]
+
+    monkeypatch.setattr(hf, "resolve_spec", resolve)
+
+
+def test_matrix_counts(root, resolved_once):
     written = {t: 0 for t in MODEL_TYPES}
     refused = {t: 0 for t in MODEL_TYPES}
     guessed, worst, wrong = {}, 0.0, []
