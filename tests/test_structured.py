@@ -67,6 +67,7 @@ def test_an_int_for_a_float_is_widened_as_omegaconf_widens_it():
     {"name": "${width}"},      # an interpolation
     {"name": "???"},           # OmegaConf's missing value
     {"width": None},           # None where the field cannot hold it
+    {"rate": 10 ** 400},       # an int no float holds
     {"extra": (1, 2)},         # a tuple OmegaConf turns into a list
     {"extra": {1: "a"}},       # a key that is not text
     {"unknown": 1},            # a key the schema does not have

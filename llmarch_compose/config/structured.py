@@ -96,8 +96,10 @@ def _typed(kind: Any, optional: bool, value: Any) -> Any:
     if dataclasses.is_dataclass(kind):  # a nested schema (RoPE's scaling)
         nested = _construct_directly(kind, value)
         return _NO if nested is None else nested
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)  # OmegaConf widens an int given for a float
+    if kind is float and isinstance(value, float):
+        return value
+    if kind is float and type(value) is int and abs(value) < 2 ** 1023:
+        return float(value)  # OmegaConf widens an int given for a float (one too large for a float it refuses)
     if kind in _SCALARS and type(value) is kind:
         return _plain(value)
     return _NO
