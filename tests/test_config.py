@@ -136,6 +136,16 @@ INVALID = [
     pytest.param(["model.rope_scaling={type:linear,factor:4,original_max_seq_len:64}"],
                  "position.scaling.original_max_seq_len", 64, ["None", "type=dynamic"],
                  id="context-under-linear-scaling"),
+    # mscale_all_dim: read by YaRN beside mscale, and by MLA attention; with neither it is refused.
+    pytest.param(["model.rope_scaling={type:linear,factor:4,mscale_all_dim:0.5}"],
+                 "position.scaling.mscale_all_dim", 0.5, ["null", "attention=mla", "beside scaling.mscale"],
+                 id="mscale-all-dim-read-by-nothing"),
+    pytest.param(["model.rope_scaling={type:yarn,factor:4,original_max_seq_len:16,mscale_all_dim:0.5}"],
+                 "position.scaling.mscale_all_dim", 0.5, ["attention=mla"], id="mscale-all-dim-without-mscale"),
+    pytest.param(["model.rope_scaling={type:yarn,factor:4,original_max_seq_len:16,mscale:1,mscale_all_dim:0.5,"
+                  "attention_factor:1.2}"],
+                 "position.scaling.mscale_all_dim", 0.5, ["without scaling.attention_factor"],
+                 id="mscale-all-dim-beside-a-given-attention-factor"),
     pytest.param(["model.d_model=0"], "model.d_model", 0, ["> 0"], id="zero-width"),
     pytest.param(["activation=gelu", "activation.approximate=erf"], "activation.approximate", "erf",
                  ["none", "tanh"], id="unknown-gelu-approximation"),
@@ -158,6 +168,12 @@ def test_validation_error_names_key_value_and_valid_choices(tiny_cfg, overrides,
     with pytest.raises(ConfigError) as info:
         resolve_spec(cfg)
     _check_message(info.value, key, value, valid)
+
+
+def test_mscale_all_dim_is_kept_where_mla_reads_it(tiny_cfg):
+    """MLA scales its softmax by mscale_all_dim under any scaling type, so there it is read."""
+    spec = resolve_spec(tiny_cfg("attention=mla", "model.rope_scaling={type:linear,factor:4,mscale_all_dim:0.5}"))
+    assert spec.params["position"].scaling.mscale_all_dim == 0.5
 
 
 class _RecordAllocations(TorchDispatchMode):

@@ -185,9 +185,27 @@ def resolve_scaled(cfg: DictConfig) -> ModelSpec:
             raise _blame_source(exc, cfg) from None
         params[group] = p
     layer_params = resolve_layers(cfg, model, params)
+    _check_read_elsewhere(params, layer_params, cfg)
     # The model-wide window only: scale=tiny shrinks it, not a layer rule's own (gpt3's 256).
     _check_window(params["attention"], model, cfg)
     return ModelSpec(model=model, params=params, layer_params=layer_params)
+
+
+def _check_read_elsewhere(params: Mapping[str, Any], layer_params: Mapping, cfg: DictConfig) -> None:
+    """A position field its own plugin does not read (`read_elsewhere`) must be read by an
+    attention plugin of some layer (`reads_from_position`), else it would be ignored."""
+    unread = getattr(params["position"], "read_elsewhere", dict)()
+    if not unread:
+        return
+    chosen = {params["attention"].plugin, *(p["attention"].plugin for p in layer_params.values() if "attention" in p)}
+    readers = {name: getattr(plugins.get("attention", name).cls, "reads_from_position", ())
+               for name in plugins.names("attention")}
+    for field, (value, own_reader) in unread.items():
+        if not any(field in readers[name] for name in chosen):
+            others = sorted(name for name, read in readers.items() if field in read)
+            raise _blame_source(ConfigError(f"position.{field}", value, f"no chosen plugin reads it: {own_reader}"
+                                            + (f"; {' and '.join(others)} attention reads it" if others else ""),
+                                            ["null", *(f"attention={o}" for o in others)]), cfg)
 
 
 def _check_window(params: Any, model: ModelConfig, cfg: DictConfig) -> None:

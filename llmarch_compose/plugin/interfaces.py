@@ -153,6 +153,9 @@ class Attention(nn.Module, Labelled):
     #: the built model (`task=diagram`): a plugin that takes them keeps them here.
     causal: bool = True
     cross: bool = False
+    #: Fields of the position plugin's params this attention reads itself (dotted, under
+    #: `position.`): a field there that only an attention reads is refused when none chosen does.
+    reads_from_position: tuple[str, ...] = ()
 
     @classmethod
     def key_value_heads(cls, params: Any, model: Any) -> Optional[int]:

@@ -117,6 +117,7 @@ class MultiHeadLatentAttention(Attention):
     latent, with a decoupled rotary key shared by all heads."""
 
     table_name = "MLA"
+    reads_from_position = ("scaling.mscale_all_dim",)  # its softmax scale, under any scaling type
 
     def __init__(self, params: MLAParams, ctx, layer_idx: int = 0, causal: bool = True, cross: bool = False,
                  position=None):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from omegaconf import SI
@@ -14,8 +14,10 @@ from omegaconf import SI
 from llmarch_compose import ConfigError, PositionEncoding, PositionInputs, register
 
 SCALINGS = ("linear", "dynamic", "llama3", "yarn")
-#: The scaling fields each type reads (besides `type` and `factor`). MLA reads
-#: `mscale_all_dim` under any type, as DeepSeek's attention does, so it is not checked here.
+#: The scaling fields each type reads (besides `type` and `factor`). `mscale_all_dim` is read
+#: by YaRN only beside `mscale`, and by MLA under any type, as DeepSeek's attention does: where
+#: RoPE does not read it, `read_elsewhere` hands it to the spec, which refuses it unless an
+#: attention plugin chosen reads it.
 READ_BY_TYPE = {
     "linear": (),
     "dynamic": ("original_max_seq_len",),
@@ -48,6 +50,16 @@ class RopeParams:
 
     def rotary_dim(self, head_dim: int) -> float:
         return head_dim * self.fraction
+
+    def read_elsewhere(self) -> dict[str, tuple[Any, str]]:
+        """Fields set here that RoPE itself does not read: {field: (value, who would)}."""
+        s = self.scaling
+        if s is None or s.mscale_all_dim is None:
+            return {}
+        if s.type == "yarn" and s.mscale and s.attention_factor is None:
+            return {}  # the YaRN attention factor m(mscale) / m(mscale_all_dim)
+        return {"scaling.mscale_all_dim": (s.mscale_all_dim, "yarn scaling reads it beside scaling.mscale "
+                                           "(without scaling.attention_factor)")}
 
     def validate(self, model, key):
         rot = self.rotary_dim(model.head_dim)
