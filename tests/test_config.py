@@ -142,10 +142,15 @@ INVALID = [
                  id="mscale-all-dim-read-by-nothing"),
     pytest.param(["model.rope_scaling={type:yarn,factor:4,original_max_seq_len:16,mscale_all_dim:0.5}"],
                  "position.scaling.mscale_all_dim", 0.5, ["attention=mla"], id="mscale-all-dim-without-mscale"),
-    pytest.param(["model.rope_scaling={type:yarn,factor:4,original_max_seq_len:16,mscale:1,mscale_all_dim:0.5,"
+    pytest.param(["model.rope_scaling={type:yarn,factor:4,original_max_seq_len:16,mscale_all_dim:0.5,"
                   "attention_factor:1.2}"],
                  "position.scaling.mscale_all_dim", 0.5, ["without scaling.attention_factor"],
                  id="mscale-all-dim-beside-a-given-attention-factor"),
+    pytest.param(["model.rope_scaling={type:yarn,factor:4,original_max_seq_len:16,mscale:1,mscale_all_dim:0.5,"
+                  "attention_factor:1.2}"],
+                 "position.scaling.mscale", 1.0, ["null"], id="mscale-beside-a-given-attention-factor"),
+    pytest.param(["model.rope_scaling={type:yarn,factor:4,original_max_seq_len:16,mscale:0.7}"],
+                 "position.scaling.mscale", 0.7, ["null", "mscale_all_dim=<value>"], id="mscale-alone"),
     pytest.param(["model.d_model=0"], "model.d_model", 0, ["> 0"], id="zero-width"),
     pytest.param(["activation=gelu", "activation.approximate=erf"], "activation.approximate", "erf",
                  ["none", "tanh"], id="unknown-gelu-approximation"),

@@ -88,6 +88,10 @@ class RopeParams:
                 raise ConfigError(f"{key}.scaling.{field.name}", value, f"{s.type} scaling does not read it "
                                   f"(it is read by {' and '.join(readers)} scaling)",
                                   [repr(field.default)] + [f"{key}.scaling.type={t}" for t in readers])
+        if s.type == "yarn" and s.mscale is not None and (s.mscale_all_dim is None or s.attention_factor is not None):
+            raise ConfigError(f"{key}.scaling.mscale", s.mscale, "YaRN reads it only beside scaling.mscale_all_dim "
+                              "and without scaling.attention_factor (the factor it would derive)",
+                              ["null", f"{key}.scaling.mscale_all_dim=<value>"])
         if s.type == "llama3" and s.high_freq_factor <= s.low_freq_factor:
             raise ConfigError(f"{key}.scaling.high_freq_factor", s.high_freq_factor,
                               f"must exceed low_freq_factor={s.low_freq_factor}", f"> {s.low_freq_factor}")
