@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List, Optional
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -68,6 +69,7 @@ def test_an_int_for_a_float_is_widened_as_omegaconf_widens_it():
     {"name": "???"},           # OmegaConf's missing value
     {"width": None},           # None where the field cannot hold it
     {"rate": 10 ** 400},       # an int no float holds
+    {"rate": np.float64(0.5)}, # a NumPy scalar, which OmegaConf turns into a float
     {"extra": (1, 2)},         # a tuple OmegaConf turns into a list
     {"extra": {1: "a"}},       # a key that is not text
     {"unknown": 1},            # a key the schema does not have

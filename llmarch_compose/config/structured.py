@@ -62,7 +62,7 @@ def _field_types(schema: type) -> Optional[dict[str, tuple[Any, bool]]]:
             if len(args) != 1 or len(typing.get_args(kind)) != 2:
                 return None
             kind, optional = args[0], True
-        if typing.get_origin(kind) in (list, typing.List) and typing.get_args(kind) in ((), (Any,)):
+        if typing.get_origin(kind) is list and typing.get_args(kind) in ((), (Any,)):
             kind = list
         if not f.init or kind not in (*_SCALARS, Any, list) and not dataclasses.is_dataclass(kind):
             return None
@@ -72,9 +72,9 @@ def _field_types(schema: type) -> Optional[dict[str, tuple[Any, bool]]]:
 
 def _plain(value: Any) -> Any:
     """A copy of a tree of JSON-like values that OmegaConf would give back unchanged, else _NO."""
-    if isinstance(value, str):
+    if type(value) is str:
         return _NO if "${" in value or value == "???" else value  # an interpolation, or OmegaConf's "missing"
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or type(value) in (bool, int, float):  # not a subclass (an enum, a NumPy scalar)
         return value
     if isinstance(value, list):
         items = [_plain(v) for v in value]
@@ -96,8 +96,6 @@ def _typed(kind: Any, optional: bool, value: Any) -> Any:
     if dataclasses.is_dataclass(kind):  # a nested schema (RoPE's scaling)
         nested = _construct_directly(kind, value)
         return _NO if nested is None else nested
-    if kind is float and isinstance(value, float):
-        return value
     if kind is float and type(value) is int and abs(value) < 2 ** 1023:
         return float(value)  # OmegaConf widens an int given for a float (one too large for a float it refuses)
     if kind in _SCALARS and type(value) is kind:
