@@ -5,6 +5,7 @@ gradient accumulation trains on the rows of the larger batch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -204,8 +205,33 @@ def cli(out: Path, *extra: str) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread in every run: the same sums in the same order
 
 
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process below it, from /proc. torchrun starts each worker in a
+    session of its own, so killing torchrun's process group leaves its ranks running."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [child for pid in frontier for child in parents.get(pid, [])]
+        tree += frontier
+    return tree
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
 def kill_at_step(command: list[str], out: Path, step: int) -> None:
-    """Start `command` and SIGKILL it once its log has reached `step`."""
+    """Start `command` and SIGKILL it, with every process it started, once its log has
+    reached `step`; return when none of them can write any more (a preempted job)."""
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.monotonic() + 300
@@ -215,8 +241,14 @@ def kill_at_step(command: list[str], out: Path, step: int) -> None:
         if any(json.loads(line)["step"] >= step for line in lines if line.endswith("}")):
             break
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
+    tree = _process_tree(process.pid)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
+    while not all(_gone(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(_gone(pid) for pid in tree), "a killed run's process is still alive"
 
 
 @pytest.mark.slow
