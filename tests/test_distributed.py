@@ -19,7 +19,7 @@ import llmarch_compose as lc
 from llmarch_compose import ConfigError
 from llmarch_compose.artifacts.checkpoint import load_checkpoint
 from llmarch_compose.tasks import train
-from llmarch_compose.train import resume
+from llmarch_compose.train import folder_lock, resume
 
 from test_resume import SMALL, curve, kill_at_step, records
 
@@ -134,6 +134,18 @@ def test_torchrun_with_parallel_none_is_refused(tmp_path):
     assert done.returncode != 0
     assert "parallel='none': torchrun started 2 processes" in done.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_every_rank_refuses_a_folder_another_run_holds(tmp_path):
+    """Rank 0 finds the folder held and every rank stops with the error (none waits for
+    the others at a collective): the launch fails at once, writing nothing."""
+    with folder_lock.hold(tmp_path):
+        done = subprocess.run(two_ranks(tmp_path, "task.batch_size=2", "parallel=ddp"), env=ENV,
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"another run is writing into this folder (pid {os.getpid()})" in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "hsdp"])

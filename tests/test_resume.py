@@ -24,7 +24,7 @@ import llmarch_compose as lc
 from llmarch_compose import ConfigError
 from llmarch_compose.artifacts.checkpoint import load_checkpoint
 from llmarch_compose.tasks import train
-from llmarch_compose.train import loop, resume
+from llmarch_compose.train import folder_lock, loop, resume
 from llmarch_compose.train.loop import TrainingDiverged
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
@@ -128,6 +128,20 @@ def test_resume_names_a_checkpoint_folder_or_a_run_folder(tmp_path):
     summary = run_in_process(tmp_path / "b", f"task.resume={newest}")
     assert summary["steps_completed"] == STEPS
     assert [r["step"] for r in records(tmp_path / "b")][:4] == [0, 1, 2, 3]
+
+
+def test_a_folder_another_live_run_writes_into_is_refused(tmp_path):
+    """A resume launched while the folder's run still lives would mix the two runs' logs
+    and checkpoints; it is refused, naming the holder, and the folder is left as it was."""
+    run_in_process(tmp_path, "task.steps=4", "task.checkpoint_every=2")
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with folder_lock.hold(tmp_path):  # the live run (a lock is per open file, so this process conflicts too)
+        with pytest.raises(ConfigError, match=rf"task.output=.*another run is writing into this folder "
+                                              rf"\(pid {os.getpid()}\).*Valid: wait for that run"):
+            run_in_process(tmp_path, "task.steps=6", "task.resume=auto")
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    # Once it has ended (however: the kernel drops the lock with the process), the resume goes on.
+    assert run_in_process(tmp_path, "task.steps=6", "task.resume=auto")["steps_completed"] == 6
 
 
 @pytest.mark.parametrize("value, why", [("{missing}", "does not exist"), ("{empty}", "holds no complete checkpoint"),

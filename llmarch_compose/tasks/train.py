@@ -22,7 +22,7 @@ from ..model.compiler import CompileConfig
 from ..model.precision import PrecisionConfig
 from ..plugin import registry as plugins
 from ..plugin.registry import register
-from ..train import loggers, parallel, resume
+from ..train import folder_lock, loggers, parallel, resume
 from ..train.data import data_config, make_source
 from ..train.foreign_load import LOADED
 from ..train.loop import TrainSettings, check, check_output, lr_at, train
@@ -66,14 +66,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task.output or not HydraConfig.initialized():  # Hydra's own run directory is a fresh one
         check_output(out_dir, task)
     resume_from = resume.resolve(task.resume, out_dir)
-    parallel.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
-    summary = train(spec, task, data, data_cfg.name, objective, precision,
-                    compile_cfg, device, cfg.seed,
-                    data_cfg.seed, out_dir, cfg if task.checkpoint else None,
-                    parallel_cfg if parallel_cfg.name != "none" else None, world, resume_from,
-                    lambda card, first_step: loggers.open_loggers(
-                        cfg.get("logger"), out_dir, OmegaConf.to_container(cfg, resolve=True), card, first_step),
-                    settings=settings)
+    with folder_lock.hold(out_dir, world):  # no other live run writes into this folder meanwhile
+        parallel.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
+        summary = train(spec, task, data, data_cfg.name, objective, precision,
+                        compile_cfg, device, cfg.seed,
+                        data_cfg.seed, out_dir, cfg if task.checkpoint else None,
+                        parallel_cfg if parallel_cfg.name != "none" else None, world, resume_from,
+                        lambda card, first_step: loggers.open_loggers(
+                            cfg.get("logger"), out_dir, OmegaConf.to_container(cfg, resolve=True), card, first_step),
+                        settings=settings)
     if not world.is_main:
         return summary
     accuracy = summary["final_val_accuracy"]
