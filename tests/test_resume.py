@@ -144,6 +144,17 @@ def test_a_folder_another_live_run_writes_into_is_refused(tmp_path):
     assert run_in_process(tmp_path, "task.steps=6", "task.resume=auto")["steps_completed"] == 6
 
 
+@pytest.mark.slow
+def test_the_refusal_names_the_setting_that_chose_the_folder(tmp_path):
+    """Without task.output the folder is Hydra's run directory, and the error says so."""
+    with folder_lock.hold(tmp_path):
+        done = subprocess.run([sys.executable, "-m", "llmarch_compose", *SMALL, *RUN, f"hydra.run.dir={tmp_path}"],
+                              env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"hydra.run.dir='{tmp_path}': another run is writing into this folder (pid {os.getpid()})" in done.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("value, why", [("{missing}", "does not exist"), ("{empty}", "holds no complete checkpoint"),
                                         ("{partial}", "holds no complete checkpoint")])
 def test_resume_without_a_complete_checkpoint_is_refused_before_training(tmp_path, value, why):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ..config.in_effect import values_in_effect
@@ -36,6 +37,12 @@ def output_dir(task: TrainSettings) -> Path:
         return Path(task.output)
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
 
+
+def output_key(task: TrainSettings) -> str:
+    """The setting that chose `output_dir`, for errors about the folder."""
+    if task.output or not HydraConfig.initialized():
+        return "task.output"
+    return "hydra.sweep.dir" if HydraConfig.get().mode == RunMode.MULTIRUN else "hydra.run.dir"
 
 
 @register("task", "train", params=TrainSettings)
@@ -66,7 +73,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task.output or not HydraConfig.initialized():  # Hydra's own run directory is a fresh one
         check_output(out_dir, task)
     resume_from = resume.resolve(task.resume, out_dir)
-    with folder_lock.hold(out_dir, world):  # no other live run writes into this folder meanwhile
+    # No other live run writes into this folder meanwhile.
+    with folder_lock.hold(out_dir, world, key=output_key(task)):
         parallel.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
         summary = train(spec, task, data, data_cfg.name, objective, precision,
                         compile_cfg, device, cfg.seed,

@@ -61,16 +61,17 @@ def _take(out_dir: Path) -> tuple[Optional[int], Optional[str]]:
 
 
 @contextlib.contextmanager
-def hold(out_dir: Path, world: World = SINGLE) -> Iterator[None]:
+def hold(out_dir: Path, world: World = SINGLE, key: str = "task.output") -> Iterator[None]:
     """Hold the folder for the run (rank 0 takes the lock; every rank learns whether it
-    did, so all of them refuse together rather than some waiting for the others)."""
+    did, so all of them refuse together rather than some waiting for the others). `key`
+    is the setting that chose the folder, named in the refusal."""
     folder, holder = _take(out_dir) if world.is_main and fcntl is not None else (None, None)
     if world.size > 1:
         shared = [holder]
         dist.broadcast_object_list(shared, src=0)
         holder = shared[0]
     if holder is not None:
-        raise ConfigError("task.output", str(out_dir), f"another run is writing into this folder ({holder})",
+        raise ConfigError(key, str(out_dir), f"another run is writing into this folder ({holder})",
                           "wait for that run to end or stop it, or a new folder")
     try:
         yield
