@@ -69,12 +69,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     settings = values_in_effect(cfg, spec, scale=(cfg.get("scale") or {}).get("name"), seed=cfg.seed, task=task,
                                 data=data_cfg, precision=precision, compile=compile_cfg, parallel=parallel_cfg,
                                 device=str(device))
-    out_dir = output_dir(task)
-    if task.output or not HydraConfig.initialized():  # Hydra's own run directory is a fresh one
+    out_dir, out_key = output_dir(task), output_key(task)
+    if out_key == "task.output":  # Hydra's own run directory is a fresh one
         check_output(out_dir, task)
     resume_from = resume.resolve(task.resume, out_dir)
     # No other live run writes into this folder meanwhile.
-    with folder_lock.hold(out_dir, world, key=output_key(task)):
+    with folder_lock.hold(out_dir, world, key=out_key):
         parallel.barrier(world)  # every rank has looked at the folder before rank 0 writes into it
         summary = train(spec, task, data, data_cfg.name, objective, precision,
                         compile_cfg, device, cfg.seed,
