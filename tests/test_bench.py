@@ -32,7 +32,7 @@ bench_llama = _load_script("bench_llama")
 
 RUN = ["task=bench", "task.steps=2", "task.warmup=1", "task.batch_size=2", "task.seq_len=16", "device=cpu"]
 NUMBERS = ("train_step_s", "train_tokens_per_s", "infer_step_s", "infer_tokens_per_s", "train_model_flops_per_s",
-           "train_fraction_of_matmul", "train_peak_bytes", "resident_bytes")
+           "train_fraction_of_matmul", "train_vs_products", "train_peak_bytes", "resident_bytes")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def test_writes_json_and_markdown_with_every_variant(report):
     assert written["tokens_per_step"] == 2 * 16 and written["params_total"] > 0
     assert written["matmul"]["size"] == 2048 and written["matmul"]["flops_per_s"] > 0
     assert "targets" not in written  # the goals are the scripts', not the report's
-    assert len(bench_llama.targets(written)) == 6
+    assert written["step_products_s"] > 0  # the step's own products, timed in the same rounds
+    assert len(bench_llama.targets(written)) == 7
     markdown = (out / "bench.md").read_text()
     for label in ("ours, eager", "ours, compiled", "Hugging Face (SDPA)", "litgpt is not installed"
                   if importlib.util.find_spec("litgpt") is None else "litgpt"):
@@ -148,13 +149,15 @@ def test_bad_options_name_their_key(override, key):
 
 
 def test_targets_compare_the_deepest_compile_with_the_shallowest():
-    rows = {"compiled": {"train_vs_hf": 1.2, "infer_vs_hf": 1.0, "memory_vs_hf": 0.9, "train_fraction_of_matmul": 0.5}}
+    rows = {"compiled": {"train_vs_hf": 1.2, "infer_vs_hf": 1.0, "memory_vs_hf": 0.9, "train_fraction_of_matmul": 0.5,
+                         "train_vs_products": 1.3}}
     times = {"cold": {"compile_s": 20.0}, "by_depth": [{"n_layers": 16, "compile_s": 12.0},
                                                        {"n_layers": 2, "compile_s": 10.0}]}
     met = {t["target"]: (t["value"], t["met"]) for t in bench_llama.targets({"variants": rows, "compile": times})}
     assert met["compile time, deepest / shallowest"] == (pytest.approx(1.2), True)
     assert met["training tokens/s vs HF"] == (1.2, True) and met["inference tokens/s vs HF"] == (1.0, False)
     assert met["peak training memory vs HF"] == (0.9, False) and met["cold compile (s)"] == (20.0, True)
+    assert met["training step / its matrix products alone"] == (1.3, False)
 
 
 def test_decode_benchmark_options_are_refused_by_key():
@@ -179,6 +182,8 @@ def test_decode_benchmark_measures_every_figure_and_the_cache_matches_the_card(t
     assert [c["context"] for c in report["contexts"]] == [16, 64]
     assert all(c["compiled_s"] > 0 and c["eager_s"] > 0 for c in report["contexts"])
     assert set(report["decode"][0]["variants"]) >= {"ours eager", "ours compiled"}
+    assert report["prefill"]["matmul_s"] > 0
+    assert all(v["vs_matmul"] > 0 for v in report["prefill"]["variants"].values())
     claims = {c["attention"]: c for c in report["kv_claims"]}
     assert all(r == 1 / 32 for r in claims["mqa"]["vs_mha"].values())  # the seed: 1 / num_heads
     assert all(r == 1 / 8 for r in claims["gqa, 4 KV heads"]["vs_mha"].values())  # 32 query / 4 KV heads

@@ -23,6 +23,7 @@ from ..inference.generate import _Stepper, generate
 from ..model.cache import DecodeState
 from ..model.card import kv_cache
 from .harness import round_robin, synchronize
+from .products import matrix_products, prefill_products
 
 
 @dataclass
@@ -38,6 +39,10 @@ class DecodeOptions:
     hf: bool = True
     hf_static: bool = True  # also transformers' static cache, compiled (slow to compile on CPU)
     notes: list[str] = field(default_factory=list)
+
+
+#: The prefill's reference: its matrix products alone, timed among the variants.
+MATMUL = "matrix products alone"
 
 
 def _median(samples: list[float]) -> float:
@@ -57,36 +62,6 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * src.numel() * src.element_size() / min(times)
-
-
-def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    """(in, out) of every matrix product the model's layers run per token: its linears and the head."""
-    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
-    head = model.head
-    weight = head.tied.weight if head.tied is not None else head.weight
-    shapes.append((weight.shape[1], weight.shape[0]))
-    return shapes
-
-
-def matmul_time(shapes: list[tuple[int, int]], tokens: int, attention: list[tuple[int, int, int]],
-                device: torch.device, dtype: torch.dtype, repeats: int) -> float:
-    """Seconds of the same matrix products alone (torch.mm for the linears at `tokens` rows,
-    torch.bmm for each layer's causal scores and weighted sums, `attention`: (batch*heads,
-    length, head_dim))."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    mats = [(torch.randn(tokens, i, generator=g).to(device, dtype), torch.randn(i, o, generator=g).to(device, dtype))
-            for i, o in shapes]
-    att = [(torch.randn(bh, n, d, generator=g).to(device, dtype), torch.randn(bh, d, n, generator=g).to(device, dtype),
-            torch.randn(bh, n, d, generator=g).to(device, dtype)) for bh, n, d in attention]
-
-    def run():
-        for a, b in mats:
-            torch.mm(a, b)
-        for q, kt, v in att:
-            torch.bmm(torch.bmm(q, kt), v)
-
-    run()
-    return _median([_timed(run, device) for _ in range(repeats)])
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -186,19 +161,22 @@ def run_decode_benchmark(model: nn.Module, hf: Optional[nn.Module], options: Dec
             step(ids, state)
         return run
 
+    # The reference alternates with the variants and each ratio is the median of one round's
+    # ratios, so a change in the machine's load between rounds does not enter it.
+    products = prefill_products(model, options.prefill_batch, options.prefill_len)
     prefill = {"ours eager": ours_prefill(False), "ours compiled": ours_prefill(True)}
+    if products is not None:
+        prefill[MATMUL] = matrix_products(products, device, dtype)
     if hf is not None:
         prefill["transformers eager"] = lambda: hf(input_ids=ids, use_cache=False, logits_to_keep=1)
     with torch.no_grad():
         seconds = round_robin(prefill, warmup=1, timed=options.steps, device=device)
-    heads = spec.n_heads
-    attention = [(options.prefill_batch * heads, options.prefill_len, spec.head_dim)] * spec.n_layers
-    mm = matmul_time(linear_shapes(model)[:-1], tokens, attention, device, dtype, options.steps)
-    head_in, head_out = linear_shapes(model)[-1]
-    mm += matmul_time([(head_in, head_out)], options.prefill_batch, [], device, dtype, options.steps)
+    reference = seconds.pop(MATMUL, None)
     report["prefill"] = {
-        "batch": options.prefill_batch, "length": options.prefill_len, "matmul_s": mm,
-        "variants": {name: {"s": _median(s), "tokens_per_s": tokens / _median(s), "vs_matmul": _median(s) / mm}
+        "batch": options.prefill_batch, "length": options.prefill_len,
+        "matmul_s": _median(reference) if reference else None,
+        "variants": {name: {"s": _median(s), "tokens_per_s": tokens / _median(s),
+                            "vs_matmul": _median([a / b for a, b in zip(s, reference)]) if reference else None}
                      for name, s in seconds.items()}}
 
     # Decoding: prompt + new tokens through generate, at each batch size.
@@ -258,9 +236,11 @@ def render_decode_markdown(report: dict[str, Any]) -> str:
              f"{report['device']}, {report['dtype']}, {report['threads']} threads; medians.", ""]
     p = report["prefill"]
     lines += [f"## Prefill ({p['batch']} x {p['length']} tokens)", "",
-              f"Matrix products alone (torch.mm / torch.bmm, same shapes): {p['matmul_s'] * 1e3:.1f} ms.", "",
+              "Matrix products alone (torch.mm / torch.bmm, same shapes, timed among the variants): "
+              + (f"{p['matmul_s'] * 1e3:.1f} ms." if p["matmul_s"] is not None else
+                 "not measured (some of the model's products are not plain linears and attention)."), "",
               "| variant | ms | tokens/s | time / matmul |", "|---|---:|---:|---:|"]
-    lines += [f"| {n} | {v['s'] * 1e3:.1f} | {v['tokens_per_s']:.0f} | {v['vs_matmul']:.2f} |"
+    lines += [f"| {n} | {v['s'] * 1e3:.1f} | {v['tokens_per_s']:.0f} | {_f(v['vs_matmul'], '.2f')} |"
               for n, v in p["variants"].items()]
     for row in report["decode"]:
         lines += ["", f"## Decode, batch {row['batch']} ({row['prompt']}-token prompt, {row['new_tokens']} new)", "",

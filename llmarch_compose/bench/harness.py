@@ -50,6 +50,7 @@ from ..config.spec import resolve_spec
 from ..config.structured import to_dataclass
 from ..train import recompute
 from ..train.chunked_loss import deferred_head
+from .products import matrix_products, training_products
 
 MATMUL_SIZE = 2048
 #: How long the cold-compile probe may take before it counts as hung.
@@ -58,6 +59,9 @@ COLD_COMPILE_TIMEOUT_S = 1800
 # implementations count as the same model: far above rounding, far below a bug.
 LOGITS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
+
+#: The training rounds' reference: the step's matrix products alone (products.py).
+PRODUCTS = "step's matrix products"
 
 # AdamW implementations: one fused kernel, multi-tensor (foreach) ops, or a loop of
 # per-parameter ops (the CPU default of torch.optim.AdamW).
@@ -324,6 +328,7 @@ class Setup:
     counts: dict[str, int]
     flops: dict[str, float]
     workload: Workload
+    products: Optional[tuple[list, list]]  # the training step's matrix products, where every one is known
 
 
 def prepare(cfg: DictConfig, options: BenchOptions) -> Setup:
@@ -340,7 +345,8 @@ def prepare(cfg: DictConfig, options: BenchOptions) -> Setup:
     workload = make_workload(model, spec.model.vocab_size, options.batch_size, options.seq_len, precision, device)
     compute_dtype = DTYPES[precision.autocast_dtype] if precision.autocast_dtype else precision.dtype
     return Setup(spec, model, precision, device, compute_dtype, counts,
-                 forward_flops_per_token(model, counts, options.seq_len), workload)
+                 forward_flops_per_token(model, counts, options.seq_len), workload,
+                 training_products(model, options.batch_size, options.seq_len))
 
 
 @dataclass
@@ -405,12 +411,19 @@ def make_variants(setup: Setup, cfg: DictConfig, options: BenchOptions, workdir:
     return out
 
 
-def measure(setup: Setup, variants: dict[str, Variant], options: BenchOptions) -> tuple[dict[str, dict[str, Any]], float]:
-    """Each variant's step times, throughput, FLOP rate and memory, and the matmul rate they are measured against."""
+def measure(setup: Setup, variants: dict[str, Variant], options: BenchOptions
+            ) -> tuple[dict[str, dict[str, Any]], float, Optional[float]]:
+    """Each variant's step times, throughput, FLOP rate and memory, the matmul rate they are
+    measured against, and the median time of the step's matrix products alone (None where
+    the model has products the reference does not know)."""
     workload, device, tokens = setup.workload, setup.device, options.batch_size * options.seq_len
     matmul, matmul_flops = matmul_step(setup.compute_dtype, device)
     train_steps: dict[str, Callable[[], None]] = {n: (lambda v=v: workload.train_step(v)) for n, v in variants.items()}
-    train_s = round_robin({**train_steps, "matmul": matmul}, options.warmup, options.steps, device)
+    references = {"matmul": matmul}
+    if setup.products is not None:  # the step's own matrix products alone: the limit on a CPU
+        references[PRODUCTS] = matrix_products(setup.products, device, setup.compute_dtype)
+    train_s = round_robin({**train_steps, **references}, options.warmup, options.steps, device)
+    products_s = train_s.pop(PRODUCTS, None)
     infer_s = round_robin({n: (lambda v=v: workload.infer(v)) for n, v in variants.items()},
                           options.warmup, options.steps, device)
     matmul_rate = matmul_flops / statistics.median(train_s.pop("matmul"))
@@ -425,6 +438,8 @@ def measure(setup: Setup, variants: dict[str, Variant], options: BenchOptions) -
             "infer_model_flops_per_s": per_token * tokens / infer_median,
         }
         row["train_fraction_of_matmul"] = row["train_model_flops_per_s"] / matmul_rate
+        if products_s is not None:  # the median of each round's ratio: load changes between rounds cancel
+            row["train_vs_products"] = statistics.median(a / b for a, b in zip(train_s[name], products_s))
         row["infer_fraction_of_matmul"] = row["infer_model_flops_per_s"] / matmul_rate
         if options.memory:
             resident = resident_bytes(variant)
@@ -432,7 +447,7 @@ def measure(setup: Setup, variants: dict[str, Variant], options: BenchOptions) -
             row["resident_bytes"] = resident
         results[name] = row
     compare_with_hf(results, options.memory)
-    return results, matmul_rate
+    return results, matmul_rate, statistics.median(products_s) if products_s is not None else None
 
 
 def compare_with_hf(results: dict[str, dict[str, Any]], memory: bool) -> None:
@@ -462,7 +477,7 @@ def run_benchmark(cfg: DictConfig, options: BenchOptions, workdir: Path) -> dict
     setup = prepare(cfg, options)
     measured = make_variants(setup, cfg, options, workdir)
     setup.model = None  # freed: the variants hold their own copies
-    results, matmul_rate = measure(setup, measured.variants, options)
+    results, matmul_rate, products_s = measure(setup, measured.variants, options)
     flops_per_token = setup.flops["flops_per_token"]
     return {
         "model": setup.spec.model.name, "components": setup.spec.components, **setup.counts,
@@ -472,6 +487,7 @@ def run_benchmark(cfg: DictConfig, options: BenchOptions, workdir: Path) -> dict
         "tokens_per_step": options.batch_size * options.seq_len, "steps": options.steps, "warmup": options.warmup,
         "adamw": options.adamw, "flops_per_token_forward": flops_per_token, "flops_per_token_train": 3 * flops_per_token,
         "matmul": {"size": MATMUL_SIZE, "flops_per_s": matmul_rate},
+        "step_products_s": products_s,
         "memory_method": memory_method(setup.device) if options.memory else None,
         "loss_chunk_tokens": options.loss_chunk_tokens,
         "variants": results, "checks": measured.checks, "compile": compile_times(cfg, options, measured),
@@ -514,6 +530,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{report['matmul']['flops_per_s'] / 1e9:,.1f} GFLOP/s, timed in the same rounds. "
                   f"Model FLOPs: 3 x {report['flops_per_token_forward'] / 1e6:,.1f} MFLOP per token "
                   "(2 per weight and token, plus attention scores, forward; backward twice that)."]
+    if report.get("step_products_s") is not None:
+        ratios = ", ".join(f"{names[n]} {row['train_vs_products']:.2f}x" for n, row in report["variants"].items())
+        lines += ["", f"A training step over its own matrix products alone (every forward and backward product "
+                      f"of the linears, the head and attention, timed with torch.mm / torch.bmm in the same "
+                      f"rounds: {report['step_products_s'] * 1e3:,.0f} ms; the median of each round's ratio): "
+                      f"{ratios}."]
     if report["memory_method"]:
         lines.append(f"Peak memory: {report['memory_method']}.")
     c = report["compile"]
