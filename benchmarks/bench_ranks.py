@@ -1,9 +1,11 @@
 """Scaling over processes on one machine: training tokens/s per core of one process (one
-thread) against two torchrun ranks (one thread each, Gloo, DDP and FSDP2) at the same
-per-rank batch, and the cost of the gradient all-reduce alone. Runs one after another;
+thread) against two torchrun ranks (one thread each, Gloo: DDP, FSDP2, and FSDP2 keeping
+each block gathered from its forward to its backward) at the same per-rank batch, and the
+cost of the gradient all-reduce alone. The model and batch are the reference shape of
+bench_llama.py (512 wide, 8 layers, batch 8 x 256 per rank). Runs one after another;
 extra Hydra overrides on the command line are applied to every run:
 
-    python benchmarks/bench_ranks.py task.steps=40
+    python benchmarks/bench_ranks.py task.steps=20
 
 Prints a Markdown table; the goal is two ranks within 10% of one process per core.
 """
@@ -18,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPE = ["model.d_model=256", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=2", "model.ffn_dim=704",
-         "model.vocab_size=256", "model.max_seq_len=256"]
-RUN = ["task.steps=30", "task.batch_size=4", "task.seq_len=256", "task.eval_every=1000", "task.eval_batches=1",
+from bench_llama import SHAPE  # the script's folder is on the path when it runs
+
+RUN = ["task.steps=10", "task.batch_size=8", "task.seq_len=256", "task.eval_every=1000", "task.eval_batches=1",
        "task.progress=false", "task.checkpoint=false"]
 GOAL = 0.90  # two ranks' tokens/s per core at least this fraction of one process's
 
@@ -60,9 +62,11 @@ def main(extra: list[str]) -> None:
         one = train(Path(tmp, "one"), 1, extra)
         base = one["tokens_per_s"]
         rows.append(("one process, 1 thread", 1, base, base))
-        for strategy in ("ddp", "fsdp2"):
-            summary = train(Path(tmp, strategy), 2, [f"parallel={strategy}", *extra])
-            rows.append((f"2 ranks, {strategy}, 1 thread each", 2, summary["tokens_per_s"],
+        for name, strategy in (("ddp", ["parallel=ddp"]), ("fsdp2", ["parallel=fsdp2"]),
+                               ("fsdp2, reshard_after_forward=false",
+                                ["parallel=fsdp2", "parallel.reshard_after_forward=false"])):
+            summary = train(Path(tmp, name.split(",")[0] + str(len(rows))), 2, [*strategy, *extra])
+            rows.append((f"2 ranks, {name}, 1 thread each", 2, summary["tokens_per_s"],
                          summary["tokens_per_s"] / 2))
         step_s = one["tokens_per_s"] and one["global_batch_tokens"] / one["tokens_per_s"]
         reduce_s = allreduce_seconds(one["params_total"])
