@@ -16,7 +16,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import llmarch_compose as lc
 from llmarch_compose.config.structured import to_dataclass
-from llmarch_compose.model.compiler import CompileConfig, compile_from_config
+from llmarch_compose.model.compiler import CompileConfig, compile_from_config, compile_loss
+from llmarch_compose.plugin.objectives import full_cross_entropy
 from llmarch_compose.train import recompute
 from llmarch_compose.train.chunked_loss import deferred_head
 from llmarch_compose.train.loop import TrainSettings, optimizer_for
@@ -46,14 +47,17 @@ def main(extra: list[str]) -> None:
     task = to_dataclass(TrainSettings, cfg.task, "task")
     torch.manual_seed(0)
     model = lc.build(cfg)
-    forward = compile_from_config(model, to_dataclass(CompileConfig, cfg.compile, "compile"))
+    settings = to_dataclass(CompileConfig, cfg.compile, "compile")
+    forward = compile_from_config(model, settings)
+    whole_logits_loss = compile_loss(full_cross_entropy, settings)  # as a training run compiles it
     recompute.apply(model, task.activation_checkpointing)
     optimizer = optimizer_for(model, task)
     x = torch.randint(0, cfg.model.vocab_size, (8, 256), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
         with deferred_head(model, task.loss_chunk_tokens) as ce:
-            loss, _ = model.objective.loss(forward, x, x.roll(-1, 1), cfg.model.vocab_size, None, ce)
+            loss, _ = model.objective.loss(forward, x, x.roll(-1, 1), cfg.model.vocab_size, None,
+                                           ce or whole_logits_loss)
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -157,3 +157,26 @@ def test_no_frame_is_compiled_again_after_the_first_step(tiny_cfg, combo):
     assert seen[0]["counters"]["stats"]["unique_graphs"] >= 1 and seen[0]["frame_compiles"] >= 1
     assert seen[1] == seen[0] and seen[2] == seen[0], f"compiled again after the first step: {seen}"
     assert not counters["graph_break"]
+
+
+def test_compiled_loss_matches_eager_loss_and_gradient():
+    """A training run compiles its whole-logits loss with the model; it is the eager loss,
+    ignored targets included, in value and in the logits' gradient."""
+    from llmarch_compose.model.compiler import CompileConfig, compile_loss
+    from llmarch_compose.plugin.objectives import IGNORE, full_cross_entropy
+
+    assert compile_loss(full_cross_entropy, CompileConfig(mode="eager")) is full_cross_entropy
+    compiled = compile_loss(full_cross_entropy, CompileConfig())
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, SEQ, VOCAB, generator=g)
+    targets = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    targets[0, :5] = IGNORE
+    grads = []
+    for loss in (full_cross_entropy, compiled):
+        leaf = logits.clone().requires_grad_(True)
+        value = loss(leaf, targets)
+        value.backward()
+        grads.append((value.detach(), leaf.grad))
+    assert_same(grads[1][0], grads[0][0], "loss")
+    assert_same(grads[1][1], grads[0][1], "gradient of the logits")
+    assert (grads[1][1][0, :5] == 0).all()  # ignored targets give no gradient

@@ -38,11 +38,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..model.build import build, resolve_device
-from ..model.compiler import compile_from_config
+from ..model.compiler import compile_from_config, compile_loss
 from ..errors import LlmarchError
 from ..interop.hf import to_hf
 from ..plugin.interfaces import ModelOutput
-from ..plugin.objectives import Objective
+from ..plugin.objectives import Objective, full_cross_entropy
 from ..model.card import count_params, forward_flops_per_token
 from ..model.precision import DTYPES, PrecisionConfig
 from ..model.compiler import CompileConfig
@@ -77,6 +77,7 @@ class Variant:
     forward: Callable[[torch.Tensor], ModelOutput]
     adamw: str = "fused"
     loss_chunk_tokens: int = 0  # the chunked LM head and loss (train/chunked_loss.py); 0: whole logits
+    cross_entropy: Optional[Callable] = None  # the whole-logits loss (compiled with the model); None: eager
     optimizer: torch.optim.Optimizer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,7 +100,8 @@ class Workload:
         are dropped last, so a step starts and ends with only the resident tensors."""
         generator = torch.Generator().manual_seed(0)  # masked objectives: the same masks every step
         with self.precision.autocast(self.device), deferred_head(variant.module, variant.loss_chunk_tokens) as ce:
-            loss, _ = self.objective.loss(variant.forward, self.x, self.y, self.vocab_size, generator, ce)
+            loss, _ = self.objective.loss(variant.forward, self.x, self.y, self.vocab_size, generator,
+                                          ce or variant.cross_entropy)
             loss.backward()
         variant.optimizer.step()
         variant.optimizer.zero_grad(set_to_none=True)
@@ -257,7 +259,7 @@ def _cold_compile_child(request: dict[str, Any]) -> dict[str, Any]:
     compiled = compile_from_config(model, compiled_settings(cfg))
     workload = make_workload(model, spec.model.vocab_size, request["batch_size"], request["seq_len"],
                              precision, device)
-    variant = Variant("compiled", model, compiled, request["adamw"])
+    variant = Variant("compiled", model, compiled, request["adamw"], cross_entropy=compiled_loss(cfg))
     seconds = []
     for _ in range(3):
         synchronize(device)
@@ -274,6 +276,11 @@ def _cold_compile_child(request: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_device_of(cfg: DictConfig) -> torch.device:
     return resolve_device(cfg.get("device", "auto"))
+
+
+def compiled_loss(cfg: DictConfig) -> Callable:
+    """The whole-logits loss compiled as the compiled variants' model is (as a training run does)."""
+    return compile_loss(full_cross_entropy, compiled_settings(cfg))
 
 
 def compiled_settings(cfg: DictConfig) -> CompileConfig:
@@ -380,7 +387,8 @@ def compiled_variant(setup: Setup, cfg: DictConfig, options: BenchOptions, out: 
     """Ours compiled, checked against eager; its first training step is timed as the compilation."""
     compiled_model = copy.deepcopy(setup.model)
     compiled = compile_from_config(compiled_model, compiled_settings(cfg))
-    out.variants["compiled"] = Variant("compiled", compiled_model, compiled, options.adamw)
+    out.variants["compiled"] = Variant("compiled", compiled_model, compiled, options.adamw,
+                                       cross_entropy=compiled_loss(cfg))
     diff, scale = logits_difference(setup.model, compiled, setup.workload.x, setup.precision, setup.device)
     out.checks["compiled_logits_max_abs_diff"] = diff
     out.checks["compiled_logits_match"] = diff <= LOGITS_TOLERANCE[setup.compute_dtype] * max(1.0, scale)
@@ -406,7 +414,8 @@ def make_variants(setup: Setup, cfg: DictConfig, options: BenchOptions, workdir:
             model = copy.deepcopy(setup.model)
             forward = compile_from_config(model, compiled_settings(cfg))
             recompute.apply(model, recompute_mode)
-            out.variants[name] = Variant(name, model, forward, options.adamw, options.loss_chunk_tokens)
+            out.variants[name] = Variant(name, model, forward, options.adamw, options.loss_chunk_tokens,
+                                         compiled_loss(cfg))
     out.variants = {name: out.variants[name] for name in VARIANTS if name in out.variants}
     return out
 

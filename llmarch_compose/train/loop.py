@@ -36,11 +36,11 @@ from ..config.spec import ModelSpec
 from ..errors import ConfigError, LlmarchError
 from ..model.build import build
 from ..model.card import count_params, kv_cache
-from ..model.compiler import CompileConfig, compile_from_config
+from ..model.compiler import CompileConfig, compile_from_config, compile_loss
 from ..model.diagram import write_diagram
 from ..model.precision import PrecisionConfig
 from ..plugin.interfaces import DataSource, Topology
-from ..plugin.objectives import Objective
+from ..plugin.objectives import Objective, full_cross_entropy
 from .foreign_load import ForeignLoad
 from .metrics import causal_scores
 from . import chunked_loss, parallel, recompute, resume
@@ -309,6 +309,7 @@ class Run:
     world: World = SINGLE
     parallel: Any = None  # the `parallel` node (None: one process)
     step_forward: Optional[Callable] = None  # what a training step calls (DDP's wrapper); None: `forward`
+    cross_entropy: Optional[Callable] = None  # the whole-logits loss, compiled with the model; None: eager
 
     @property
     def sequences_per_step(self) -> int:
@@ -385,7 +386,7 @@ def prepare(spec: ModelSpec, task: TrainSettings, data: DataSource, data_name: s
             if parallel_cfg is not None else forward
     generator = torch.Generator().manual_seed(seed if data_seed is None else data_seed)
     return Run(spec, task, data, data_name, objective, precision, device, model, forward, generator, world,
-               parallel_cfg, step_forward)
+               parallel_cfg, step_forward, compile_loss(full_cross_entropy, compile_cfg))
 
 
 @dataclass
@@ -453,7 +454,8 @@ def accumulate_gradients(run: Run, optimizer: torch.optim.Optimizer) -> tuple[fl
                 chunked_loss.deferred_head(run.model, task.loss_chunk_tokens) as cross_entropy:
             with run.precision.autocast(run.device):
                 loss, ce = run.objective.loss(forward, x.to(run.device), y.to(run.device),
-                                              run.spec.model.vocab_size, run.generator, cross_entropy)
+                                              run.spec.model.vocab_size, run.generator,
+                                              cross_entropy or run.cross_entropy)
             (loss / len(micro)).backward()
         figures += torch.stack([ce.detach().float(), loss.detach().float()]) / len(micro)
     ce_value, loss_value = parallel.mean_over_ranks(figures, run.world).tolist()
