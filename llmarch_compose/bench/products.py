@@ -72,9 +72,12 @@ def training_products(model: nn.Module, batch: int, length: int) -> Optional[tup
         return None
     n = batch * length
     mm = [p for i, o in linear_shapes(model) for p in ((n, i, o), (n, o, i), (o, n, i))]
-    bmm = [p for h, d in heads for b in (batch * h,)
-           for p in ((b, length, d, length), (b, length, length, d),  # forward
-                     (b, length, length, d), (b, length, d, length), (b, length, length, d), (b, d, length, length))]
+
+    def attention(b: int, d: int) -> list[Product]:  # b = batch x heads
+        forward = [(b, length, d, length), (b, length, length, d)]  # S, O
+        backward = [(b, length, length, d), (b, length, d, length), (b, length, length, d), (b, d, length, length)]
+        return forward + backward  # dV, dP, dQ, dK^T
+    bmm = [p for h, d in heads for p in attention(batch * h, d)]
     return mm, bmm
 
 

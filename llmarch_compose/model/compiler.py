@@ -69,14 +69,21 @@ def own_forward_code(modules: Iterable[nn.Module]) -> None:
         module.forward = types.MethodType(copies[id(fn)], module)
 
 
-def compile(model: nn.Module, mode: str = "default", fullgraph: bool = True, regional: bool = True,
-            dynamic: Optional[bool] = False) -> nn.Module:
-    """Compile `model` for its device. `mode` is eager (no-op), default or max-autotune."""
+def _compile_options(mode: str, fullgraph: bool, dynamic: Optional[bool]) -> Optional[dict]:
+    """`torch.compile`'s keyword arguments for `mode`, or None under eager."""
     if mode not in COMPILE_MODES:
         raise ConfigError("compile.mode", mode, "unknown compile mode", COMPILE_MODES)
     if mode == "eager":
+        return None
+    return dict(fullgraph=fullgraph, dynamic=dynamic, mode=None if mode == "default" else mode)
+
+
+def compile(model: nn.Module, mode: str = "default", fullgraph: bool = True, regional: bool = True,
+            dynamic: Optional[bool] = False) -> nn.Module:
+    """Compile `model` for its device. `mode` is eager (no-op), default or max-autotune."""
+    options = _compile_options(mode, fullgraph, dynamic)
+    if options is None:
         return model
-    options = dict(fullgraph=fullgraph, dynamic=dynamic, mode=None if mode == "default" else mode)
     regions = model.compile_regions() if isinstance(model, Topology) else []
     if regional and regions:
         own_forward_code(regions)
@@ -96,9 +103,5 @@ def compile_loss(loss: Callable, cfg: CompileConfig) -> Callable:
     pick of each target and their gradient, so the batch's log-probabilities are never
     written out (on the reference CPU shape, half the loss's time). `loss` itself under
     compile=eager."""
-    if cfg.mode not in COMPILE_MODES:
-        raise ConfigError("compile.mode", cfg.mode, "unknown compile mode", COMPILE_MODES)
-    if cfg.mode == "eager":
-        return loss
-    return torch.compile(_copy_function(loss), fullgraph=cfg.fullgraph, dynamic=cfg.dynamic,
-                         mode=None if cfg.mode == "default" else cfg.mode)
+    options = _compile_options(cfg.mode, cfg.fullgraph, cfg.dynamic)
+    return loss if options is None else torch.compile(_copy_function(loss), **options)
